@@ -1,0 +1,105 @@
+"""Write variant changes and their events in the caller's transaction.
+
+These calls never commit: the change and its event commit or roll back together with whatever
+else the caller's transaction does. They accept a SQLAlchemy ``Connection`` (psycopg or psycopg2
+driver) or a psycopg 3 ``Connection``.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import psycopg
+from sqlalchemy.engine import Connection as SAConnection
+
+from outbox.events import VariantChanged, VariantStatus
+from outbox.sqlfile import load_queries
+
+_QUERIES = load_queries("outbox", "queries.sql")
+
+AnyConnection = SAConnection | psycopg.Connection[Any]
+
+
+class VariantNotFoundError(LookupError):
+    """``update_variant`` was given the id of a variant that does not exist."""
+
+
+def create_job(
+    conn: AnyConnection,
+    *,
+    variants: int | Sequence[uuid.UUID] = 1,
+    job_id: uuid.UUID | None = None,
+    step: str | None = None,
+) -> tuple[uuid.UUID, list[uuid.UUID]]:
+    """Create a job and its variants, all ``queued``, with one event per variant.
+
+    ``variants`` is a count (ids are generated) or the variant ids to use. ``step`` is the step the
+    variants start at (None: not started). Returns ``(job_id, variant_ids)``.
+    """
+    if isinstance(variants, int):
+        if variants < 1:
+            raise ValueError(f"a job needs at least one variant (got {variants})")
+        variant_ids = [uuid.uuid4() for _ in range(variants)]
+    else:
+        variant_ids = [_as_uuid(v, "variant id") for v in variants]
+        if not variant_ids:
+            raise ValueError("a job needs at least one variant")
+    job_id = uuid.uuid4() if job_id is None else _as_uuid(job_id, "job id")
+    VariantChanged(status=VariantStatus.QUEUED, step=step)  # validates step
+    _execute(conn, _QUERIES["job_insert"], {"job_id": job_id, "step": step})
+    _execute(
+        conn,
+        _QUERIES["variants_insert_with_events"],
+        {"job_id": job_id, "step": step, "variant_ids": variant_ids},
+    )
+    return job_id, variant_ids
+
+
+def update_variant(
+    conn: AnyConnection,
+    variant_id: uuid.UUID | str,
+    *,
+    status: VariantStatus | str,
+    step: str | None = None,
+) -> int:
+    """Set a variant's status (and step, when given) and append its event.
+
+    The variant's row lock, taken by this UPDATE, orders its versions: the event carries the new
+    version, so the processor applies the variant's changes in the order they committed.
+    Raises ``pydantic.ValidationError`` for an invalid status and ``VariantNotFoundError`` for an
+    unknown variant. Returns the id of the event written.
+    """
+    change = VariantChanged(status=VariantStatus(status), step=step)
+    rows = _execute(
+        conn,
+        _QUERIES["variant_update_with_event"],
+        {"variant_id": _as_uuid(variant_id, "variant id"), "status": change.status.value, "step": change.step},
+    )
+    if not rows:
+        raise VariantNotFoundError(f"no variant with id {variant_id}")
+    event_id: int = rows[0][0]
+    return event_id
+
+
+def _as_uuid(value: uuid.UUID | str, what: str) -> uuid.UUID:
+    if isinstance(value, uuid.UUID):
+        return value
+    try:
+        return uuid.UUID(str(value))
+    except ValueError:
+        raise ValueError(f"{what} must be a UUID (got {value!r})") from None
+
+
+def _execute(conn: AnyConnection, query: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
+    """Run one statement on either kind of connection and return its rows."""
+    if isinstance(conn, SAConnection):
+        # exec_driver_sql hands the statement to the driver as is, inside SQLAlchemy's transaction;
+        # psycopg and psycopg2 both take %(name)s parameters.
+        result = conn.exec_driver_sql(query, params)
+        return [tuple(row) for row in result.fetchall()] if result.returns_rows else []
+    if isinstance(conn, psycopg.Connection):
+        cursor = conn.execute(query, params)
+        return cursor.fetchall() if cursor.description is not None else []
+    raise TypeError(f"expected a SQLAlchemy or psycopg Connection, got {type(conn).__name__}")

@@ -1,0 +1,70 @@
+"""Turn outbox rows into variant states, or into dead letters with the reason they cannot apply."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+
+from outbox.events import PAYLOAD_MODELS, EventType, VariantChanged
+from processor.fold import Pipeline, VariantState
+
+
+@dataclass(frozen=True, slots=True)
+class EventRow:
+    """One row of ``outbox_events``, as the processor reads it."""
+
+    event_id: int
+    txid: int
+    event_type: str
+    schema_version: int
+    job_id: uuid.UUID | None
+    variant_id: uuid.UUID | None
+    variant_version: int | None
+    payload: Any
+    created_at: dt.datetime
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    event_id: int
+    job_id: uuid.UUID | None
+    variant_id: uuid.UUID | None
+    reason: str
+
+
+def decode_event(row: EventRow, pipeline: Pipeline) -> VariantState | DeadLetter:
+    """Validate one event against its payload model and the pipeline."""
+
+    def dead(reason: str) -> DeadLetter:
+        return DeadLetter(row.event_id, row.job_id, row.variant_id, reason)
+
+    model = PAYLOAD_MODELS.get((row.event_type, row.schema_version))
+    if model is None:
+        return dead(f"unknown event type {row.event_type!r} at schema version {row.schema_version}")
+    if row.job_id is None or row.variant_id is None or row.variant_version is None:
+        return dead("event has no job_id, variant_id or variant_version")
+    try:
+        payload = model.model_validate(row.payload)
+    except ValidationError as exc:
+        return dead(f"invalid payload: {_first_error(exc)}")
+
+    if row.event_type == EventType.VARIANT_REMOVED:
+        return VariantState(row.variant_id, row.job_id, row.variant_version, None, None, removed=True)
+
+    assert isinstance(payload, VariantChanged)
+    if payload.step is not None and payload.step not in pipeline:
+        return dead(
+            f"step {payload.step!r} is not in OUTBOX_PIPELINE_STEPS ({', '.join(pipeline.steps)})"
+        )
+    return VariantState(row.variant_id, row.job_id, row.variant_version, payload.status, payload.step)
+
+
+def _first_error(exc: ValidationError) -> str:
+    # One short line; the input is not echoed back, it may be large or hostile.
+    error = exc.errors(include_input=False, include_url=False)[0]
+    where = ".".join(str(part) for part in error["loc"]) or "payload"
+    return f"{where}: {error['msg']}"

@@ -1,0 +1,137 @@
+"""The fold: from the latest state of each of a job's variants to the job's state.
+
+Pure functions, no I/O. The processor calls ``fold_job`` for every job a batch touches; tests call
+it directly (tests/unit/test_fold.py).
+
+Rules (README: "Job state"):
+
+- ``done`` at the final step when every variant is ``done`` at the final step;
+- ``queued`` when every variant is ``queued``;
+- ``failed`` per the failure policy: ``settled`` (default) once every variant is terminal (done at
+  the final step, or failed) and at least one failed; ``immediate`` as soon as any variant failed;
+- otherwise ``running``.
+
+``current_step`` is the final step for a done job, else the least advanced step among the variants
+that are not done at the final step. A variant with no step yet counts as waiting for the first
+step. A step missing from the pipeline raises ``UnknownStepError``: the processor parks such events
+as dead letters rather than guess where the step belongs.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from enum import StrEnum
+
+from outbox.events import VariantStatus
+
+
+class FailurePolicy(StrEnum):
+    """When a job with a failed variant becomes ``failed``."""
+
+    SETTLED = "settled"
+    IMMEDIATE = "immediate"
+
+
+class UnknownStepError(ValueError):
+    """A step that is not in the configured pipeline."""
+
+
+@dataclass(frozen=True, slots=True)
+class Pipeline:
+    """The ordered pipeline steps; the last one is final."""
+
+    steps: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if not self.steps:
+            raise ValueError("the pipeline needs at least one step")
+        if any(not step or step != step.strip() for step in self.steps):
+            raise ValueError(f"pipeline steps must be non-empty names without spaces around them: {self.steps}")
+        duplicates = sorted({step for step in self.steps if self.steps.count(step) > 1})
+        if duplicates:
+            raise ValueError(f"pipeline steps must be unique; repeated: {', '.join(duplicates)}")
+
+    @property
+    def final(self) -> str:
+        return self.steps[-1]
+
+    def rank(self, step: str | None) -> int:
+        """Position of ``step`` in the pipeline; no step yet ranks as the first step."""
+        if step is None:
+            return 0
+        try:
+            return self.steps.index(step)
+        except ValueError:
+            raise UnknownStepError(
+                f"step {step!r} is not in the pipeline ({', '.join(self.steps)})"
+            ) from None
+
+    def __contains__(self, step: object) -> bool:
+        return step in self.steps
+
+
+@dataclass(frozen=True, slots=True)
+class VariantState:
+    """One variant's state as of one of its versions; ``removed`` marks a deleted variant."""
+
+    variant_id: uuid.UUID
+    job_id: uuid.UUID
+    version: int
+    status: VariantStatus | None
+    step: str | None
+    removed: bool = False
+
+    def sort_key(self) -> tuple[int, bool, str, str]:
+        # Versions of one variant never repeat with different content; the rest of the key only
+        # makes the choice independent of input order if they ever did.
+        return (self.version, self.removed, self.status or "", self.step or "")
+
+
+@dataclass(frozen=True, slots=True)
+class JobState:
+    status: VariantStatus
+    current_step: str | None
+
+
+def latest_by_variant(states: Iterable[VariantState]) -> dict[uuid.UUID, VariantState]:
+    """Keep the highest version of each variant, whatever the order and repetitions of the input."""
+    latest: dict[uuid.UUID, VariantState] = {}
+    for state in states:
+        known = latest.get(state.variant_id)
+        if known is None or state.sort_key() > known.sort_key():
+            latest[state.variant_id] = state
+    return latest
+
+
+def fold_job(
+    states: Iterable[VariantState],
+    pipeline: Pipeline,
+    policy: FailurePolicy = FailurePolicy.SETTLED,
+) -> JobState | None:
+    """Compute a job's state from its variants' states; None when it has no variant left."""
+    live = [s for s in latest_by_variant(states).values() if not s.removed]
+    if not live:
+        return None
+
+    def finished(state: VariantState) -> bool:
+        return state.status is VariantStatus.DONE and state.step == pipeline.final
+
+    unfinished = [s for s in live if not finished(s)]
+    # Rank every step, the finished variants' too, so an unknown step is never passed over.
+    ranks = {s.variant_id: pipeline.rank(s.step) for s in live}
+    if not unfinished:
+        return JobState(VariantStatus.DONE, pipeline.final)
+
+    least_advanced = min(unfinished, key=lambda s: ranks[s.variant_id])
+    current_step = pipeline.steps[ranks[least_advanced.variant_id]]
+
+    if all(s.status is VariantStatus.QUEUED for s in live):
+        return JobState(VariantStatus.QUEUED, current_step)
+
+    failed = [s for s in unfinished if s.status is VariantStatus.FAILED]
+    if failed and (policy is FailurePolicy.IMMEDIATE or len(failed) == len(unfinished)):
+        return JobState(VariantStatus.FAILED, current_step)
+
+    return JobState(VariantStatus.RUNNING, current_step)

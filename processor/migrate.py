@@ -1,0 +1,110 @@
+"""Install and upgrade the product's schema: versioned, forward-only, idempotent."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from psycopg import sql
+
+from processor import store
+from processor.errors import SchemaError
+from processor.store import QUERIES, Connection
+
+_MIGRATION_FILE = re.compile(r"^(\d{4})_(\w+)\.sql$")
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    path: Path
+
+    def sql(self) -> str:
+        return self.path.read_text(encoding="utf-8")
+
+
+@dataclass
+class MigrateReport:
+    applied: list[Migration] = field(default_factory=list)
+    already_applied: int = 0
+    removed_triggers: list[tuple[str, str]] = field(default_factory=list)
+
+
+def schema_dir() -> Path:
+    """Where schema/ is: inside the package in a wheel, at the top of a source checkout."""
+    package_dir = Path(__file__).resolve().parent
+    for candidate in (package_dir / "schema", package_dir.parent / "schema"):
+        if (candidate / "migrations").is_dir():
+            return candidate
+    raise SchemaError(f"schema/migrations not found next to {package_dir}; is the package installed whole?")
+
+
+def migrations() -> list[Migration]:
+    found = []
+    for path in sorted((schema_dir() / "migrations").iterdir()):
+        match = _MIGRATION_FILE.match(path.name)
+        if match:
+            found.append(Migration(int(match.group(1)), match.group(2), path))
+    versions = [m.version for m in found]
+    if versions != list(range(1, len(found) + 1)):
+        raise SchemaError(f"migrations must be numbered 1..n without gaps, found {versions}")
+    return found
+
+
+def latest_version() -> int:
+    return len(migrations())
+
+
+def migrate(conn: Connection) -> MigrateReport:
+    """Apply the missing migrations and remove legacy job-state triggers, in one transaction."""
+    report = MigrateReport()
+    with conn.transaction():
+        conn.execute(QUERIES["migrations_lock"], {"lock_class": store.CONSUMER_LOCK_CLASS})
+        conn.execute(QUERIES["migrations_table_create"])
+        done = {row[0] for row in conn.execute(QUERIES["migrations_applied"]).fetchall()}
+        report.already_applied = len(done)
+        for migration in migrations():
+            if migration.version in done:
+                continue
+            conn.execute(migration.sql().encode())  # no parameters: several statements at once
+            conn.execute(QUERIES["migration_record"], {"version": migration.version, "name": migration.name})
+            report.applied.append(migration)
+        # Two writers of job state must not coexist: the legacy trigger is what lost updates.
+        # Checked on every migrate, in case one was put back.
+        for trigger, function in legacy_triggers(conn):
+            conn.execute(
+                sql.SQL("DROP TRIGGER {} ON jobs_variants").format(sql.Identifier(trigger))
+            )
+            report.removed_triggers.append((trigger, function))
+    return report
+
+
+def legacy_triggers(conn: Connection) -> list[tuple[str, str]]:
+    """(trigger, function) pairs on jobs_variants that write job state behind the processor."""
+    return [(row[0], row[1]) for row in conn.execute(QUERIES["legacy_triggers_find"]).fetchall()]
+
+
+def check_ready(conn: Connection) -> None:
+    """Refuse to process on a database that is not migrated or still has a legacy trigger."""
+    row = conn.execute(QUERIES["migrations_applied_if_any"]).fetchone()
+    version = row[0] if row else None
+    if version is None:
+        raise SchemaError("the database has no outbox schema: run `outbox migrate` first")
+    if version < latest_version():
+        raise SchemaError(
+            f"the outbox schema is at version {version}, this worker needs {latest_version()}: "
+            "run `outbox migrate`"
+        )
+    if version > latest_version():
+        raise SchemaError(
+            f"the outbox schema is at version {version}, newer than this worker knows "
+            f"({latest_version()}): upgrade the worker"
+        )
+    legacy = legacy_triggers(conn)
+    if legacy:
+        names = ", ".join(name for name, _ in legacy)
+        raise SchemaError(
+            f"legacy trigger(s) {names} on jobs_variants write job state too: run `outbox migrate` to remove them"
+        )

@@ -1,0 +1,163 @@
+-- All of the processor's SQL at run time, named noun_verb. processor/store.py is the only module
+-- that runs these.
+
+-- name: checkpoint_get
+SELECT last_txid::text, last_event_id, events_applied, updated_at
+FROM outbox_checkpoints
+WHERE partition = %(partition)s
+
+-- name: checkpoint_lock
+-- FOR UPDATE serialises every transaction that moves this partition's checkpoint: a second
+-- consumer (a zombie, or one that got past the advisory lock through a pooler) waits here, then
+-- sees the moved checkpoint and applies nothing (processor.batch.FencedError).
+SELECT last_txid::text, last_event_id
+FROM outbox_checkpoints
+WHERE partition = %(partition)s
+FOR UPDATE
+
+-- name: events_fetch
+-- Commit-safe order: only events of transactions older than the oldest one still running, which
+-- have all committed or aborted, so no event can ever appear below what this returns.
+SELECT event_id, txid::text, event_type, schema_version, job_id, variant_id, variant_version,
+       payload, created_at
+FROM outbox_events
+WHERE partition = %(partition)s
+  AND (txid, event_id) > (%(last_txid)s::xid8, %(last_event_id)s::bigint)
+  AND txid < pg_snapshot_xmin(pg_current_snapshot())
+ORDER BY txid, event_id
+LIMIT %(limit)s
+
+-- name: variant_states_upsert
+-- Returns every job whose fold may change: the variants' jobs now, and before (a variant moved to
+-- another job). All parts of one statement see the same snapshot, so "previous" is the state
+-- before the upsert.
+WITH incoming AS (
+    SELECT *
+    FROM unnest(
+        %(variant_ids)s::uuid[], %(job_ids)s::uuid[], %(versions)s::bigint[],
+        %(statuses)s::text[], %(steps)s::text[], %(removed)s::boolean[], %(event_ids)s::bigint[]
+    ) AS t (variant_id, job_id, version, status, step, removed, event_id)
+), previous AS (
+    SELECT s.job_id
+    FROM outbox_variant_states AS s
+    JOIN incoming AS i USING (variant_id)
+), upserted AS (
+    INSERT INTO outbox_variant_states AS s (variant_id, job_id, version, status, step, removed, event_id)
+    SELECT variant_id, job_id, version, status, step, removed, event_id
+    FROM incoming
+    ON CONFLICT (variant_id) DO UPDATE
+        SET job_id = excluded.job_id,
+            version = excluded.version,
+            status = excluded.status,
+            step = excluded.step,
+            removed = excluded.removed,
+            event_id = excluded.event_id
+        -- Latest by version: a duplicate or an older change is a no-op.
+        WHERE s.version < excluded.version
+    RETURNING s.job_id
+)
+SELECT job_id FROM previous
+UNION
+SELECT job_id FROM upserted
+
+-- name: variant_states_for_jobs
+SELECT job_id, variant_id, version, status, step, removed
+FROM outbox_variant_states
+WHERE job_id = ANY(%(job_ids)s::uuid[])
+
+-- name: variant_states_unknown_steps
+SELECT DISTINCT step
+FROM outbox_variant_states
+WHERE step IS NOT NULL
+  AND NOT removed
+  AND step <> ALL(%(steps)s::text[])
+
+-- name: batch_commit
+-- Job state, dead letters and the checkpoint in one statement of the batch's transaction.
+WITH job_updates AS (
+    UPDATE jobs AS j
+    SET status = t.status,
+        current_step = t.current_step,
+        updated_at = now()
+    FROM unnest(%(job_ids)s::uuid[], %(job_statuses)s::text[], %(job_steps)s::text[])
+        AS t (job_id, status, current_step)
+    WHERE j.job_id = t.job_id
+      AND (j.status, j.current_step) IS DISTINCT FROM (t.status, t.current_step)
+    RETURNING j.job_id
+), parked AS (
+    INSERT INTO outbox_dead_letters (event_id, partition, job_id, variant_id, reason)
+    SELECT event_id, %(partition)s, job_id, variant_id, reason
+    FROM unnest(%(dead_event_ids)s::bigint[], %(dead_job_ids)s::uuid[], %(dead_variant_ids)s::uuid[],
+                %(dead_reasons)s::text[]) AS t (event_id, job_id, variant_id, reason)
+    ON CONFLICT (event_id) DO NOTHING
+    RETURNING event_id
+), advanced AS (
+    UPDATE outbox_checkpoints
+    SET last_txid = %(last_txid)s::xid8,
+        last_event_id = %(last_event_id)s,
+        events_applied = events_applied + %(event_count)s,
+        updated_at = clock_timestamp()
+    WHERE partition = %(partition)s
+    RETURNING updated_at
+)
+SELECT (SELECT count(*) FROM job_updates) AS jobs_changed,
+       (SELECT count(*) FROM parked) AS dead_letters,
+       (SELECT updated_at FROM advanced) AS committed_at
+
+-- name: consumer_lock_try
+-- Session-level: held by the connection that writes, released when it closes or dies.
+SELECT pg_try_advisory_lock(%(lock_class)s, %(partition)s)
+
+-- name: consumer_lock_release
+SELECT pg_advisory_unlock(%(lock_class)s, %(partition)s)
+
+-- name: consumer_lock_holder
+SELECT a.pid, a.application_name, a.backend_start
+FROM pg_locks AS l
+JOIN pg_stat_activity AS a ON a.pid = l.pid
+WHERE l.locktype = 'advisory'
+  AND l.granted
+  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+  AND l.classid = %(lock_class)s::int::oid
+  AND l.objid = %(partition)s::int::oid
+  AND l.objsubid = 2
+
+-- name: events_pending_count
+SELECT count(*)
+FROM outbox_events
+WHERE partition = %(partition)s
+  AND (txid, event_id) > (%(last_txid)s::xid8, %(last_event_id)s::bigint)
+
+-- name: migrations_table_create
+CREATE TABLE IF NOT EXISTS outbox_schema_migrations (
+    version    integer PRIMARY KEY,
+    name       text NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+)
+
+-- name: migrations_lock
+-- One migrate at a time; released at commit.
+SELECT pg_advisory_xact_lock(%(lock_class)s, -1)
+
+-- name: migrations_applied
+SELECT version FROM outbox_schema_migrations ORDER BY version
+
+-- name: migrations_applied_if_any
+SELECT CASE WHEN to_regclass('outbox_schema_migrations') IS NULL THEN NULL
+            ELSE (SELECT coalesce(max(version), 0) FROM outbox_schema_migrations) END
+
+-- name: migration_record
+INSERT INTO outbox_schema_migrations (version, name) VALUES (%(version)s, %(name)s)
+
+-- name: legacy_triggers_find
+-- Triggers on jobs_variants, other than the product's own, that write job state: the legacy
+-- aggregation trigger by name, or any trigger whose function updates jobs.
+SELECT t.tgname, p.oid::regprocedure::text
+FROM pg_trigger AS t
+JOIN pg_proc AS p ON p.oid = t.tgfoid
+WHERE t.tgrelid = to_regclass('jobs_variants')
+  AND NOT t.tgisinternal
+  AND t.tgname NOT LIKE 'outbox\_%%'
+  AND (t.tgname = 'check_all_variants_done_trigger'
+       OR p.prosrc ~* '\mupdate\s+("?\w+"?\.)?"?jobs"?\M')
+ORDER BY t.tgname

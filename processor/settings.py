@@ -1,0 +1,95 @@
+"""Settings, from OUTBOX_* environment variables or explicit values (the CLI's flags)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from processor.database import DatabaseUrl
+from processor.errors import ConfigurationError
+from processor.fold import FailurePolicy, Pipeline
+
+DEFAULT_PIPELINE_STEPS = ("ingest", "preprocess", "inference", "iou_eval")
+
+
+class Settings(BaseSettings):
+    """Everything the processor, its CLI and the demo read from the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="OUTBOX_", extra="ignore", frozen=True)
+
+    # None: use the embedded PostgreSQL.
+    database_url: SecretStr | None = None
+    # Comma-separated in OUTBOX_PIPELINE_STEPS; the last step is final.
+    pipeline_steps: Annotated[tuple[str, ...], NoDecode] = DEFAULT_PIPELINE_STEPS
+    failure_policy: FailurePolicy = FailurePolicy.SETTLED
+    batch_size: int = Field(default=1000, ge=1, le=100_000)
+    # Adaptive polling: the worker polls at the minimum while events flow and doubles the wait up to
+    # the maximum while idle.
+    poll_interval_min: float = Field(default=0.005, gt=0, le=60)
+    poll_interval_max: float = Field(default=0.25, gt=0, le=600)
+    # How often a standby tries to take over the consumer lock.
+    standby_interval: float = Field(default=1.0, gt=0, le=600)
+    partition: int = Field(default=0, ge=0, le=32767)
+    embedded_data_dir: Path | None = None
+
+    @field_validator("pipeline_steps", mode="before")
+    @classmethod
+    def _split_steps(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(step.strip() for step in value.split(","))
+        return value
+
+    @field_validator("pipeline_steps")
+    @classmethod
+    def _valid_pipeline(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        Pipeline(value)  # raises ValueError with the reason
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _valid_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and value.get_secret_value().strip():
+            try:
+                DatabaseUrl.parse(value.get_secret_value())
+            except ConfigurationError as exc:
+                raise ValueError(str(exc)) from None
+            return value
+        return None
+
+    @model_validator(mode="after")
+    def _poll_bounds(self) -> Settings:
+        if self.poll_interval_min > self.poll_interval_max:
+            raise ValueError("poll_interval_min must not exceed poll_interval_max")
+        return self
+
+    @property
+    def pipeline(self) -> Pipeline:
+        return Pipeline(self.pipeline_steps)
+
+    def database(self) -> DatabaseUrl:
+        """The configured database, or the embedded one (started on first use)."""
+        if self.database_url is not None:
+            return DatabaseUrl.parse(self.database_url.get_secret_value())
+        from processor.embedded import embedded_database_url
+
+        return DatabaseUrl.parse(embedded_database_url(self.embedded_data_dir))
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Settings from the environment, with explicit (non-None) overrides; errors as one line."""
+    try:
+        return Settings(**{key: value for key, value in overrides.items() if value is not None})
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"OUTBOX_{'_'.join(str(p) for p in err['loc']).upper() or 'SETTINGS'}: {_message(err)}"
+            for err in exc.errors(include_url=False, include_input=False)
+        )
+        raise ConfigurationError(f"invalid settings: {problems}") from None
+
+
+def _message(err: Any) -> str:
+    msg = str(err["msg"])
+    return msg.removeprefix("Value error, ")

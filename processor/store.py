@@ -1,0 +1,185 @@
+"""The processor's database operations: every statement it runs, from processor/queries.sql."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+
+from outbox.events import VariantStatus
+from outbox.sqlfile import load_queries
+from processor.decode import DeadLetter, EventRow
+from processor.fold import JobState, VariantState
+
+QUERIES = load_queries("processor", "queries.sql")
+
+# First key of the consumer's advisory lock (the second is the partition). A fixed constant, so
+# that every worker of every version agrees on it; chosen to be unlikely to collide with the
+# application's own advisory locks.
+CONSUMER_LOCK_CLASS = 0x0B0C_5E11
+
+Connection = psycopg.Connection[Any]
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Position:
+    """A place in a partition's commit-safe order: (transaction id, event id)."""
+
+    txid: int
+    event_id: int
+
+    @classmethod
+    def of(cls, event: EventRow) -> Position:
+        return cls(event.txid, event.event_id)
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    position: Position
+    events_applied: int
+    updated_at: dt.datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class CommitResult:
+    jobs_changed: int
+    dead_letters: int
+    committed_at: dt.datetime
+
+
+@dataclass(frozen=True, slots=True)
+class LockHolder:
+    pid: int
+    application_name: str
+    since: dt.datetime
+
+
+def checkpoint_get(conn: Connection, partition: int) -> Checkpoint:
+    row = conn.execute(QUERIES["checkpoint_get"], {"partition": partition}).fetchone()
+    if row is None:
+        raise LookupError(f"no checkpoint for partition {partition}: run `outbox migrate`")
+    return Checkpoint(Position(int(row[0]), row[1]), row[2], row[3])
+
+
+def checkpoint_lock(conn: Connection, partition: int) -> Position:
+    row = conn.execute(QUERIES["checkpoint_lock"], {"partition": partition}).fetchone()
+    if row is None:
+        raise LookupError(f"no checkpoint for partition {partition}: run `outbox migrate`")
+    return Position(int(row[0]), row[1])
+
+
+def events_fetch(conn: Connection, partition: int, after: Position, limit: int) -> list[EventRow]:
+    rows = conn.execute(
+        QUERIES["events_fetch"],
+        {"partition": partition, "last_txid": str(after.txid), "last_event_id": after.event_id, "limit": limit},
+    ).fetchall()
+    return [
+        EventRow(
+            event_id=r[0], txid=int(r[1]), event_type=r[2], schema_version=r[3], job_id=r[4],
+            variant_id=r[5], variant_version=r[6], payload=r[7], created_at=r[8],
+        )
+        for r in rows
+    ]
+
+
+def events_pending_count(conn: Connection, partition: int, after: Position) -> int:
+    row = conn.execute(
+        QUERIES["events_pending_count"],
+        {"partition": partition, "last_txid": str(after.txid), "last_event_id": after.event_id},
+    ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def variant_states_upsert(
+    conn: Connection, changes: Sequence[tuple[VariantState, int]]
+) -> set[uuid.UUID]:
+    """Store each (state, event id) unless a newer version is stored; return the jobs to refold.
+
+    At most one change per variant: ON CONFLICT cannot touch one row twice in a statement.
+    """
+    if not changes:
+        return set()
+    states = [state for state, _ in changes]
+    rows = conn.execute(
+        QUERIES["variant_states_upsert"],
+        {
+            "variant_ids": [s.variant_id for s in states],
+            "job_ids": [s.job_id for s in states],
+            "versions": [s.version for s in states],
+            "statuses": [s.status.value if s.status else None for s in states],
+            "steps": [s.step for s in states],
+            "removed": [s.removed for s in states],
+            "event_ids": [event_id for _, event_id in changes],
+        },
+    ).fetchall()
+    return {row[0] for row in rows}
+
+
+def variant_states_for_jobs(
+    conn: Connection, job_ids: Iterable[uuid.UUID]
+) -> dict[uuid.UUID, list[VariantState]]:
+    rows = conn.execute(QUERIES["variant_states_for_jobs"], {"job_ids": list(job_ids)}).fetchall()
+    by_job: dict[uuid.UUID, list[VariantState]] = defaultdict(list)
+    for job_id, variant_id, version, status, step, removed in rows:
+        by_job[job_id].append(
+            VariantState(variant_id, job_id, version, VariantStatus(status) if status else None, step, removed)
+        )
+    return by_job
+
+
+def variant_states_unknown_steps(conn: Connection, steps: Sequence[str]) -> list[str]:
+    rows = conn.execute(QUERIES["variant_states_unknown_steps"], {"steps": list(steps)}).fetchall()
+    return sorted(row[0] for row in rows)
+
+
+def batch_commit(
+    conn: Connection,
+    partition: int,
+    jobs: dict[uuid.UUID, JobState],
+    dead_letters: Sequence[DeadLetter],
+    last: Position,
+    event_count: int,
+) -> CommitResult:
+    """Write job states, dead letters and the new checkpoint in one statement."""
+    row = conn.execute(
+        QUERIES["batch_commit"],
+        {
+            "partition": partition,
+            "job_ids": list(jobs),
+            "job_statuses": [state.status.value for state in jobs.values()],
+            "job_steps": [state.current_step for state in jobs.values()],
+            "dead_event_ids": [d.event_id for d in dead_letters],
+            "dead_job_ids": [d.job_id for d in dead_letters],
+            "dead_variant_ids": [d.variant_id for d in dead_letters],
+            "dead_reasons": [d.reason for d in dead_letters],
+            "last_txid": str(last.txid),
+            "last_event_id": last.event_id,
+            "event_count": event_count,
+        },
+    ).fetchone()
+    assert row is not None
+    return CommitResult(jobs_changed=row[0], dead_letters=row[1], committed_at=row[2])
+
+
+def consumer_lock_try(conn: Connection, partition: int) -> bool:
+    row = conn.execute(
+        QUERIES["consumer_lock_try"], {"lock_class": CONSUMER_LOCK_CLASS, "partition": partition}
+    ).fetchone()
+    return bool(row and row[0])
+
+
+def consumer_lock_release(conn: Connection, partition: int) -> None:
+    conn.execute(QUERIES["consumer_lock_release"], {"lock_class": CONSUMER_LOCK_CLASS, "partition": partition})
+
+
+def consumer_lock_holder(conn: Connection, partition: int) -> LockHolder | None:
+    row = conn.execute(
+        QUERIES["consumer_lock_holder"], {"lock_class": CONSUMER_LOCK_CLASS, "partition": partition}
+    ).fetchone()
+    return LockHolder(pid=row[0], application_name=row[1], since=row[2]) if row else None
