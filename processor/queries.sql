@@ -161,3 +161,22 @@ WHERE t.tgrelid = to_regclass('jobs_variants')
   AND (t.tgname = 'check_all_variants_done_trigger'
        OR p.prosrc ~* '\mupdate\s+("?\w+"?\.)?"?jobs"?\M')
 ORDER BY t.tgname
+
+-- name: demo_variant_update
+-- The demo's "unchanged writer": plain SQL, captured by the trigger.
+UPDATE jobs_variants
+SET status = %(status)s, current_step = %(step)s, updated_at = now()
+WHERE job_variants_id = %(variant_id)s
+
+-- name: demo_jobs_summary
+-- stuck: every variant is done at the final step, yet the job is not done (the original bug).
+SELECT count(*) FILTER (WHERE j.status = 'done') AS done,
+       count(*) FILTER (WHERE v.all_final AND j.status IS DISTINCT FROM 'done') AS stuck,
+       count(*) AS total
+FROM jobs AS j
+JOIN LATERAL (
+    SELECT bool_and(status = 'done' AND current_step = %(final_step)s) AS all_final
+    FROM jobs_variants
+    WHERE job_id = j.job_id
+) AS v ON true
+WHERE j.job_id = ANY(%(job_ids)s::uuid[])
