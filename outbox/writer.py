@@ -71,7 +71,7 @@ def update_variant(
     Raises ``pydantic.ValidationError`` for an invalid status and ``VariantNotFoundError`` for an
     unknown variant. Returns the id of the event written.
     """
-    change = VariantChanged(status=VariantStatus(status), step=step)
+    change = VariantChanged.model_validate({"status": status, "step": step})
     rows = _execute(
         conn,
         _QUERIES["variant_update_with_event"],

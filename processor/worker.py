@@ -75,7 +75,7 @@ class Worker:
         """
         retrying = tenacity.Retrying(
             retry=tenacity.retry_if_exception_type(psycopg.OperationalError),
-            wait=tenacity.wait_exponential_jitter(initial=0.2, max=10, jitter=0.5),
+            wait=tenacity.wait_exponential(multiplier=0.2, max=10) + tenacity.wait_random(0, 0.5),
             stop=lambda _state: self._stopping.is_set(),
             sleep=self._stopping.wait,
             before_sleep=self._log_retry,

@@ -1,0 +1,107 @@
+"""Capture: plain SQL writers and the Python API write the same events in their own transaction."""
+
+from __future__ import annotations
+
+import uuid
+
+import psycopg
+import pytest
+from pydantic import ValidationError
+
+import outbox
+from outbox.events import PAYLOAD_MODELS
+from tests.helpers import drain, job_state
+
+
+def events(conn, variant_id):
+    return conn.execute(
+        "SELECT event_type, variant_version, payload FROM outbox_events WHERE variant_id = %s ORDER BY event_id",
+        [variant_id],
+    ).fetchall()
+
+
+def test_plain_sql_writers_are_captured_with_increasing_versions(conn):
+    job, variant = uuid.uuid4(), uuid.uuid4()
+    conn.execute("INSERT INTO jobs (job_id, status) VALUES (%s, 'queued')", [job])
+    conn.execute(
+        "INSERT INTO jobs_variants (job_variants_id, job_id, status) VALUES (%s, %s, 'queued')", [variant, job]
+    )
+    conn.execute("UPDATE jobs_variants SET status = 'running', current_step = 'ingest' WHERE job_id = %s", [job])
+    conn.execute("UPDATE jobs_variants SET updated_at = now() WHERE job_id = %s", [job])  # no step/status change
+    conn.execute("UPDATE jobs_variants SET status = 'done' WHERE job_id = %s", [job])
+    conn.execute("DELETE FROM jobs_variants WHERE job_id = %s", [job])
+
+    assert events(conn, variant) == [
+        ("variant_changed", 1, {"status": "queued", "step": None}),
+        ("variant_changed", 2, {"status": "running", "step": "ingest"}),
+        ("variant_changed", 3, {"status": "done", "step": "ingest"}),
+        ("variant_removed", 4, {}),
+    ]
+
+
+def test_the_python_api_writes_one_event_per_change_on_both_connection_kinds(conn, engine):
+    with engine.begin() as sa_conn:
+        job, (variant,) = outbox.create_job(sa_conn, variants=1)
+    with engine.begin() as sa_conn:
+        outbox.update_variant(sa_conn, variant, status="running", step="ingest")
+    with conn.transaction():
+        outbox.update_variant(conn, variant, status="done")  # step kept
+
+    assert events(conn, variant) == [
+        ("variant_changed", 1, {"status": "queued", "step": None}),
+        ("variant_changed", 2, {"status": "running", "step": "ingest"}),
+        ("variant_changed", 3, {"status": "done", "step": "ingest"}),
+    ]
+    row = conn.execute(
+        "SELECT status, current_step, outbox_version FROM jobs_variants WHERE job_variants_id = %s", [variant]
+    ).fetchone()
+    assert row == ("done", "ingest", 3)
+
+
+def test_a_rolled_back_change_leaves_neither_change_nor_event(conn, engine):
+    with engine.begin() as sa_conn:
+        _, (variant,) = outbox.create_job(sa_conn, variants=1)
+    with pytest.raises(RuntimeError), engine.begin() as sa_conn:
+        outbox.update_variant(sa_conn, variant, status="running", step="ingest")
+        raise RuntimeError("the caller's transaction fails")
+    assert len(events(conn, variant)) == 1
+
+
+def test_invalid_writes_are_refused_with_a_clear_error(conn, engine):
+    with engine.begin() as sa_conn:
+        _, (variant,) = outbox.create_job(sa_conn, variants=1)
+    with pytest.raises(psycopg.errors.CheckViolation, match="must be one of queued, running, done, failed"):
+        conn.execute("UPDATE jobs_variants SET status = 'exploded' WHERE job_variants_id = %s", [variant])
+    with pytest.raises(ValidationError):
+        outbox.update_variant(conn, variant, status="exploded")
+    with pytest.raises(outbox.VariantNotFoundError):
+        outbox.update_variant(conn, uuid.uuid4(), status="done")
+    with pytest.raises(ValueError, match="must be a UUID"):
+        outbox.update_variant(conn, "not-a-uuid", status="done")
+    assert len(events(conn, variant)) == 1
+
+
+def test_every_payload_the_database_writes_validates_against_its_model(conn, engine, settings):
+    with engine.begin() as sa_conn:
+        _, variants = outbox.create_job(sa_conn, variants=2, step="ingest")
+        outbox.update_variant(sa_conn, variants[0], status="failed")
+    conn.execute("UPDATE jobs_variants SET status = 'running' WHERE job_variants_id = %s", [variants[1]])
+    conn.execute("DELETE FROM jobs_variants WHERE job_variants_id = %s", [variants[1]])
+    rows = conn.execute("SELECT event_type, schema_version, payload FROM outbox_events").fetchall()
+    assert {r[0] for r in rows} == {"variant_changed", "variant_removed"}
+    for event_type, schema_version, payload in rows:
+        PAYLOAD_MODELS[(event_type, schema_version)].model_validate(payload)
+
+
+def test_a_variant_moved_to_another_job_refolds_both_jobs(conn, engine, settings):
+    with engine.begin() as sa_conn:
+        job_a, (a1, a2) = outbox.create_job(sa_conn, variants=2)
+        job_b, (b1,) = outbox.create_job(sa_conn, variants=1)
+    conn.execute("UPDATE jobs_variants SET status = 'done', current_step = 'iou_eval' WHERE job_variants_id = %s", [a1])
+    conn.execute("UPDATE jobs_variants SET status = 'running', current_step = 'detect' WHERE job_variants_id = %s", [a2])
+    drain(settings)
+    assert job_state(conn, job_a) == ("running", "detect")
+    conn.execute("UPDATE jobs_variants SET job_id = %s WHERE job_variants_id = %s", [job_b, a2])
+    drain(settings)
+    assert job_state(conn, job_a) == ("done", "iou_eval")
+    assert job_state(conn, job_b) == ("running", "ingest")

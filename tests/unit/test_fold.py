@@ -1,0 +1,153 @@
+"""The fold against an independent reference, property-based."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from outbox.events import VariantStatus
+from processor.fold import FailurePolicy, JobState, Pipeline, UnknownStepError, VariantState, fold_job
+
+STEPS = ("ingest", "detect", "segment", "iou_eval")
+PIPELINE = Pipeline(STEPS)
+JOB = uuid.UUID(int=1)
+
+
+def reference(latest: list[tuple[str, str | None]], policy: FailurePolicy) -> tuple[str, str] | None:
+    """Job state from each live variant's (status, step), written without processor.fold."""
+    if not latest:
+        return None
+    position = {step: i for i, step in enumerate(STEPS)}
+    open_ranks = []
+    statuses = set()
+    failed_open = 0
+    for status, step in latest:
+        statuses.add(status)
+        if status == "done" and step == STEPS[-1]:
+            continue
+        open_ranks.append(position[step] if step is not None else 0)
+        failed_open += status == "failed"
+    if not open_ranks:
+        return ("done", STEPS[-1])
+    step = STEPS[min(open_ranks)]
+    if statuses == {"queued"}:
+        return ("queued", step)
+    if failed_open and (policy is FailurePolicy.IMMEDIATE or failed_open == len(open_ranks)):
+        return ("failed", step)
+    return ("running", step)
+
+
+status_st = st.sampled_from([s.value for s in VariantStatus])
+step_st = st.one_of(st.none(), st.sampled_from(STEPS))
+# A variant's history: its states in version order; the last one may be a delete.
+history_st = st.tuples(
+    st.lists(st.tuples(status_st, step_st), min_size=1, max_size=6),
+    st.booleans(),
+)
+
+
+def expand(histories: list[tuple[list[tuple[str, str | None]], bool]]) -> list[VariantState]:
+    events = []
+    for index, (changes, deleted) in enumerate(histories):
+        variant = uuid.UUID(int=1000 + index)
+        for version, (status, step) in enumerate(changes, start=1):
+            events.append(VariantState(variant, JOB, version, VariantStatus(status), step))
+        if deleted:
+            events.append(VariantState(variant, JOB, len(changes) + 1, None, None, removed=True))
+    return events
+
+
+def latest_live(histories: list[tuple[list[tuple[str, str | None]], bool]]) -> list[tuple[str, str | None]]:
+    return [changes[-1] for changes, deleted in histories if not deleted]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    histories=st.lists(history_st, min_size=0, max_size=8),
+    policy=st.sampled_from(list(FailurePolicy)),
+    data=st.data(),
+)
+def test_any_permutation_and_duplication_gives_the_reference_state(histories, policy, data):
+    events = expand(histories)
+    duplicated = events + data.draw(st.lists(st.sampled_from(events), max_size=10)) if events else events
+    shuffled = data.draw(st.permutations(duplicated))
+
+    state = fold_job(shuffled, PIPELINE, policy)
+
+    expected = reference(latest_live(histories), policy)
+    assert (None if state is None else (state.status.value, state.current_step)) == expected
+
+
+def v(index: int, status: str, step: str | None, version: int = 1) -> VariantState:
+    return VariantState(uuid.UUID(int=index), JOB, version, VariantStatus(status), step)
+
+
+def test_done_only_when_every_variant_is_done_at_the_final_step():
+    assert fold_job([v(1, "done", "iou_eval"), v(2, "done", "iou_eval")], PIPELINE) == JobState(
+        VariantStatus.DONE, "iou_eval"
+    )
+    assert fold_job([v(1, "done", "iou_eval"), v(2, "done", "segment")], PIPELINE) == JobState(
+        VariantStatus.RUNNING, "segment"
+    )
+
+
+def test_running_reports_the_least_advanced_unfinished_step():
+    states = [v(1, "done", "iou_eval"), v(2, "running", "segment"), v(3, "done", "detect")]
+    assert fold_job(states, PIPELINE) == JobState(VariantStatus.RUNNING, "detect")
+
+
+def test_queued_when_every_variant_is_queued_and_no_step_means_the_first():
+    assert fold_job([v(1, "queued", None), v(2, "queued", None)], PIPELINE) == JobState(
+        VariantStatus.QUEUED, "ingest"
+    )
+
+
+def test_failure_policies():
+    mixed = [v(1, "failed", "detect"), v(2, "running", "segment")]
+    settled = [v(1, "failed", "detect"), v(2, "done", "iou_eval")]
+    assert fold_job(mixed, PIPELINE, FailurePolicy.SETTLED).status is VariantStatus.RUNNING
+    assert fold_job(mixed, PIPELINE, FailurePolicy.IMMEDIATE) == JobState(VariantStatus.FAILED, "detect")
+    assert fold_job(settled, PIPELINE, FailurePolicy.SETTLED) == JobState(VariantStatus.FAILED, "detect")
+
+
+def test_a_retried_failure_or_a_rerun_moves_the_job_back_to_running():
+    failed = [v(1, "failed", "detect", 3), v(2, "done", "iou_eval", 5)]
+    assert fold_job(failed, PIPELINE).status is VariantStatus.FAILED
+    retried = [*failed, v(1, "running", "detect", 4)]
+    assert fold_job(retried, PIPELINE) == JobState(VariantStatus.RUNNING, "detect")
+    rerun = [v(1, "done", "iou_eval", 5), v(1, "running", "ingest", 6)]
+    assert fold_job(rerun, PIPELINE) == JobState(VariantStatus.RUNNING, "ingest")
+
+
+def test_an_older_version_never_wins():
+    assert fold_job([v(1, "done", "iou_eval", 7), v(1, "running", "ingest", 6)], PIPELINE).status is (
+        VariantStatus.DONE
+    )
+
+
+def test_removed_variants_do_not_count_and_a_job_without_variants_is_left_alone():
+    removed = VariantState(uuid.UUID(int=2), JOB, 2, None, None, removed=True)
+    assert fold_job([v(1, "done", "iou_eval"), v(2, "running", "ingest"), removed], PIPELINE).status is (
+        VariantStatus.DONE
+    )
+    assert fold_job([removed], PIPELINE) is None
+    assert fold_job([], PIPELINE) is None
+
+
+def test_an_unknown_step_is_an_error_not_a_guess():
+    with pytest.raises(UnknownStepError, match="'mystery' is not in the pipeline"):
+        fold_job([v(1, "running", "mystery"), v(2, "running", "ingest")], PIPELINE)
+    with pytest.raises(UnknownStepError):
+        fold_job([v(1, "done", "mystery")], PIPELINE)
+
+
+@pytest.mark.parametrize(
+    ("steps", "message"),
+    [((), "at least one step"), (("a", "b", "a"), "repeated: a"), (("a", ""), "non-empty")],
+)
+def test_invalid_pipelines_are_refused(steps, message):
+    with pytest.raises(ValueError, match=message):
+        Pipeline(steps)

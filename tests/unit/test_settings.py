@@ -1,0 +1,51 @@
+"""Settings and URLs: clear errors for bad values, passwords never echoed."""
+
+from __future__ import annotations
+
+import pytest
+
+from processor.database import DatabaseUrl, redact
+from processor.errors import ConfigurationError
+from processor.settings import load_settings
+
+
+def test_pipeline_steps_are_comma_separated(monkeypatch):
+    monkeypatch.setenv("OUTBOX_PIPELINE_STEPS", " a, b ,iou_eval")
+    assert load_settings().pipeline_steps == ("a", "b", "iou_eval")
+
+
+@pytest.mark.parametrize(("raw", "message"), [("", "non-empty"), ("a,b,a", "repeated: a"), ("a,,b", "non-empty")])
+def test_bad_pipelines_are_one_clear_error(monkeypatch, raw, message):
+    monkeypatch.setenv("OUTBOX_PIPELINE_STEPS", raw)
+    with pytest.raises(ConfigurationError, match=f"OUTBOX_PIPELINE_STEPS: .*{message}"):
+        load_settings()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"batch_size": 0}, "OUTBOX_BATCH_SIZE"),
+        ({"poll_interval_min": -1}, "OUTBOX_POLL_INTERVAL_MIN"),
+        ({"failure_policy": "sometimes"}, "OUTBOX_FAILURE_POLICY"),
+        ({"database_url": "mysql://u:secret@h/db"}, "scheme 'mysql' is not supported"),
+    ],
+)
+def test_bad_settings_are_one_clear_error(overrides, message):
+    with pytest.raises(ConfigurationError, match=message) as info:
+        load_settings(**overrides)
+    assert "secret" not in str(info.value)
+
+
+def test_both_url_forms_are_accepted_and_the_password_is_hidden():
+    plain = DatabaseUrl.parse("postgresql://app:p%40ss%23w%3Ad%2F@db.example:5433/jobs")
+    driver = DatabaseUrl.parse("postgresql+psycopg://app:p%40ss%23w%3Ad%2F@db.example:5433/jobs")
+    assert plain.connect_kwargs() == driver.connect_kwargs()
+    assert plain.connect_kwargs()["password"] == "p@ss#w:d/"
+    assert "p@ss" not in plain.redacted() and "p%40ss" not in plain.redacted()
+    assert redact("auth failed for p@ss#w:d/ and p%40ss%23w%3Ad%2F", plain) == "auth failed for *** and ***"
+
+
+def test_a_non_url_is_refused_without_echoing_it():
+    with pytest.raises(ConfigurationError) as info:
+        DatabaseUrl.parse("not a url with secret")
+    assert "secret" not in str(info.value)
