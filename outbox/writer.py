@@ -1,8 +1,10 @@
-"""Write variant changes and their events in the caller's transaction.
+"""Write jobs and variant changes, and so their events, in the caller's transaction.
 
-These calls never commit: the change and its event commit or roll back together with whatever
-else the caller's transaction does. They accept a SQLAlchemy ``Connection`` (psycopg or psycopg2
-driver) or a psycopg 3 ``Connection``.
+These calls never commit: each change and its event (appended by the capture trigger that
+``outbox migrate`` installs, the same one that captures plain SQL writers) commit or roll back
+together with whatever else the caller's transaction does. What the API adds over plain SQL is
+validation before anything is written: statuses and steps are checked against the event model.
+They accept a SQLAlchemy ``Connection`` (psycopg or psycopg2 driver) or a psycopg 3 ``Connection``.
 """
 
 from __future__ import annotations
@@ -49,11 +51,7 @@ def create_job(
     job_id = uuid.uuid4() if job_id is None else _as_uuid(job_id, "job id")
     VariantChanged(status=VariantStatus.QUEUED, step=step)  # validates step
     _execute(conn, _QUERIES["job_insert"], {"job_id": job_id, "step": step})
-    _execute(
-        conn,
-        _QUERIES["variants_insert_with_events"],
-        {"job_id": job_id, "step": step, "variant_ids": variant_ids},
-    )
+    _execute(conn, _QUERIES["variants_insert"], {"job_id": job_id, "step": step, "variant_ids": variant_ids})
     return job_id, variant_ids
 
 
@@ -63,24 +61,22 @@ def update_variant(
     *,
     status: VariantStatus | str,
     step: str | None = None,
-) -> int:
-    """Set a variant's status (and step, when given) and append its event.
+) -> None:
+    """Set a variant's status (and step, when given); its event is appended in the same transaction.
 
-    The variant's row lock, taken by this UPDATE, orders its versions: the event carries the new
-    version, so the processor applies the variant's changes in the order they committed.
-    Raises ``pydantic.ValidationError`` for an invalid status and ``VariantNotFoundError`` for an
-    unknown variant. Returns the id of the event written.
+    The UPDATE takes the variant's row lock, under which the event's version is assigned: the
+    processor applies a variant's changes in the order they committed. A change to the same status
+    and step writes no event. Raises ``pydantic.ValidationError`` for an invalid status or step and
+    ``VariantNotFoundError`` for an unknown variant.
     """
     change = VariantChanged.model_validate({"status": status, "step": step})
     rows = _execute(
         conn,
-        _QUERIES["variant_update_with_event"],
+        _QUERIES["variant_update"],
         {"variant_id": _as_uuid(variant_id, "variant id"), "status": change.status.value, "step": change.step},
     )
     if not rows:
         raise VariantNotFoundError(f"no variant with id {variant_id}")
-    event_id: int = rows[0][0]
-    return event_id
 
 
 def _as_uuid(value: uuid.UUID | str, what: str) -> uuid.UUID:

@@ -1,4 +1,4 @@
-"""Apply one batch of events: fold them into job state and move the checkpoint, atomically."""
+"""Apply events to job state in transactions that also move the checkpoint."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ from dataclasses import dataclass, field
 
 from processor import store
 from processor.decode import DeadLetter, EventRow, decode_event
-from processor.fold import FailurePolicy, JobState, Pipeline, UnknownStepError, VariantState, fold_job
-from processor.store import Connection, Position
+from processor.fold import FailurePolicy, JobState, Pipeline, UnfoldableJobError, VariantState, fold_job
+from processor.snapshot import Cursor
+from processor.store import Connection
 
 log = logging.getLogger(__name__)
 
@@ -25,88 +26,118 @@ class BatchResult:
     events: int
     jobs_changed: int
     dead_letters: int
-    position: Position
+    cursor: Cursor
     committed_at: dt.datetime
-    # Seconds from each event's write to the commit of the job state it produced (database clock).
+    event_ids: list[int] = field(repr=False)
+    # Seconds from each event's write to the commit of this batch (database clock).
     latencies: list[float] = field(repr=False)
 
 
-@dataclass(frozen=True, slots=True)
-class FoldOutcome:
-    changes: list[tuple[VariantState, int]]
-    dead_letters: list[DeadLetter]
-
-
-def decode_batch(events: Sequence[EventRow], pipeline: Pipeline) -> FoldOutcome:
-    """Decode a batch, keep each variant's newest change, and set aside what cannot apply."""
+def decode_batch(events: Sequence[EventRow]) -> tuple[list[tuple[VariantState, int]], list[DeadLetter]]:
+    """Decode a batch: each variant's newest state (with its event id), and the dead letters."""
     latest: dict[uuid.UUID, tuple[VariantState, int]] = {}
     dead: list[DeadLetter] = []
     for event in events:
-        decoded = decode_event(event, pipeline)
-        if isinstance(decoded, DeadLetter):
-            dead.append(decoded)
+        decoded = decode_event(event)
+        if decoded.dead_letter is not None:
+            dead.append(decoded.dead_letter)
+        state = decoded.state
+        if state is None:
             continue
-        known = latest.get(decoded.variant_id)
-        if known is None or decoded.sort_key() > known[0].sort_key():
-            latest[decoded.variant_id] = (decoded, event.event_id)
-    return FoldOutcome(list(latest.values()), dead)
+        known = latest.get(state.variant_id)
+        if known is None or state.sort_key() > known[0].sort_key():
+            latest[state.variant_id] = (state, event.event_id)
+    return list(latest.values()), dead
+
+
+def fold_jobs(
+    states_by_job: dict[uuid.UUID, list[VariantState]], pipeline: Pipeline, policy: FailurePolicy
+) -> tuple[dict[uuid.UUID, JobState], dict[uuid.UUID, str]]:
+    """Fold each job; a job that cannot be folded is flagged with the reason instead."""
+    jobs: dict[uuid.UUID, JobState] = {}
+    flags: dict[uuid.UUID, str] = {}
+    for job_id, states in states_by_job.items():
+        try:
+            state = fold_job(states, pipeline, policy)
+        except UnfoldableJobError as exc:
+            flags[job_id] = str(exc)
+            continue
+        if state is not None:
+            jobs[job_id] = state
+    return jobs, flags
+
+
+def _fence(conn: Connection, partition: int, expected: Cursor) -> None:
+    # The row lock on the checkpoint fences every other consumer of this partition until commit;
+    # the comparison refuses to apply anything if another consumer moved it meanwhile.
+    current = store.checkpoint_lock(conn, partition)
+    if current != expected:
+        raise FencedError(f"checkpoint of partition {partition} moved under this worker (now {current})")
 
 
 def apply_batch(
     conn: Connection,
     *,
     partition: int,
-    expected: Position,
+    expected: Cursor,
+    new: Cursor,
     events: Sequence[EventRow],
     pipeline: Pipeline,
     policy: FailurePolicy,
+    defer: bool,
     before_commit: Callable[[], None] | None = None,
 ) -> BatchResult:
-    """Apply ``events`` (read after ``expected``) in one transaction with the checkpoint move.
+    """Apply ``events`` (the ones after ``expected``) and move the checkpoint to ``new``, atomically.
 
-    Redelivery is harmless twice over: the checkpoint is compared under its row lock (so a batch
-    already applied is refused), and variant states only move to a higher version.
+    With ``defer`` the touched jobs are only recorded, to be folded once the catch-up in progress
+    is complete. Redelivery is harmless twice over: a checkpoint that moved is refused, and
+    variant states only move to a higher version.
     """
-    assert events, "apply_batch needs at least one event"
-    outcome = decode_batch(events, pipeline)
-    last = Position.of(events[-1])
+    changes, dead = decode_batch(events)
     with conn.transaction():
-        # The row lock on the checkpoint fences every other consumer of this partition until
-        # commit; the comparison refuses a batch that another consumer already moved past.
-        current = store.checkpoint_lock(conn, partition)
-        if current != expected:
-            raise FencedError(
-                f"checkpoint of partition {partition} moved from {expected} to {current} under this worker"
-            )
-        affected = store.variant_states_upsert(conn, outcome.changes)
-        job_states = _fold_jobs(store.variant_states_for_jobs(conn, affected), pipeline, policy)
-        result = store.batch_commit(conn, partition, job_states, outcome.dead_letters, last, len(events))
+        _fence(conn, partition, expected)
+        affected = store.variant_states_upsert(conn, partition, changes, defer=defer)
+        jobs, flags = fold_jobs(store.variant_states_for_jobs(conn, affected), pipeline, policy) if affected else ({}, {})
+        result = store.batch_commit(
+            conn, partition, jobs=jobs, flags=flags, dead_letters=dead, cursor=new, event_count=len(events)
+        )
         if before_commit is not None:
             before_commit()  # test hook: a crash placed here must leave no trace
-    for letter in outcome.dead_letters:
-        log.warning("event %s parked as a dead letter (job %s): %s", letter.event_id, letter.job_id, letter.reason)
+    _log_outcome(dead, flags)
     return BatchResult(
         events=len(events),
         jobs_changed=result.jobs_changed,
         dead_letters=result.dead_letters,
-        position=last,
+        cursor=new,
         committed_at=result.committed_at,
+        event_ids=[e.event_id for e in events],
         latencies=[(result.committed_at - e.created_at).total_seconds() for e in events],
     )
 
 
-def _fold_jobs(
-    states_by_job: dict[uuid.UUID, list[VariantState]], pipeline: Pipeline, policy: FailurePolicy
-) -> dict[uuid.UUID, JobState]:
-    jobs: dict[uuid.UUID, JobState] = {}
-    for job_id, states in states_by_job.items():
-        try:
-            state = fold_job(states, pipeline, policy)
-        except UnknownStepError as exc:
-            # Only stored states from before a pipeline change can get here (new events with an
-            # unknown step are dead-lettered, and the worker refuses to start on such states).
-            log.error("job %s left unchanged: %s", job_id, exc)
-            continue
-        if state is not None:
-            jobs[job_id] = state
-    return jobs
+def refold_dirty_jobs(
+    conn: Connection,
+    *,
+    partition: int,
+    cursor: Cursor,
+    pipeline: Pipeline,
+    policy: FailurePolicy,
+    limit: int,
+) -> tuple[int, int]:
+    """Fold up to ``limit`` jobs left by a completed catch-up; return (jobs taken, jobs changed)."""
+    with conn.transaction():
+        _fence(conn, partition, cursor)
+        job_ids = store.dirty_jobs_take(conn, partition, limit)
+        jobs, flags = fold_jobs(store.variant_states_for_jobs(conn, job_ids), pipeline, policy)
+        result = store.batch_commit(
+            conn, partition, jobs=jobs, flags=flags, dead_letters=[], cursor=cursor, event_count=0
+        )
+    _log_outcome([], flags)
+    return len(job_ids), result.jobs_changed
+
+
+def _log_outcome(dead: Sequence[DeadLetter], flags: dict[uuid.UUID, str]) -> None:
+    for letter in dead:
+        log.warning("event %s parked as a dead letter (job %s): %s", letter.event_id, letter.job_id, letter.reason)
+    for job_id, reason in flags.items():
+        log.error("job %s flagged, its state left unchanged: %s", job_id, reason)

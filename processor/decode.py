@@ -10,7 +10,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from outbox.events import PAYLOAD_MODELS, EventType, VariantChanged
-from processor.fold import Pipeline, VariantState
+from processor.fold import VariantState
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,31 +36,43 @@ class DeadLetter:
     reason: str
 
 
-def decode_event(row: EventRow, pipeline: Pipeline) -> VariantState | DeadLetter:
-    """Validate one event against its payload model and the pipeline."""
+@dataclass(frozen=True, slots=True)
+class Decoded:
+    """What one event means for its variant, and the dead letter when it cannot be used.
 
-    def dead(reason: str) -> DeadLetter:
-        return DeadLetter(row.event_id, row.job_id, row.variant_id, reason)
+    An unusable event that still names its variant and version yields a state with a ``problem``:
+    the variant's latest state is unknown, so its job is flagged instead of folded without it.
+    """
 
+    state: VariantState | None
+    dead_letter: DeadLetter | None = None
+
+
+def decode_event(row: EventRow) -> Decoded:
+    """Validate one event against its payload model."""
+
+    def dead(reason: str) -> Decoded:
+        letter = DeadLetter(row.event_id, row.job_id, row.variant_id, reason)
+        if row.job_id is None or row.variant_id is None or row.variant_version is None:
+            return Decoded(None, letter)
+        problem = f"event {row.event_id} is a dead letter: {reason}"
+        return Decoded(VariantState(row.variant_id, row.job_id, row.variant_version, None, None, problem=problem), letter)
+
+    if row.job_id is None or row.variant_id is None or row.variant_version is None:
+        return dead("event has no job_id, variant_id or variant_version")
     model = PAYLOAD_MODELS.get((row.event_type, row.schema_version))
     if model is None:
         return dead(f"unknown event type {row.event_type!r} at schema version {row.schema_version}")
-    if row.job_id is None or row.variant_id is None or row.variant_version is None:
-        return dead("event has no job_id, variant_id or variant_version")
     try:
         payload = model.model_validate(row.payload)
     except ValidationError as exc:
         return dead(f"invalid payload: {_first_error(exc)}")
 
     if row.event_type == EventType.VARIANT_REMOVED:
-        return VariantState(row.variant_id, row.job_id, row.variant_version, None, None, removed=True)
-
+        return Decoded(VariantState(row.variant_id, row.job_id, row.variant_version, None, None, removed=True))
     assert isinstance(payload, VariantChanged)
-    if payload.step is not None and payload.step not in pipeline:
-        return dead(
-            f"step {payload.step!r} is not in OUTBOX_PIPELINE_STEPS ({', '.join(pipeline.steps)})"
-        )
-    return VariantState(row.variant_id, row.job_id, row.variant_version, payload.status, payload.step)
+    # A step missing from the pipeline is kept as is: the fold flags the job (see processor.fold).
+    return Decoded(VariantState(row.variant_id, row.job_id, row.variant_version, payload.status, payload.step))
 
 
 def _first_error(exc: ValidationError) -> str:

@@ -149,8 +149,7 @@ def run_demo(settings: Settings, db: DatabaseUrl, options: DemoOptions, console:
                 progress.update(t_done, completed=summary[0])
                 writers_busy = any(t.is_alive() for t in writers)
                 if not writers_busy:
-                    checkpoint = store.checkpoint_get(watch, settings.partition)
-                    if store.events_pending_count(watch, settings.partition, checkpoint.position) == 0:
+                    if store.work_pending(watch, settings.partition) == 0:
                         break
                     # The worker drains in well under a second here; give up loudly if it does not.
                     deadline = deadline or time.monotonic() + 120

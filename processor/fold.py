@@ -13,8 +13,9 @@ Rules (README: "Job state"):
 
 ``current_step`` is the final step for a done job, else the least advanced step among the variants
 that are not done at the final step. A variant with no step yet counts as waiting for the first
-step. A step missing from the pipeline raises ``UnknownStepError``: the processor parks such events
-as dead letters rather than guess where the step belongs.
+step. A job that cannot be folded raises ``UnfoldableJobError`` (a step missing from the
+pipeline, or a variant whose last event was unusable): the processor flags the job and leaves its
+state as it was rather than guess.
 """
 
 from __future__ import annotations
@@ -34,7 +35,11 @@ class FailurePolicy(StrEnum):
     IMMEDIATE = "immediate"
 
 
-class UnknownStepError(ValueError):
+class UnfoldableJobError(ValueError):
+    """The job's state cannot be computed from its variants; the message says why."""
+
+
+class UnknownStepError(UnfoldableJobError):
     """A step that is not in the configured pipeline."""
 
 
@@ -74,7 +79,10 @@ class Pipeline:
 
 @dataclass(frozen=True, slots=True)
 class VariantState:
-    """One variant's state as of one of its versions; ``removed`` marks a deleted variant."""
+    """One variant's state as of one of its versions.
+
+    ``removed`` marks a deleted variant; ``problem`` says why this version could not be read.
+    """
 
     variant_id: uuid.UUID
     job_id: uuid.UUID
@@ -82,11 +90,12 @@ class VariantState:
     status: VariantStatus | None
     step: str | None
     removed: bool = False
+    problem: str | None = None
 
-    def sort_key(self) -> tuple[int, bool, str, str]:
+    def sort_key(self) -> tuple[int, bool, str, str, str]:
         # Versions of one variant never repeat with different content; the rest of the key only
         # makes the choice independent of input order if they ever did.
-        return (self.version, self.removed, self.status or "", self.step or "")
+        return (self.version, self.removed, self.status or "", self.step or "", self.problem or "")
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +123,9 @@ def fold_job(
     live = [s for s in latest_by_variant(states).values() if not s.removed]
     if not live:
         return None
+    for state in live:
+        if state.problem is not None:
+            raise UnfoldableJobError(f"variant {state.variant_id}: {state.problem}")
 
     def finished(state: VariantState) -> bool:
         return state.status is VariantStatus.DONE and state.step == pipeline.final

@@ -15,6 +15,7 @@ from outbox.events import VariantStatus
 from outbox.sqlfile import load_queries
 from processor.decode import DeadLetter, EventRow
 from processor.fold import JobState, VariantState
+from processor.snapshot import Cursor, Position, Snapshot
 
 QUERIES = load_queries("processor", "queries.sql")
 
@@ -26,21 +27,9 @@ CONSUMER_LOCK_CLASS = 0x0B0C_5E11
 Connection = psycopg.Connection[Any]
 
 
-@dataclass(frozen=True, slots=True, order=True)
-class Position:
-    """A place in a partition's commit-safe order: (transaction id, event id)."""
-
-    txid: int
-    event_id: int
-
-    @classmethod
-    def of(cls, event: EventRow) -> Position:
-        return cls(event.txid, event.event_id)
-
-
 @dataclass(frozen=True, slots=True)
 class Checkpoint:
-    position: Position
+    cursor: Cursor
     events_applied: int
     updated_at: dt.datetime | None
 
@@ -59,49 +48,67 @@ class LockHolder:
     since: dt.datetime
 
 
+def _cursor(done: str, target: str | None, after_txid: str, after_event_id: int) -> Cursor:
+    return Cursor(
+        Snapshot.parse(done), Snapshot.parse(target) if target else None, Position(int(after_txid), after_event_id)
+    )
+
+
+def _cursor_params(cursor: Cursor) -> dict[str, Any]:
+    return {
+        "done": str(cursor.done),
+        "done_xmax": str(cursor.done.xmax),
+        "done_xip": [str(x) for x in cursor.done.xip],
+        "target": str(cursor.target) if cursor.target else None,
+        "after_txid": str(cursor.after.txid),
+        "after_event_id": cursor.after.event_id,
+    }
+
+
 def checkpoint_get(conn: Connection, partition: int) -> Checkpoint:
     row = conn.execute(QUERIES["checkpoint_get"], {"partition": partition}).fetchone()
     if row is None:
         raise LookupError(f"no checkpoint for partition {partition}: run `outbox migrate`")
-    return Checkpoint(Position(int(row[0]), row[1]), row[2], row[3])
+    return Checkpoint(_cursor(*row[:4]), row[4], row[5])
 
 
-def checkpoint_lock(conn: Connection, partition: int) -> Position:
+def checkpoint_lock(conn: Connection, partition: int) -> Cursor:
     row = conn.execute(QUERIES["checkpoint_lock"], {"partition": partition}).fetchone()
     if row is None:
         raise LookupError(f"no checkpoint for partition {partition}: run `outbox migrate`")
-    return Position(int(row[0]), row[1])
+    return _cursor(*row)
 
 
-def events_fetch(conn: Connection, partition: int, after: Position, limit: int) -> list[EventRow]:
+def events_fetch(
+    conn: Connection, partition: int, cursor: Cursor, limit: int
+) -> tuple[list[EventRow], Snapshot | None]:
+    """The next events after ``cursor`` and the target snapshot they belong to (None when none)."""
     rows = conn.execute(
-        QUERIES["events_fetch"],
-        {"partition": partition, "last_txid": str(after.txid), "last_event_id": after.event_id, "limit": limit},
+        QUERIES["events_fetch"], {"partition": partition, "limit": limit, **_cursor_params(cursor)}
     ).fetchall()
-    return [
+    events = [
         EventRow(
             event_id=r[0], txid=int(r[1]), event_type=r[2], schema_version=r[3], job_id=r[4],
             variant_id=r[5], variant_version=r[6], payload=r[7], created_at=r[8],
         )
         for r in rows
     ]
+    return events, Snapshot.parse(rows[0][9]) if rows else None
 
 
-def events_pending_count(conn: Connection, partition: int, after: Position) -> int:
-    row = conn.execute(
-        QUERIES["events_pending_count"],
-        {"partition": partition, "last_txid": str(after.txid), "last_event_id": after.event_id},
-    ).fetchone()
+def events_pending_count(conn: Connection, partition: int, cursor: Cursor) -> int:
+    row = conn.execute(QUERIES["events_pending_count"], {"partition": partition, **_cursor_params(cursor)}).fetchone()
     assert row is not None
     return int(row[0])
 
 
 def variant_states_upsert(
-    conn: Connection, changes: Sequence[tuple[VariantState, int]]
+    conn: Connection, partition: int, changes: Sequence[tuple[VariantState, int]], *, defer: bool
 ) -> set[uuid.UUID]:
     """Store each (state, event id) unless a newer version is stored; return the jobs to refold.
 
-    At most one change per variant: ON CONFLICT cannot touch one row twice in a statement.
+    At most one change per variant (ON CONFLICT cannot touch a row twice in one statement). With
+    ``defer``, the jobs go to outbox_dirty_jobs and nothing is returned.
     """
     if not changes:
         return set()
@@ -109,12 +116,15 @@ def variant_states_upsert(
     rows = conn.execute(
         QUERIES["variant_states_upsert"],
         {
+            "partition": partition,
+            "defer": defer,
             "variant_ids": [s.variant_id for s in states],
             "job_ids": [s.job_id for s in states],
             "versions": [s.version for s in states],
             "statuses": [s.status.value if s.status else None for s in states],
             "steps": [s.step for s in states],
             "removed": [s.removed for s in states],
+            "problems": [s.problem for s in states],
             "event_ids": [event_id for _, event_id in changes],
         },
     ).fetchall()
@@ -126,27 +136,52 @@ def variant_states_for_jobs(
 ) -> dict[uuid.UUID, list[VariantState]]:
     rows = conn.execute(QUERIES["variant_states_for_jobs"], {"job_ids": list(job_ids)}).fetchall()
     by_job: dict[uuid.UUID, list[VariantState]] = defaultdict(list)
-    for job_id, variant_id, version, status, step, removed in rows:
+    for job_id, variant_id, version, status, step, removed, problem in rows:
         by_job[job_id].append(
-            VariantState(variant_id, job_id, version, VariantStatus(status) if status else None, step, removed)
+            VariantState(
+                variant_id, job_id, version, VariantStatus(status) if status else None, step, removed, problem
+            )
         )
     return by_job
 
 
-def variant_states_unknown_steps(conn: Connection, steps: Sequence[str]) -> list[str]:
-    rows = conn.execute(QUERIES["variant_states_unknown_steps"], {"steps": list(steps)}).fetchall()
-    return sorted(row[0] for row in rows)
+def dirty_jobs_exist(conn: Connection, partition: int) -> bool:
+    row = conn.execute(QUERIES["dirty_jobs_exist"], {"partition": partition}).fetchone()
+    return bool(row and row[0])
+
+
+def dirty_jobs_count(conn: Connection, partition: int) -> int:
+    row = conn.execute(QUERIES["dirty_jobs_count"], {"partition": partition}).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def work_pending(conn: Connection, partition: int) -> int:
+    """Events not applied yet plus jobs waiting to be folded: 0 when the worker is caught up."""
+    cursor = checkpoint_get(conn, partition).cursor
+    return events_pending_count(conn, partition, cursor) + dirty_jobs_count(conn, partition)
+
+
+def dirty_jobs_add_flagged(conn: Connection, partition: int) -> None:
+    conn.execute(QUERIES["dirty_jobs_add_flagged"], {"partition": partition})
+
+
+def dirty_jobs_take(conn: Connection, partition: int, limit: int) -> list[uuid.UUID]:
+    rows = conn.execute(QUERIES["dirty_jobs_take"], {"partition": partition, "limit": limit}).fetchall()
+    return [row[0] for row in rows]
 
 
 def batch_commit(
     conn: Connection,
     partition: int,
+    *,
     jobs: dict[uuid.UUID, JobState],
+    flags: dict[uuid.UUID, str],
     dead_letters: Sequence[DeadLetter],
-    last: Position,
+    cursor: Cursor,
     event_count: int,
 ) -> CommitResult:
-    """Write job states, dead letters and the new checkpoint in one statement."""
+    """Write job states, flags, dead letters and the new checkpoint in one statement."""
     row = conn.execute(
         QUERIES["batch_commit"],
         {
@@ -154,13 +189,14 @@ def batch_commit(
             "job_ids": list(jobs),
             "job_statuses": [state.status.value for state in jobs.values()],
             "job_steps": [state.current_step for state in jobs.values()],
+            "flag_job_ids": list(flags),
+            "flag_reasons": list(flags.values()),
             "dead_event_ids": [d.event_id for d in dead_letters],
             "dead_job_ids": [d.job_id for d in dead_letters],
             "dead_variant_ids": [d.variant_id for d in dead_letters],
             "dead_reasons": [d.reason for d in dead_letters],
-            "last_txid": str(last.txid),
-            "last_event_id": last.event_id,
             "event_count": event_count,
+            **_cursor_params(cursor),
         },
     ).fetchone()
     assert row is not None
@@ -172,10 +208,6 @@ def consumer_lock_try(conn: Connection, partition: int) -> bool:
         QUERIES["consumer_lock_try"], {"lock_class": CONSUMER_LOCK_CLASS, "partition": partition}
     ).fetchone()
     return bool(row and row[0])
-
-
-def consumer_lock_release(conn: Connection, partition: int) -> None:
-    conn.execute(QUERIES["consumer_lock_release"], {"lock_class": CONSUMER_LOCK_CLASS, "partition": partition})
 
 
 def consumer_lock_holder(conn: Connection, partition: int) -> LockHolder | None:

@@ -19,11 +19,12 @@ import psycopg
 import tenacity
 
 from processor import store
-from processor.batch import BatchResult, FencedError, apply_batch
+from processor.batch import BatchResult, FencedError, apply_batch, refold_dirty_jobs
 from processor.database import DatabaseUrl, connect, redact
-from processor.errors import ConfigurationError, ConsumerBusyError
+from processor.errors import ConsumerBusyError
 from processor.migrate import check_ready
 from processor.settings import Settings
+from processor.snapshot import Position
 from processor.store import Connection
 
 log = logging.getLogger(__name__)
@@ -99,21 +100,12 @@ class Worker:
         """One connection's life: check, become the active consumer, then process."""
         with connect(self.db, application_name=application_name()) as conn:
             check_ready(conn)
-            self._check_pipeline(conn)
             if not self._acquire(conn, until_idle):
                 return
             try:
                 self._process(conn, until_idle)
             finally:
                 self.active.clear()
-
-    def _check_pipeline(self, conn: Connection) -> None:
-        unknown = store.variant_states_unknown_steps(conn, self.settings.pipeline_steps)
-        if unknown:
-            raise ConfigurationError(
-                f"variants are at step(s) {', '.join(unknown)}, which OUTBOX_PIPELINE_STEPS "
-                f"({','.join(self.settings.pipeline_steps)}) does not list; add them where they belong"
-            )
 
     def _acquire(self, conn: Connection, until_idle: bool) -> bool:
         partition = self.settings.partition
@@ -134,39 +126,57 @@ class Worker:
         return False
 
     def _process(self, conn: Connection, until_idle: bool) -> None:
+        """The loop: fold dirty jobs when caught up, else fetch and apply the next batch."""
         settings = self.settings
         partition = settings.partition
-        pipeline = settings.pipeline
-        position = store.checkpoint_get(conn, partition).position
+        common = {"partition": partition, "pipeline": settings.pipeline, "policy": settings.failure_policy}
+        cursor = store.checkpoint_get(conn, partition).cursor
+        # Flagged jobs are folded again at start-up (the pipeline setting may have been fixed).
+        store.dirty_jobs_add_flagged(conn, partition)
+        dirty = store.dirty_jobs_exist(conn, partition)
         interval = settings.poll_interval_min
         while not self._stopping.is_set():
-            # Read outside the batch transaction: events below the snapshot's xmin never change,
-            # and apply_batch re-checks the checkpoint under its row lock before writing.
-            events = store.events_fetch(conn, partition, position, settings.batch_size)
-            if not events:
-                if until_idle:
-                    return
-                interval = min(interval * 2, settings.poll_interval_max)
-                self._stopping.wait(interval)
-                continue
             try:
+                if dirty and cursor.target is None:
+                    taken, changed = refold_dirty_jobs(conn, cursor=cursor, limit=settings.batch_size, **common)
+                    self.stats.jobs_changed += changed
+                    dirty = taken == settings.batch_size
+                    continue
+                # Read outside the batch transaction: what a committed transaction wrote never
+                # changes, and apply_batch re-checks the checkpoint under its row lock.
+                events, target = store.events_fetch(conn, partition, cursor, settings.batch_size)
+                if not events:
+                    if cursor.target is not None:
+                        # A multi-batch catch-up ended exactly at a batch boundary: close it.
+                        new = cursor.caught_up_to(cursor.target)
+                        apply_batch(conn, expected=cursor, new=new, events=[], defer=True, **common)
+                        cursor = new
+                        continue
+                    if until_idle:
+                        return
+                    interval = min(interval * 2, settings.poll_interval_max)
+                    self._stopping.wait(interval)
+                    continue
+                assert target is not None
+                complete = len(events) < settings.batch_size
+                new = cursor.caught_up_to(target) if complete else cursor.partway_to(target, Position.of(events[-1]))
+                # Jobs are folded at once only when this batch is a whole catch-up; otherwise once
+                # it is complete, so that no job shows a state between two committed snapshots.
+                defer = dirty or not complete
                 result = apply_batch(
-                    conn,
-                    partition=partition,
-                    expected=position,
-                    events=events,
-                    pipeline=pipeline,
-                    policy=settings.failure_policy,
-                    before_commit=self.before_commit,
+                    conn, expected=cursor, new=new, events=events, defer=defer,
+                    before_commit=self.before_commit, **common,
                 )
             except FencedError as exc:
-                log.warning("%s; reloading the checkpoint", exc)
-                position = store.checkpoint_get(conn, partition).position
+                log.warning("%s; reloading it", exc)
+                cursor = store.checkpoint_get(conn, partition).cursor
+                dirty = store.dirty_jobs_exist(conn, partition)
                 continue
-            position = result.position
+            dirty = dirty or defer
+            cursor = result.cursor
             self._record(result)
             interval = settings.poll_interval_min
-            if len(events) < settings.batch_size:
+            if complete:
                 self._stopping.wait(interval)
 
     def _record(self, result: BatchResult) -> None:

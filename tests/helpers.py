@@ -41,3 +41,54 @@ def job_state(conn: psycopg.Connection[Any], job_id: Any) -> tuple[str, str]:
 def waiting_on_lock(conn: psycopg.Connection[Any], pid: int) -> bool:
     row = conn.execute("SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s", [pid]).fetchone()
     return bool(row and row[0] == "Lock")
+
+
+class WorkerProcess:
+    """`outbox run` as a subprocess, its output in a file (a pipe could fill and block it)."""
+
+    def __init__(self, env: dict[str, str], log_path: Any, *args: str) -> None:
+        import subprocess
+        import sys
+
+        self.log_path = log_path
+        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in wait()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "processor.cli", "run", "--log-level", "DEBUG", *args],
+            env=env, stdout=self._log, stderr=subprocess.STDOUT,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def signal(self, signum: int) -> None:
+        self.process.send_signal(signum)
+
+    def wait(self, timeout: float = 30) -> int:
+        try:
+            return self.process.wait(timeout=timeout)
+        finally:
+            self._log.close()
+
+    def output(self) -> str:
+        return open(self.log_path, encoding="utf-8", errors="replace").read()
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.wait()
+
+
+def pending_work(conn: psycopg.Connection[Any], partition: int = 0) -> int:
+    """Events not applied plus jobs not folded yet: 0 once the worker has caught up."""
+    from processor import store
+
+    return store.work_pending(conn, partition)
+
+
+def consumer_os_pid(conn: psycopg.Connection[Any], partition: int = 0) -> int | None:
+    """The OS pid of the worker holding the partition (from its application_name), if any."""
+    from processor import store
+
+    holder = store.consumer_lock_holder(conn, partition)
+    return int(holder.application_name.rsplit(":", 1)[1]) if holder else None

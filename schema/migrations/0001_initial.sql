@@ -1,9 +1,10 @@
 -- 0001: the application's tables (created when missing, adopted when present), the outbox,
 -- the capture trigger, and the processor's own state.
 --
--- Runs inside one transaction (processor/migrate.py). ALTER TABLE on jobs_variants takes an
--- ACCESS EXCLUSIVE lock until commit, so no writer can change a variant between the backfill below
--- and the creation of the capture trigger: no change is missed during adoption.
+-- Runs inside one transaction (processor/migrate.py). CREATE TRIGGER on jobs_variants takes a
+-- SHARE ROW EXCLUSIVE lock until commit, so no writer can change a variant between the creation of
+-- the capture trigger and the backfill below: no change is missed during adoption, and none is
+-- captured twice. Nothing is added to the application's tables but an index and the triggers.
 
 -- The application's tables. Existing ones keep their names, columns and data.
 CREATE TABLE IF NOT EXISTS jobs (
@@ -21,18 +22,13 @@ CREATE TABLE IF NOT EXISTS jobs_variants (
     updated_at      timestamptz
 );
 
--- Per-variant version, assigned under the variant's row lock by the writer's own UPDATE, so the
--- versions of one variant increase in the order its changes commit. A constant default adds the
--- column without rewriting the table.
-ALTER TABLE jobs_variants ADD COLUMN IF NOT EXISTS outbox_version bigint NOT NULL DEFAULT 0;
-
 -- The fold looks up all variants of a job; legacy tables may lack this index.
 CREATE INDEX IF NOT EXISTS outbox_jobs_variants_job_id_idx ON jobs_variants (job_id);
 
 -- The outbox. Append-only on the hot path.
--- txid is the writing transaction's id. The processor reads in (txid, event_id) order and only
--- below the oldest running transaction id (pg_snapshot_xmin), so an event whose transaction commits
--- late can never fall behind the processor's checkpoint (README: "Ordering").
+-- txid is the writing transaction's id: the processor applies the events of the transactions that
+-- committed between two snapshots (README: "Ordering"), so an event whose transaction commits late
+-- is applied with the snapshot that first sees it, never skipped.
 CREATE TABLE outbox_events (
     event_id        bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     txid            xid8 NOT NULL DEFAULT pg_current_xact_id(),
@@ -48,110 +44,128 @@ CREATE TABLE outbox_events (
 
 CREATE INDEX outbox_events_position_idx ON outbox_events (partition, txid, event_id);
 
+-- Per-variant versions. Taken in the capture trigger, which runs while the writer holds the
+-- variant's row lock: a later change of the same variant must wait for that lock, so it takes a
+-- higher number. Versions of one variant therefore increase in the order its changes commit,
+-- also across a delete and a re-insert of the same id.
+CREATE SEQUENCE outbox_variant_versions AS bigint;
+
 -- The partition of a job's events. One partition for now; partitioned scale-out replaces this
 -- function (a stable hash of job_id), so every writer path picks it up at once.
 CREATE FUNCTION outbox_partition_of(p_job_id uuid) RETURNS integer
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 AS $$ SELECT 0 $$;
 
--- Refuse at write time what the processor could never fold, so nothing wrong is ever recorded.
-CREATE FUNCTION outbox_check_variant_status(p_status text) RETURNS void
-LANGUAGE plpgsql IMMUTABLE
-AS $$
-BEGIN
-    IF p_status IS NULL OR p_status NOT IN ('queued', 'running', 'done', 'failed') THEN
-        RAISE EXCEPTION 'jobs_variants.status must be one of queued, running, done, failed (got %)',
-            coalesce(quote_literal(p_status), 'NULL')
-            USING ERRCODE = 'check_violation';
-    END IF;
-END
-$$;
-
--- The one place that shapes a variant event, for the trigger, the backfill and the Python API.
--- The payload is outbox.events.VariantChanged (schema version 1).
+-- The one place that shapes a variant event, for the trigger and the adoption backfill.
+-- The payload is outbox.events.VariantChanged or VariantRemoved (schema version 1).
 CREATE FUNCTION outbox_append_variant_event(
-    p_event_type text, p_job_id uuid, p_variant_id uuid, p_version bigint, p_status text, p_step text
-) RETURNS bigint
+    p_event_type text, p_job_id uuid, p_variant_id uuid, p_status text, p_step text
+) RETURNS void
 LANGUAGE sql
 AS $$
     INSERT INTO outbox_events (event_type, schema_version, partition, job_id, variant_id, variant_version, payload)
     VALUES (
-        p_event_type, 1, outbox_partition_of(p_job_id), p_job_id, p_variant_id, p_version,
+        p_event_type, 1, outbox_partition_of(p_job_id), p_job_id, p_variant_id,
+        nextval('outbox_variant_versions'),
         CASE WHEN p_event_type = 'variant_changed'
              THEN jsonb_build_object('status', p_status, 'step', p_step)
              ELSE '{}'::jsonb END
     )
-    RETURNING event_id
 $$;
 
--- Capture for unchanged writers: plain INSERT / UPDATE / DELETE on jobs_variants append an event in
--- the writer's own transaction. It never reads other variants and never writes jobs: the processor
--- alone computes job state, serially, so concurrent commits cannot hide each other's changes.
+-- Capture, for every writer (plain SQL and outbox.update_variant alike): each INSERT, DELETE and
+-- each UPDATE that changes a variant's status, step, job or id appends an event in the writer's own
+-- transaction. It never reads other variants and never writes jobs: the processor alone computes
+-- job state, so concurrent commits cannot hide each other's changes.
 --
--- A BEFORE trigger, because the version must be stored in the row being written. A writer that
--- bumps outbox_version itself (outbox.update_variant, outbox.create_job) appends its own event, and
--- the trigger leaves it alone.
+-- An AFTER ROW trigger sees the row as finally written (after every BEFORE trigger, including
+-- ones that change or cancel it) and fires only for rows really written (not for an INSERT that
+-- ON CONFLICT turned into nothing).
 CREATE FUNCTION outbox_capture_variant_change() RETURNS trigger
 LANGUAGE plpgsql
 AS $$
 BEGIN
-    IF TG_OP = 'DELETE' THEN
+    IF TG_OP IN ('UPDATE', 'INSERT') THEN
+        -- Refuse at write time what the processor could never fold, so nothing wrong is recorded.
+        IF NEW.status IS NULL OR NEW.status NOT IN ('queued', 'running', 'done', 'failed') THEN
+            RAISE EXCEPTION 'jobs_variants.status must be one of queued, running, done, failed (got %)',
+                coalesce(quote_literal(NEW.status), 'NULL')
+                USING ERRCODE = 'check_violation';
+        END IF;
+    END IF;
+    IF TG_OP = 'DELETE'
+       OR (TG_OP = 'UPDATE' AND OLD.job_variants_id IS DISTINCT FROM NEW.job_variants_id) THEN
+        PERFORM outbox_append_variant_event('variant_removed', OLD.job_id, OLD.job_variants_id, NULL, NULL);
+    END IF;
+    IF TG_OP IN ('UPDATE', 'INSERT') THEN
         PERFORM outbox_append_variant_event(
-            'variant_removed', OLD.job_id, OLD.job_variants_id, OLD.outbox_version + 1, NULL, NULL);
-        RETURN OLD;
+            'variant_changed', NEW.job_id, NEW.job_variants_id, NEW.status, NEW.current_step);
     END IF;
-
-    IF TG_OP = 'UPDATE' THEN
-        IF NEW.outbox_version IS DISTINCT FROM OLD.outbox_version THEN
-            RETURN NEW;  -- the writer versioned this change and wrote its event itself
-        END IF;
-        IF NEW.status IS NOT DISTINCT FROM OLD.status
-           AND NEW.current_step IS NOT DISTINCT FROM OLD.current_step
-           AND NEW.job_id IS NOT DISTINCT FROM OLD.job_id THEN
-            RETURN NEW;  -- nothing the processor folds has changed
-        END IF;
-        NEW.outbox_version := OLD.outbox_version + 1;
-    ELSE  -- INSERT
-        IF NEW.outbox_version <> 0 THEN
-            RETURN NEW;  -- versioned by the writer, which wrote its event itself
-        END IF;
-        NEW.outbox_version := 1;
-    END IF;
-
-    PERFORM outbox_check_variant_status(NEW.status);
-    PERFORM outbox_append_variant_event(
-        'variant_changed', NEW.job_id, NEW.job_variants_id, NEW.outbox_version, NEW.status, NEW.current_step);
-    RETURN NEW;
+    RETURN NULL;
 END
 $$;
 
-CREATE TRIGGER outbox_capture_variant_change
-    BEFORE INSERT OR UPDATE OR DELETE ON jobs_variants
+CREATE TRIGGER outbox_capture_variant_insert_delete
+    AFTER INSERT OR DELETE ON jobs_variants
     FOR EACH ROW EXECUTE FUNCTION outbox_capture_variant_change();
 
+-- WHEN keeps updates that change nothing the processor folds (updated_at, other columns) free.
+CREATE TRIGGER outbox_capture_variant_update
+    AFTER UPDATE ON jobs_variants
+    FOR EACH ROW
+    WHEN (OLD.status IS DISTINCT FROM NEW.status
+          OR OLD.current_step IS DISTINCT FROM NEW.current_step
+          OR OLD.job_id IS DISTINCT FROM NEW.job_id
+          OR OLD.job_variants_id IS DISTINCT FROM NEW.job_variants_id)
+    EXECUTE FUNCTION outbox_capture_variant_change();
+
 -- Adoption: one event per existing variant, carrying its current state, so the processor's first
--- run computes every existing job (stuck ones included) from its variants.
-SELECT outbox_append_variant_event(
-           'variant_changed', job_id, job_variants_id, outbox_version, status, current_step)
+-- run computes every existing job (stuck ones included) from its variants. A variant whose status
+-- the trigger would refuse becomes a dead letter and flags its job; it is not dropped silently.
+SELECT outbox_append_variant_event('variant_changed', job_id, job_variants_id, status, current_step)
 FROM jobs_variants
 ORDER BY job_id, job_variants_id;
 
 -- The processor's position, one row per partition, written in the same transaction as the job
 -- state it covers: that is what makes each event take effect exactly once.
+--   done_snapshot: every event of a transaction visible in this snapshot has been applied.
+--   target_snapshot: while the events that committed between done_snapshot and this snapshot are
+--     applied in several batches, the snapshot being caught up to; NULL otherwise.
+--   last_txid, last_event_id: within that catch-up, the last event applied, in (txid, event_id) order.
 CREATE TABLE outbox_checkpoints (
-    partition      integer PRIMARY KEY,
-    last_txid      xid8 NOT NULL DEFAULT '0',
-    last_event_id  bigint NOT NULL DEFAULT 0,
-    events_applied bigint NOT NULL DEFAULT 0,
-    updated_at     timestamptz
+    partition       integer PRIMARY KEY,
+    done_snapshot   pg_snapshot NOT NULL DEFAULT '1:1:',
+    target_snapshot pg_snapshot,
+    last_txid       xid8 NOT NULL DEFAULT '0',
+    last_event_id   bigint NOT NULL DEFAULT 0,
+    events_applied  bigint NOT NULL DEFAULT 0,
+    updated_at      timestamptz
 );
 
 INSERT INTO outbox_checkpoints (partition) VALUES (0);
 
+-- Jobs touched by a catch-up that spans several batches. Their state is written once the whole
+-- catch-up is applied, so that every job state the processor writes is the fold of its variants
+-- as of one committed snapshot, never a mix that no transaction ever saw.
+CREATE TABLE outbox_dirty_jobs (
+    partition integer NOT NULL,
+    job_id    uuid NOT NULL,
+    PRIMARY KEY (partition, job_id)
+);
+
+-- Jobs whose state cannot be computed (a variant at a step missing from OUTBOX_PIPELINE_STEPS, or
+-- whose last event was unusable). Their state in jobs is left as it was rather than guessed.
+CREATE TABLE outbox_job_flags (
+    job_id     uuid PRIMARY KEY,
+    reason     text NOT NULL,
+    flagged_at timestamptz NOT NULL DEFAULT now()
+);
+
 -- The latest state of each variant, as folded from events (latest by version, so a duplicate or a
 -- stale event changes nothing). removed marks a deleted variant: kept as a tombstone so that an
--- older change processed after the delete cannot bring it back.
--- Updates never touch an indexed column, so with free space on the page they stay HOT.
+-- older change processed after the delete cannot bring it back. problem holds why the variant's
+-- last event could not be used (its job is flagged rather than folded without it).
+-- Updates rarely touch the one indexed column (job_id), so with free space they stay HOT.
 CREATE TABLE outbox_variant_states (
     variant_id uuid PRIMARY KEY,
     job_id     uuid NOT NULL,
@@ -159,6 +173,7 @@ CREATE TABLE outbox_variant_states (
     status     text,
     step       text,
     removed    boolean NOT NULL DEFAULT false,
+    problem    text,
     event_id   bigint NOT NULL
 ) WITH (fillfactor = 80);
 

@@ -14,10 +14,14 @@ from tests.helpers import drain, job_state
 
 
 def events(conn, variant_id):
-    return conn.execute(
+    """(event_type, payload) of a variant's events; checks that their versions increase."""
+    rows = conn.execute(
         "SELECT event_type, variant_version, payload FROM outbox_events WHERE variant_id = %s ORDER BY event_id",
         [variant_id],
     ).fetchall()
+    versions = [row[1] for row in rows]
+    assert versions == sorted(set(versions)), versions
+    return [(row[0], row[2]) for row in rows]
 
 
 def test_plain_sql_writers_are_captured_with_increasing_versions(conn):
@@ -32,10 +36,10 @@ def test_plain_sql_writers_are_captured_with_increasing_versions(conn):
     conn.execute("DELETE FROM jobs_variants WHERE job_id = %s", [job])
 
     assert events(conn, variant) == [
-        ("variant_changed", 1, {"status": "queued", "step": None}),
-        ("variant_changed", 2, {"status": "running", "step": "ingest"}),
-        ("variant_changed", 3, {"status": "done", "step": "ingest"}),
-        ("variant_removed", 4, {}),
+        ("variant_changed", {"status": "queued", "step": None}),
+        ("variant_changed", {"status": "running", "step": "ingest"}),
+        ("variant_changed", {"status": "done", "step": "ingest"}),
+        ("variant_removed", {}),
     ]
 
 
@@ -48,14 +52,14 @@ def test_the_python_api_writes_one_event_per_change_on_both_connection_kinds(con
         outbox.update_variant(conn, variant, status="done")  # step kept
 
     assert events(conn, variant) == [
-        ("variant_changed", 1, {"status": "queued", "step": None}),
-        ("variant_changed", 2, {"status": "running", "step": "ingest"}),
-        ("variant_changed", 3, {"status": "done", "step": "ingest"}),
+        ("variant_changed", {"status": "queued", "step": None}),
+        ("variant_changed", {"status": "running", "step": "ingest"}),
+        ("variant_changed", {"status": "done", "step": "ingest"}),
     ]
     row = conn.execute(
-        "SELECT status, current_step, outbox_version FROM jobs_variants WHERE job_variants_id = %s", [variant]
+        "SELECT status, current_step FROM jobs_variants WHERE job_variants_id = %s", [variant]
     ).fetchone()
-    assert row == ("done", "ingest", 3)
+    assert row == ("done", "ingest")
 
 
 def test_a_rolled_back_change_leaves_neither_change_nor_event(conn, engine):

@@ -6,8 +6,8 @@ import threading
 import uuid
 
 import outbox
-from processor import store
 from processor.database import connect
+from tests.fix_database import make_settings
 from tests.helpers import drain, job_state, wait_for, waiting_on_lock
 
 SET = "UPDATE jobs_variants SET status = %s, current_step = %s WHERE job_variants_id = %s"
@@ -36,9 +36,8 @@ def test_an_event_committed_after_later_events_were_processed_is_still_applied(d
 
         drain(settings)
         # The event with the higher id was processed while the lower one was not yet committed.
-        position = store.checkpoint_get(observer, 0).position
-        assert position.event_id == early_event
         assert job_state(observer, early_job) == ("done", "iou_eval")
+        assert job_state(observer, late_job) == ("queued", "ingest")
 
         late.commit()
         drain(settings)
@@ -75,24 +74,26 @@ def test_a_variants_changes_apply_in_version_order_whatever_the_commit_order_of_
             "ORDER BY txid, event_id",
             [variant],
         ).fetchall()
-        assert rows == [(1, "queued"), (3, "done"), (2, "running")]  # processing order != version order
+        # In (txid, event_id) order B's "done" comes before A's "running", yet carries the newer version.
+        assert [status for _, status in rows] == ["queued", "done", "running"]
+        assert rows[1][0] > rows[2][0] > rows[0][0]
 
         drain(settings)
         assert job_state(observer, job) == ("done", "iou_eval")
 
 
-def test_until_idle_exits_while_an_unrelated_transaction_is_open(db, settings, engine):
+def test_an_open_unrelated_transaction_does_not_hold_processing_back(db, settings, engine):
     with engine.begin() as conn:
         job, (variant,) = outbox.create_job(conn, variants=1)
-    with connect(db, application_name="idle-in-tx", autocommit=False) as blocker:
-        blocker.execute("SELECT pg_current_xact_id()")  # holds the snapshot xmin back
+    with connect(db, application_name="idle-in-tx", autocommit=False) as blocker, connect(
+        db, application_name="observer"
+    ) as observer:
+        blocker.execute("SELECT pg_current_xact_id()")  # an old transaction id, still running
         with engine.begin() as conn:
             outbox.update_variant(conn, variant, status="done", step="iou_eval")
-        drain(settings)  # returns: nothing more can be processed right now
+        drain(settings)  # returns although the old transaction is still open
+        assert job_state(observer, job) == ("done", "iou_eval")
         blocker.rollback()
-    drain(settings)
-    with engine.connect() as conn:
-        assert conn.exec_driver_sql("SELECT status FROM jobs WHERE job_id = %(j)s", {"j": job}).scalar() == "done"
 
 
 def test_duplicate_and_replayed_events_have_no_further_effect(db, settings, engine, conn):
@@ -113,3 +114,37 @@ def test_duplicate_and_replayed_events_have_no_further_effect(db, settings, engi
     stats = drain(settings)
     assert stats.events == 1
     assert job_state(conn, job) == ("running", "segment")
+
+
+def test_no_job_ever_shows_a_state_that_no_committed_snapshot_had(db, engine):
+    """A takes its xid first; B adds a queued variant and commits; then A finishes the last variant.
+
+    In (txid, event_id) order A's event comes first, and alone it would make the job done; but
+    when A committed, B's queued variant already existed. Even one event per batch, the job must
+    never be written done.
+    """
+    settings = make_settings(db, batch_size=1)
+    with engine.begin() as conn:
+        job, (v1, v2) = outbox.create_job(conn, variants=2)
+        outbox.update_variant(conn, v1, status="done", step="iou_eval")
+        outbox.update_variant(conn, v2, status="running", step="iou_eval")
+    drain(settings)
+    with connect(db, application_name="observer") as observer:
+        observer.execute(
+            "CREATE TABLE job_log (status text, current_step text);"
+            "CREATE FUNCTION log_job() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            "INSERT INTO job_log VALUES (NEW.status, NEW.current_step); RETURN NEW; END $$;"
+            "CREATE TRIGGER log_job AFTER UPDATE ON jobs FOR EACH ROW EXECUTE FUNCTION log_job();"
+        )
+        with connect(db, application_name="a", autocommit=False) as a:
+            a.execute("SELECT pg_current_xact_id()")
+            with engine.begin() as b:
+                b.exec_driver_sql(
+                    "INSERT INTO jobs_variants (job_variants_id, job_id, status) VALUES (%(v)s, %(j)s, 'queued')",
+                    {"v": uuid.uuid4(), "j": job},
+                )
+            a.execute(SET, ["done", "iou_eval", v2])
+            a.commit()
+        drain(settings)
+        assert job_state(observer, job) == ("running", "ingest")
+        assert ("done", "iou_eval") not in observer.execute("SELECT status, current_step FROM job_log").fetchall()

@@ -10,13 +10,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from processor.decode import DeadLetter, EventRow, decode_event
-from processor.fold import Pipeline, VariantState
+from processor.decode import decode_event
+from processor.fold import Pipeline, UnfoldableJobError, UnknownStepError, fold_job
 
 PIPELINE = Pipeline(("ingest", "iou_eval"))
 
 
-def row(payload: Any, event_type: str = "variant_changed", schema_version: int = 1, **kw: Any) -> EventRow:
+def row(payload: Any, event_type: str = "variant_changed", schema_version: int = 1, **kw: Any):
+    from processor.decode import EventRow
+
     values: dict[str, Any] = {
         "event_id": 7, "txid": 100, "event_type": event_type, "schema_version": schema_version,
         "job_id": uuid.uuid4(), "variant_id": uuid.uuid4(), "variant_version": 3, "payload": payload,
@@ -27,9 +29,9 @@ def row(payload: Any, event_type: str = "variant_changed", schema_version: int =
 
 
 def test_a_valid_change_decodes_and_unknown_fields_are_ignored():
-    decoded = decode_event(row({"status": "running", "step": "ingest", "extra": [1, 2]}), PIPELINE)
-    assert isinstance(decoded, VariantState)
-    assert (decoded.status.value, decoded.step, decoded.version) == ("running", "ingest", 3)
+    decoded = decode_event(row({"status": "running", "step": "ingest", "extra": [1, 2]}))
+    assert decoded.dead_letter is None
+    assert (decoded.state.status.value, decoded.state.step, decoded.state.version) == ("running", "ingest", 3)
 
 
 @pytest.mark.parametrize(
@@ -38,17 +40,32 @@ def test_a_valid_change_decodes_and_unknown_fields_are_ignored():
         (row({"status": "exploded", "step": "ingest"}), "invalid payload: status"),
         (row({"step": "ingest"}), "invalid payload: status"),
         (row("not an object"), "invalid payload"),
-        (row({"status": "done", "step": "mystery"}), "step 'mystery' is not in OUTBOX_PIPELINE_STEPS"),
+        (row({"status": "done", "step": "x" * 500}), "invalid payload: step"),
         (row({}, event_type="job_exploded"), "unknown event type 'job_exploded'"),
         (row({"status": "done"}, schema_version=9), "at schema version 9"),
-        (row({"status": "done"}, variant_id=None), "no job_id, variant_id"),
     ],
 )
-def test_bad_events_become_dead_letters_with_a_reason(event, reason):
-    decoded = decode_event(event, PIPELINE)
-    assert isinstance(decoded, DeadLetter)
-    assert reason in decoded.reason
-    assert decoded.event_id == 7
+def test_bad_events_become_dead_letters_and_flag_their_job(event, reason):
+    decoded = decode_event(event)
+    assert reason in decoded.dead_letter.reason
+    assert decoded.dead_letter.event_id == 7
+    # The variant's latest state is unknown: its job cannot be folded without it.
+    assert decoded.state.problem and reason in decoded.state.problem
+    with pytest.raises(UnfoldableJobError, match="is a dead letter"):
+        fold_job([decoded.state], PIPELINE)
+
+
+def test_an_event_without_ids_is_only_a_dead_letter():
+    decoded = decode_event(row({"status": "done"}, variant_id=None))
+    assert decoded.state is None
+    assert "no job_id, variant_id" in decoded.dead_letter.reason
+
+
+def test_a_step_missing_from_the_pipeline_is_kept_and_flags_the_job():
+    decoded = decode_event(row({"status": "done", "step": "mystery"}))
+    assert decoded.dead_letter is None and decoded.state.step == "mystery"
+    with pytest.raises(UnknownStepError, match="'mystery' is not in the pipeline"):
+        fold_job([decoded.state], PIPELINE)
 
 
 json_st = st.recursive(
@@ -61,5 +78,5 @@ json_st = st.recursive(
 @settings(max_examples=300, deadline=None)
 @given(payload=json_st | st.fixed_dictionaries({"status": st.text(max_size=10), "step": json_st}))
 def test_any_payload_decodes_or_parks_without_raising(payload):
-    decoded = decode_event(row(payload), PIPELINE)
-    assert isinstance(decoded, (VariantState, DeadLetter))
+    decoded = decode_event(row(payload))
+    assert decoded.state is not None or decoded.dead_letter is not None
