@@ -57,7 +57,7 @@ def _setup(database_url: str | None, log_level: str, **overrides: Any) -> tuple[
     logging.basicConfig(level=level, handlers=[handler], force=True)
     db = settings.database()
     handler.addFilter(RedactingFilter(db))
-    console = Console(stderr=False)
+    console = Console(soft_wrap=True)  # long lines (URLs, trigger notes) stay whole in logs and pipes
     return settings, db, console
 
 
@@ -122,25 +122,32 @@ def demo(
         float, typer.Option(min=0.0, max=1.0, help="Chance that a variant fails a step once, then is retried.")
     ] = 0.05,
     seed: Annotated[int | None, typer.Option(help="Random seed, for a repeatable run.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
     log_level: LogLevelOption = "WARNING",
 ) -> None:
     """Create jobs and drive them through the pipeline from concurrent writers while the worker runs.
 
     It writes demo jobs into the database: point it at the embedded default or a scratch database.
     """
+    import json
+
     from processor.demo import DemoOptions, render_report, run_demo
 
     if min_variants > max_variants:
         raise typer.BadParameter("must not exceed --max-variants", param_hint="--min-variants")
     settings, db, console = _setup(database_url, log_level)
     _migrate(db, console, quiet=True)
-    console.print(
+    progress = Console(stderr=True, soft_wrap=True)  # stdout stays for the summary
+    progress.print(
         f"demo on {db.redacted()}: {jobs} jobs x {min_variants}-{max_variants} variants, {writers} writers, "
         f"pipeline {' -> '.join(settings.pipeline_steps)}"
     )
     options = DemoOptions(jobs, min_variants, max_variants, writers, fail_rate, seed)
-    report = run_demo(settings, db, options, console)
-    render_report(report, console)
+    report = run_demo(settings, db, options, progress)
+    if as_json:
+        print(json.dumps(report.summary(), indent=2))
+    else:
+        render_report(report, console)
     if report.jobs_stuck or report.jobs_done != report.jobs:
         raise OutboxError(f"{report.jobs_stuck} jobs stuck, {report.jobs - report.jobs_done} not done")
 

@@ -48,6 +48,19 @@ class DemoReport:
     def events_per_second(self) -> float:
         return self.events_processed / self.seconds if self.seconds else 0.0
 
+    def summary(self) -> dict[str, float | int]:
+        return {
+            "jobs": self.jobs,
+            "jobs_done": self.jobs_done,
+            "jobs_stuck": self.jobs_stuck,
+            "variant_updates_written": self.updates_written,
+            "events_processed": self.events_processed,
+            "seconds": round(self.seconds, 3),
+            "events_per_second": round(self.events_per_second, 1),
+            **{f"latency_p{q}_ms": round(self.latency_ms(q), 1) for q in (50, 95, 99)},
+            "latency_max_ms": round(self.latency_ms(100), 1),
+        }
+
     def latency_ms(self, q: float) -> float:
         if not self.latencies:
             return 0.0

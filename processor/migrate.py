@@ -88,10 +88,11 @@ def legacy_triggers(conn: Connection) -> list[tuple[str, str]]:
 
 def check_ready(conn: Connection) -> None:
     """Refuse to process on a database that is not migrated or still has a legacy trigger."""
-    row = conn.execute(QUERIES["migrations_applied_if_any"]).fetchone()
-    version = row[0] if row else None
-    if version is None:
+    exists = conn.execute(QUERIES["migrations_table_exists"]).fetchone()
+    if not (exists and exists[0]):
         raise SchemaError("the database has no outbox schema: run `outbox migrate` first")
+    row = conn.execute(QUERIES["migrations_version"]).fetchone()
+    version = int(row[0]) if row else 0
     if version < latest_version():
         raise SchemaError(
             f"the outbox schema is at version {version}, this worker needs {latest_version()}: "

@@ -199,9 +199,11 @@ SELECT pg_advisory_xact_lock(%(lock_class)s, -1)
 -- name: migrations_applied
 SELECT version FROM outbox_schema_migrations ORDER BY version
 
--- name: migrations_applied_if_any
-SELECT CASE WHEN to_regclass('outbox_schema_migrations') IS NULL THEN NULL
-            ELSE (SELECT coalesce(max(version), 0) FROM outbox_schema_migrations) END
+-- name: migrations_table_exists
+SELECT to_regclass('outbox_schema_migrations') IS NOT NULL
+
+-- name: migrations_version
+SELECT coalesce(max(version), 0) FROM outbox_schema_migrations
 
 -- name: migration_record
 INSERT INTO outbox_schema_migrations (version, name) VALUES (%(version)s, %(name)s)

@@ -71,13 +71,14 @@ class Worker:
     def run(self, *, until_idle: bool = False) -> WorkerStats:
         """Process until stopped (or, with ``until_idle``, until nothing more can be processed now).
 
-        A lost or refused connection is retried with capped exponential backoff and jitter; any
-        other error (bad settings, unmigrated schema) stops the worker.
+        A lost or refused connection is retried with capped exponential backoff and jitter (not
+        with ``until_idle``: a one-shot run reports it and fails); any other error (bad settings,
+        unmigrated schema) stops the worker.
         """
         retrying = tenacity.Retrying(
             retry=tenacity.retry_if_exception_type(psycopg.OperationalError),
             wait=tenacity.wait_exponential(multiplier=0.2, max=10) + tenacity.wait_random(0, 0.5),
-            stop=lambda _state: self._stopping.is_set(),
+            stop=lambda _state: until_idle or self._stopping.is_set(),
             sleep=self._stopping.wait,
             before_sleep=self._log_retry,
             reraise=True,

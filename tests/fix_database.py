@@ -147,3 +147,18 @@ def subprocess_env(db: DatabaseUrl | None, **extra: str) -> dict[str, str]:
     env["OUTBOX_PIPELINE_STEPS"] = "ingest,detect,segment,iou_eval"
     env.update(extra)
     return env
+
+
+@pytest.fixture
+def engine_factory() -> Iterator[Any]:
+    """Engines for databases other than ``db``, disposed after the test."""
+    engines: list[sqlalchemy.Engine] = []
+
+    def make(database: DatabaseUrl) -> sqlalchemy.Engine:
+        eng = database.create_engine()
+        engines.append(eng)
+        return eng
+
+    yield make
+    for eng in engines:
+        eng.dispose()

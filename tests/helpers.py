@@ -71,7 +71,9 @@ class WorkerProcess:
             self._log.close()
 
     def output(self) -> str:
-        return open(self.log_path, encoding="utf-8", errors="replace").read()
+        from pathlib import Path
+
+        return Path(self.log_path).read_text(encoding="utf-8", errors="replace")
 
     def kill(self) -> None:
         if self.process.poll() is None:

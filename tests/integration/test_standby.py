@@ -1,0 +1,72 @@
+"""One active worker at a time; a standby takes over when the active one is killed."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import outbox
+from processor.database import connect
+from tests.fix_database import subprocess_env
+from tests.helpers import WorkerProcess, consumer_os_pid, pending_work, wait_for
+
+AUDIT = """
+CREATE TABLE job_writes (writer text, at timestamptz DEFAULT clock_timestamp());
+CREATE FUNCTION audit_job_write() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO job_writes (writer) VALUES (current_setting('application_name'));
+    RETURN NEW;
+END $$;
+CREATE TRIGGER audit_job_write AFTER UPDATE ON jobs FOR EACH ROW EXECUTE FUNCTION audit_job_write();
+"""
+
+
+def finish_jobs(engine, count: int) -> None:
+    with engine.begin() as conn:
+        for _ in range(count):
+            _, variants = outbox.create_job(conn, variants=3)
+            for variant in variants:
+                outbox.update_variant(conn, variant, status="done", step="iou_eval")
+
+
+def writers_since(conn, since) -> set[str]:
+    rows = conn.execute("SELECT DISTINCT writer FROM job_writes WHERE at > %s", [since]).fetchall()
+    return {row[0] for row in rows}
+
+
+def test_only_one_worker_applies_and_the_standby_takes_over_after_a_kill(db, engine, tmp_path):
+    env = subprocess_env(db, OUTBOX_STANDBY_INTERVAL="0.1")
+    with connect(db, application_name="observer") as conn:
+        conn.execute(AUDIT)
+        first = WorkerProcess(env, tmp_path / "first.log")
+        second = None
+        try:
+            wait_for(lambda: consumer_os_pid(conn) == first.pid, what="the first worker to take the lock")
+            second = WorkerProcess(env, tmp_path / "second.log")
+            wait_for(lambda: "standby" in second.output(), what="the second worker to stand by")
+
+            start = conn.execute("SELECT clock_timestamp()").fetchone()[0]
+            finish_jobs(engine, 20)
+            wait_for(lambda: pending_work(conn) == 0, what="the active worker to apply")
+            only = writers_since(conn, start)
+            assert len(only) == 1 and only.pop().endswith(f":{first.pid}")
+            assert conn.execute("SELECT count(*) FROM jobs WHERE status = 'done'").fetchone()[0] == 20
+
+            first.signal(signal.SIGKILL)
+            killed_at = time.monotonic()
+            first.wait()
+            wait_for(lambda: consumer_os_pid(conn) == second.pid, what="the standby to take over")
+            takeover = time.monotonic() - killed_at
+
+            after_kill = conn.execute("SELECT clock_timestamp()").fetchone()[0]
+            finish_jobs(engine, 20)
+            wait_for(lambda: pending_work(conn) == 0, what="the new active worker to apply")
+            only = writers_since(conn, after_kill)
+            assert len(only) == 1 and only.pop().endswith(f":{second.pid}")
+            assert conn.execute("SELECT count(*) FROM jobs WHERE status = 'done'").fetchone()[0] == 40
+            print(f"\nstandby took over {takeover:.2f} s after SIGKILL of the active worker")
+        finally:
+            first.kill()
+            if second is not None:
+                second.signal(signal.SIGTERM)
+                assert second.wait(timeout=30) == 0
