@@ -17,6 +17,15 @@ from processor.store import Connection
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True, slots=True)
+class FoldContext:
+    """What every batch of one worker shares: its partition and how it folds."""
+
+    partition: int
+    pipeline: Pipeline
+    policy: FailurePolicy
+
+
 class FencedError(RuntimeError):
     """The checkpoint moved under this worker: another consumer applied events; apply nothing."""
 
@@ -51,14 +60,14 @@ def decode_batch(events: Sequence[EventRow]) -> tuple[list[tuple[VariantState, i
 
 
 def fold_jobs(
-    states_by_job: dict[uuid.UUID, list[VariantState]], pipeline: Pipeline, policy: FailurePolicy
+    states_by_job: dict[uuid.UUID, list[VariantState]], ctx: FoldContext
 ) -> tuple[dict[uuid.UUID, JobState], dict[uuid.UUID, str]]:
     """Fold each job; a job that cannot be folded is flagged with the reason instead."""
     jobs: dict[uuid.UUID, JobState] = {}
     flags: dict[uuid.UUID, str] = {}
     for job_id, states in states_by_job.items():
         try:
-            state = fold_job(states, pipeline, policy)
+            state = fold_job(states, ctx.pipeline, ctx.policy)
         except UnfoldableJobError as exc:
             flags[job_id] = str(exc)
             continue
@@ -77,13 +86,11 @@ def _fence(conn: Connection, partition: int, expected: Cursor) -> None:
 
 def apply_batch(
     conn: Connection,
+    ctx: FoldContext,
     *,
-    partition: int,
     expected: Cursor,
     new: Cursor,
     events: Sequence[EventRow],
-    pipeline: Pipeline,
-    policy: FailurePolicy,
     defer: bool,
     before_commit: Callable[[], None] | None = None,
 ) -> BatchResult:
@@ -95,11 +102,11 @@ def apply_batch(
     """
     changes, dead = decode_batch(events)
     with conn.transaction():
-        _fence(conn, partition, expected)
-        affected = store.variant_states_upsert(conn, partition, changes, defer=defer)
-        jobs, flags = fold_jobs(store.variant_states_for_jobs(conn, affected), pipeline, policy) if affected else ({}, {})
+        _fence(conn, ctx.partition, expected)
+        affected = store.variant_states_upsert(conn, ctx.partition, changes, defer=defer)
+        jobs, flags = fold_jobs(store.variant_states_for_jobs(conn, affected), ctx) if affected else ({}, {})
         result = store.batch_commit(
-            conn, partition, jobs=jobs, flags=flags, dead_letters=dead, cursor=new, event_count=len(events)
+            conn, ctx.partition, jobs=jobs, flags=flags, dead_letters=dead, cursor=new, event_count=len(events)
         )
         if before_commit is not None:
             before_commit()  # test hook: a crash placed here must leave no trace
@@ -115,22 +122,14 @@ def apply_batch(
     )
 
 
-def refold_dirty_jobs(
-    conn: Connection,
-    *,
-    partition: int,
-    cursor: Cursor,
-    pipeline: Pipeline,
-    policy: FailurePolicy,
-    limit: int,
-) -> tuple[int, int]:
+def refold_dirty_jobs(conn: Connection, ctx: FoldContext, *, cursor: Cursor, limit: int) -> tuple[int, int]:
     """Fold up to ``limit`` jobs left by a completed catch-up; return (jobs taken, jobs changed)."""
     with conn.transaction():
-        _fence(conn, partition, cursor)
-        job_ids = store.dirty_jobs_take(conn, partition, limit)
-        jobs, flags = fold_jobs(store.variant_states_for_jobs(conn, job_ids), pipeline, policy)
+        _fence(conn, ctx.partition, cursor)
+        job_ids = store.dirty_jobs_take(conn, ctx.partition, limit)
+        jobs, flags = fold_jobs(store.variant_states_for_jobs(conn, job_ids), ctx)
         result = store.batch_commit(
-            conn, partition, jobs=jobs, flags=flags, dead_letters=[], cursor=cursor, event_count=0
+            conn, ctx.partition, jobs=jobs, flags=flags, dead_letters=[], cursor=cursor, event_count=0
         )
     _log_outcome([], flags)
     return len(job_ids), result.jobs_changed

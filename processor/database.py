@@ -8,7 +8,7 @@ from typing import Any
 from urllib.parse import quote, quote_plus
 
 import psycopg
-import sqlalchemy
+from sqlalchemy import Engine, create_engine
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
@@ -17,7 +17,7 @@ from processor.errors import ConfigurationError
 _ACCEPTED_DRIVERS = {"postgresql", "postgres", "postgresql+psycopg"}
 
 # TCP keepalives detect a dead server or network within about 30 s, even while the worker waits.
-_KEEPALIVES = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 4}
+_KEEPALIVES: dict[str, Any] = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 4}
 
 
 @dataclass(frozen=True)
@@ -37,8 +37,7 @@ class DatabaseUrl:
             ) from None
         if url.drivername not in _ACCEPTED_DRIVERS:
             raise ConfigurationError(
-                f"database URL scheme {url.drivername!r} is not supported; "
-                "use postgresql:// or postgresql+psycopg://"
+                f"database URL scheme {url.drivername!r} is not supported; use postgresql:// or postgresql+psycopg://"
             )
         if url.port is not None and not 0 < url.port < 65536:
             raise ConfigurationError(f"database URL port {url.port} is out of range")
@@ -68,8 +67,8 @@ class DatabaseUrl:
             params[key] = value if isinstance(value, str) else value[-1]
         return {key: value for key, value in params.items() if value not in (None, "")}
 
-    def create_engine(self, **kwargs: Any) -> sqlalchemy.Engine:
-        return sqlalchemy.create_engine(self.url, **kwargs)
+    def create_engine(self, **kwargs: Any) -> Engine:
+        return create_engine(self.url, **kwargs)
 
 
 def connect(

@@ -56,7 +56,9 @@ def decode_event(row: EventRow) -> Decoded:
         if row.job_id is None or row.variant_id is None or row.variant_version is None:
             return Decoded(None, letter)
         problem = f"event {row.event_id} is a dead letter: {reason}"
-        return Decoded(VariantState(row.variant_id, row.job_id, row.variant_version, None, None, problem=problem), letter)
+        return Decoded(
+            VariantState(row.variant_id, row.job_id, row.variant_version, None, None, problem=problem), letter
+        )
 
     if row.job_id is None or row.variant_id is None or row.variant_version is None:
         return dead("event has no job_id, variant_id or variant_version")

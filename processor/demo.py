@@ -143,10 +143,17 @@ def run_demo(settings: Settings, db: DatabaseUrl, options: DemoOptions, console:
         for thread in writers:
             thread.start()
 
-        with Progress(
-            TextColumn("{task.description:<22}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            console=console, transient=False,
-        ) as progress, connect(db, application_name=application_name("demo")) as watch:
+        with (
+            Progress(
+                TextColumn("{task.description:<22}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                console=console,
+                transient=False,
+            ) as progress,
+            connect(db, application_name=application_name("demo")) as watch,
+        ):
             t_updates = progress.add_task("variant updates", total=total_updates)
             t_events = progress.add_task("events applied", total=total_updates + len(walks))
             t_done = progress.add_task("jobs done", total=len(job_ids))

@@ -24,12 +24,12 @@ def embedded_database_url(data_dir: Path | None = None) -> str:
     pgserver initialises the data directory on first use and stops the server when the last
     process using it exits.
     """
-    import pgserver  # imported here: only this path needs the server binaries
+    from pgserver import get_server  # type: ignore[attr-defined]  # only this path needs the server
 
     path = (data_dir or default_data_dir()).expanduser().resolve()
     if path not in _SERVERS:
         path.mkdir(parents=True, exist_ok=True)
         log.info("using the embedded PostgreSQL in %s", path)
-        _SERVERS[path] = pgserver.get_server(path, cleanup_mode="stop")
+        _SERVERS[path] = get_server(path, cleanup_mode="stop")
     uri: str = _SERVERS[path].get_uri()
     return uri

@@ -69,9 +69,7 @@ class Pipeline:
         try:
             return self.steps.index(step)
         except ValueError:
-            raise UnknownStepError(
-                f"step {step!r} is not in the pipeline ({', '.join(self.steps)})"
-            ) from None
+            raise UnknownStepError(f"step {step!r} is not in the pipeline ({', '.join(self.steps)})") from None
 
     def __contains__(self, step: object) -> bool:
         return step in self.steps

@@ -74,9 +74,7 @@ def migrate(conn: Connection) -> MigrateReport:
         # Two writers of job state must not coexist: the legacy trigger is what lost updates.
         # Checked on every migrate, in case one was put back.
         for trigger, function in legacy_triggers(conn):
-            conn.execute(
-                sql.SQL("DROP TRIGGER {} ON jobs_variants").format(sql.Identifier(trigger))
-            )
+            conn.execute(sql.SQL("DROP TRIGGER {} ON jobs_variants").format(sql.Identifier(trigger)))
             report.removed_triggers.append((trigger, function))
     return report
 
@@ -95,8 +93,7 @@ def check_ready(conn: Connection) -> None:
     version = int(row[0]) if row else 0
     if version < latest_version():
         raise SchemaError(
-            f"the outbox schema is at version {version}, this worker needs {latest_version()}: "
-            "run `outbox migrate`"
+            f"the outbox schema is at version {version}, this worker needs {latest_version()}: run `outbox migrate`"
         )
     if version > latest_version():
         raise SchemaError(

@@ -88,8 +88,15 @@ def events_fetch(
     ).fetchall()
     events = [
         EventRow(
-            event_id=r[0], txid=int(r[1]), event_type=r[2], schema_version=r[3], job_id=r[4],
-            variant_id=r[5], variant_version=r[6], payload=r[7], created_at=r[8],
+            event_id=r[0],
+            txid=int(r[1]),
+            event_type=r[2],
+            schema_version=r[3],
+            job_id=r[4],
+            variant_id=r[5],
+            variant_version=r[6],
+            payload=r[7],
+            created_at=r[8],
         )
         for r in rows
     ]
@@ -131,16 +138,12 @@ def variant_states_upsert(
     return {row[0] for row in rows}
 
 
-def variant_states_for_jobs(
-    conn: Connection, job_ids: Iterable[uuid.UUID]
-) -> dict[uuid.UUID, list[VariantState]]:
+def variant_states_for_jobs(conn: Connection, job_ids: Iterable[uuid.UUID]) -> dict[uuid.UUID, list[VariantState]]:
     rows = conn.execute(QUERIES["variant_states_for_jobs"], {"job_ids": list(job_ids)}).fetchall()
     by_job: dict[uuid.UUID, list[VariantState]] = defaultdict(list)
     for job_id, variant_id, version, status, step, removed, problem in rows:
         by_job[job_id].append(
-            VariantState(
-                variant_id, job_id, version, VariantStatus(status) if status else None, step, removed, problem
-            )
+            VariantState(variant_id, job_id, version, VariantStatus(status) if status else None, step, removed, problem)
         )
     return by_job
 

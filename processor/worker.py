@@ -19,7 +19,7 @@ import psycopg
 import tenacity
 
 from processor import store
-from processor.batch import BatchResult, FencedError, apply_batch, refold_dirty_jobs
+from processor.batch import BatchResult, FencedError, FoldContext, apply_batch, refold_dirty_jobs
 from processor.database import DatabaseUrl, connect, redact
 from processor.errors import ConsumerBusyError
 from processor.migrate import check_ready
@@ -79,7 +79,7 @@ class Worker:
             retry=tenacity.retry_if_exception_type(psycopg.OperationalError),
             wait=tenacity.wait_exponential(multiplier=0.2, max=10) + tenacity.wait_random(0, 0.5),
             stop=lambda _state: until_idle or self._stopping.is_set(),
-            sleep=self._stopping.wait,
+            sleep=self._sleep,
             before_sleep=self._log_retry,
             reraise=True,
         )
@@ -90,6 +90,9 @@ class Worker:
         except tenacity.RetryError:
             pass  # stopped while waiting to reconnect
         return self.stats
+
+    def _sleep(self, seconds: float) -> None:
+        self._stopping.wait(seconds)  # a stop request cuts the backoff short
 
     def _log_retry(self, state: tenacity.RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome else None
@@ -130,7 +133,7 @@ class Worker:
         """The loop: fold dirty jobs when caught up, else fetch and apply the next batch."""
         settings = self.settings
         partition = settings.partition
-        common = {"partition": partition, "pipeline": settings.pipeline, "policy": settings.failure_policy}
+        ctx = FoldContext(partition, settings.pipeline, settings.failure_policy)
         cursor = store.checkpoint_get(conn, partition).cursor
         # Flagged jobs are folded again at start-up (the pipeline setting may have been fixed).
         store.dirty_jobs_add_flagged(conn, partition)
@@ -139,7 +142,7 @@ class Worker:
         while not self._stopping.is_set():
             try:
                 if dirty and cursor.target is None:
-                    taken, changed = refold_dirty_jobs(conn, cursor=cursor, limit=settings.batch_size, **common)
+                    taken, changed = refold_dirty_jobs(conn, ctx, cursor=cursor, limit=settings.batch_size)
                     self.stats.jobs_changed += changed
                     dirty = taken == settings.batch_size
                     continue
@@ -150,7 +153,7 @@ class Worker:
                     if cursor.target is not None:
                         # A multi-batch catch-up ended exactly at a batch boundary: close it.
                         new = cursor.caught_up_to(cursor.target)
-                        apply_batch(conn, expected=cursor, new=new, events=[], defer=True, **common)
+                        apply_batch(conn, ctx, expected=cursor, new=new, events=[], defer=True)
                         cursor = new
                         continue
                     if until_idle:
@@ -165,8 +168,7 @@ class Worker:
                 # it is complete, so that no job shows a state between two committed snapshots.
                 defer = dirty or not complete
                 result = apply_batch(
-                    conn, expected=cursor, new=new, events=events, defer=defer,
-                    before_commit=self.before_commit, **common,
+                    conn, ctx, expected=cursor, new=new, events=events, defer=defer, before_commit=self.before_commit
                 )
             except FencedError as exc:
                 log.warning("%s; reloading it", exc)

@@ -54,7 +54,9 @@ class WorkerProcess:
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in wait()
         self.process = subprocess.Popen(
             [sys.executable, "-m", "processor.cli", "run", "--log-level", "DEBUG", *args],
-            env=env, stdout=self._log, stderr=subprocess.STDOUT,
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
         )
 
     @property

@@ -35,9 +35,7 @@ GROUP BY job_id
 def reference_job_states(
     conn: psycopg.Connection[Any], steps: tuple[str, ...], *, immediate: bool = False
 ) -> dict[uuid.UUID, tuple[str, str]]:
-    rows = conn.execute(
-        REFERENCE_SQL, {"steps": list(steps), "final": steps[-1], "immediate": immediate}
-    ).fetchall()
+    rows = conn.execute(REFERENCE_SQL, {"steps": list(steps), "final": steps[-1], "immediate": immediate}).fetchall()
     return {row[0]: (row[1], row[2]) for row in rows}
 
 

@@ -45,7 +45,7 @@ def test_plain_sql_writers_are_captured_with_increasing_versions(conn):
 
 def test_the_python_api_writes_one_event_per_change_on_both_connection_kinds(conn, engine):
     with engine.begin() as sa_conn:
-        job, (variant,) = outbox.create_job(sa_conn, variants=1)
+        _, (variant,) = outbox.create_job(sa_conn, variants=1)
     with engine.begin() as sa_conn:
         outbox.update_variant(sa_conn, variant, status="running", step="ingest")
     with conn.transaction():
@@ -100,9 +100,11 @@ def test_every_payload_the_database_writes_validates_against_its_model(conn, eng
 def test_a_variant_moved_to_another_job_refolds_both_jobs(conn, engine, settings):
     with engine.begin() as sa_conn:
         job_a, (a1, a2) = outbox.create_job(sa_conn, variants=2)
-        job_b, (b1,) = outbox.create_job(sa_conn, variants=1)
+        job_b, _ = outbox.create_job(sa_conn, variants=1)
     conn.execute("UPDATE jobs_variants SET status = 'done', current_step = 'iou_eval' WHERE job_variants_id = %s", [a1])
-    conn.execute("UPDATE jobs_variants SET status = 'running', current_step = 'detect' WHERE job_variants_id = %s", [a2])
+    conn.execute(
+        "UPDATE jobs_variants SET status = 'running', current_step = 'detect' WHERE job_variants_id = %s", [a2]
+    )
     drain(settings)
     assert job_state(conn, job_a) == ("running", "detect")
     conn.execute("UPDATE jobs_variants SET job_id = %s WHERE job_variants_id = %s", [job_b, a2])

@@ -37,9 +37,12 @@ def test_adoption_keeps_data_and_computes_existing_jobs_from_their_variants(empt
         for job in (done_job, running_job, bad_job):
             conn.execute("INSERT INTO jobs (job_id, status, current_step) VALUES (%s, 'running', 'ingest')", [job])
         rows = [
-            (done_job, "done", "iou_eval"), (done_job, "done", "iou_eval"),  # stuck: all done, job running
-            (running_job, "done", "iou_eval"), (running_job, "running", "segment"),
-            (bad_job, "done", "iou_eval"), (bad_job, "pending", "detect"),  # a status the product refuses
+            (done_job, "done", "iou_eval"),
+            (done_job, "done", "iou_eval"),  # stuck: all done, job running
+            (running_job, "done", "iou_eval"),
+            (running_job, "running", "segment"),
+            (bad_job, "done", "iou_eval"),
+            (bad_job, "pending", "detect"),  # a status the product refuses
         ]
         for job, status, step in rows:
             conn.execute(
@@ -73,7 +76,7 @@ def test_the_worker_refuses_an_unmigrated_database_or_a_legacy_trigger(empty_db)
             "UPDATE jobs SET status = 'done' WHERE job_id = NEW.job_id; RETURN NEW; END $$;"
             "CREATE TRIGGER sneaky AFTER UPDATE ON jobs_variants FOR EACH ROW EXECUTE FUNCTION sneaky()"
         )
-    with pytest.raises(SchemaError, match="legacy trigger.*sneaky"):
+    with pytest.raises(SchemaError, match=r"legacy trigger.*sneaky"):
         Worker(settings, empty_db).run(until_idle=True)
 
 
@@ -83,7 +86,9 @@ def test_a_step_missing_from_the_pipeline_flags_the_job_until_the_setting_is_fix
     with engine.begin() as sa:
         job, (v1, v2) = outbox.create_job(sa, variants=2)
     conn.execute("UPDATE jobs_variants SET status = 'done', current_step = 'iou_eval' WHERE job_variants_id = %s", [v1])
-    conn.execute("UPDATE jobs_variants SET status = 'running', current_step = 'polish' WHERE job_variants_id = %s", [v2])
+    conn.execute(
+        "UPDATE jobs_variants SET status = 'running', current_step = 'polish' WHERE job_variants_id = %s", [v2]
+    )
     drain(make_settings(db))
     assert job_state(conn, job) == ("queued", None)  # left as create_job wrote it, not guessed
     (reason,) = conn.execute("SELECT reason FROM outbox_job_flags WHERE job_id = %s", [job]).fetchone()

@@ -19,9 +19,11 @@ def test_an_event_committed_after_later_events_were_processed_is_still_applied(d
         early_job, (early_variant,) = outbox.create_job(conn, variants=1)
     drain(settings)
 
-    with connect(db, application_name="late", autocommit=False) as late, connect(
-        db, application_name="early", autocommit=False
-    ) as early, connect(db, application_name="observer") as observer:
+    with (
+        connect(db, application_name="late", autocommit=False) as late,
+        connect(db, application_name="early", autocommit=False) as early,
+        connect(db, application_name="observer") as observer,
+    ):
         # "early" takes its transaction id first, "late" second ...
         early.execute("SELECT pg_current_xact_id()")
         late.execute("SELECT pg_current_xact_id()")
@@ -49,9 +51,11 @@ def test_a_variants_changes_apply_in_version_order_whatever_the_commit_order_of_
     with engine.begin() as conn:
         job, (variant,) = outbox.create_job(conn, variants=1)
     drain(settings)
-    with connect(db, application_name="a", autocommit=False) as a, connect(
-        db, application_name="b", autocommit=False
-    ) as b, connect(db, application_name="observer") as observer:
+    with (
+        connect(db, application_name="a", autocommit=False) as a,
+        connect(db, application_name="b", autocommit=False) as b,
+        connect(db, application_name="observer") as observer,
+    ):
         b.execute("SELECT pg_current_xact_id()")
         a.execute(SET, ["running", "segment", variant])
         errors: list[BaseException] = []
@@ -85,9 +89,10 @@ def test_a_variants_changes_apply_in_version_order_whatever_the_commit_order_of_
 def test_an_open_unrelated_transaction_does_not_hold_processing_back(db, settings, engine):
     with engine.begin() as conn:
         job, (variant,) = outbox.create_job(conn, variants=1)
-    with connect(db, application_name="idle-in-tx", autocommit=False) as blocker, connect(
-        db, application_name="observer"
-    ) as observer:
+    with (
+        connect(db, application_name="idle-in-tx", autocommit=False) as blocker,
+        connect(db, application_name="observer") as observer,
+    ):
         blocker.execute("SELECT pg_current_xact_id()")  # an old transaction id, still running
         with engine.begin() as conn:
             outbox.update_variant(conn, variant, status="done", step="iou_eval")

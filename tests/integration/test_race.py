@@ -33,9 +33,10 @@ def finish_last_two_variants_concurrently(db, observer, v1, v2) -> None:
     With the legacy trigger, B's trigger counts while A is uncommitted, then blocks on the jobs row
     that A's trigger updated; we wait until B is blocked (so its count is taken), then commit A.
     """
-    with connect(db, application_name="writer-a", autocommit=False) as a, connect(
-        db, application_name="writer-b", autocommit=False
-    ) as b:
+    with (
+        connect(db, application_name="writer-a", autocommit=False) as a,
+        connect(db, application_name="writer-b", autocommit=False) as b,
+    ):
         a.execute(FINISH, [v1])
         b_pid = b.info.backend_pid
         errors: list[BaseException] = []

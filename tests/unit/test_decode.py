@@ -20,8 +20,14 @@ def row(payload: Any, event_type: str = "variant_changed", schema_version: int =
     from processor.decode import EventRow
 
     values: dict[str, Any] = {
-        "event_id": 7, "txid": 100, "event_type": event_type, "schema_version": schema_version,
-        "job_id": uuid.uuid4(), "variant_id": uuid.uuid4(), "variant_version": 3, "payload": payload,
+        "event_id": 7,
+        "txid": 100,
+        "event_type": event_type,
+        "schema_version": schema_version,
+        "job_id": uuid.uuid4(),
+        "variant_id": uuid.uuid4(),
+        "variant_version": 3,
+        "payload": payload,
         "created_at": dt.datetime.now(dt.UTC),
     }
     values.update(kw)

@@ -100,9 +100,7 @@ def test_running_reports_the_least_advanced_unfinished_step():
 
 
 def test_queued_when_every_variant_is_queued_and_no_step_means_the_first():
-    assert fold_job([v(1, "queued", None), v(2, "queued", None)], PIPELINE) == JobState(
-        VariantStatus.QUEUED, "ingest"
-    )
+    assert fold_job([v(1, "queued", None), v(2, "queued", None)], PIPELINE) == JobState(VariantStatus.QUEUED, "ingest")
 
 
 def test_failure_policies():
