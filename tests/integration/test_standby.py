@@ -29,9 +29,14 @@ def finish_jobs(engine, count: int) -> None:
                 outbox.update_variant(conn, variant, status="done", step="iou_eval")
 
 
-def writers_since(conn, since) -> set[str]:
-    rows = conn.execute("SELECT DISTINCT writer FROM job_writes WHERE at > %s", [since]).fetchall()
-    return {row[0] for row in rows}
+def assert_only_worker_applies(conn, engine, worker: WorkerProcess, done_jobs: int) -> None:
+    """Finish 20 jobs, wait until applied, and check that only ``worker`` wrote job state meanwhile."""
+    since = conn.execute("SELECT clock_timestamp()").fetchone()[0]
+    finish_jobs(engine, 20)
+    wait_for(lambda: pending_work(conn) == 0, what="the active worker to apply")
+    writers = {row[0] for row in conn.execute("SELECT DISTINCT writer FROM job_writes WHERE at > %s", [since])}
+    assert len(writers) == 1 and writers.pop().endswith(f":{worker.pid}")
+    assert conn.execute("SELECT count(*) FROM jobs WHERE status = 'done'").fetchone()[0] == done_jobs
 
 
 def test_only_one_worker_applies_and_the_standby_takes_over_after_a_kill(db, engine, tmp_path):
@@ -45,12 +50,7 @@ def test_only_one_worker_applies_and_the_standby_takes_over_after_a_kill(db, eng
             second = WorkerProcess(env, tmp_path / "second.log")
             wait_for(lambda: "standby" in second.output(), what="the second worker to stand by")
 
-            start = conn.execute("SELECT clock_timestamp()").fetchone()[0]
-            finish_jobs(engine, 20)
-            wait_for(lambda: pending_work(conn) == 0, what="the active worker to apply")
-            only = writers_since(conn, start)
-            assert len(only) == 1 and only.pop().endswith(f":{first.pid}")
-            assert conn.execute("SELECT count(*) FROM jobs WHERE status = 'done'").fetchone()[0] == 20
+            assert_only_worker_applies(conn, engine, first, done_jobs=20)
 
             first.signal(signal.SIGKILL)
             killed_at = time.monotonic()
@@ -58,12 +58,7 @@ def test_only_one_worker_applies_and_the_standby_takes_over_after_a_kill(db, eng
             wait_for(lambda: consumer_os_pid(conn) == second.pid, what="the standby to take over")
             takeover = time.monotonic() - killed_at
 
-            after_kill = conn.execute("SELECT clock_timestamp()").fetchone()[0]
-            finish_jobs(engine, 20)
-            wait_for(lambda: pending_work(conn) == 0, what="the new active worker to apply")
-            only = writers_since(conn, after_kill)
-            assert len(only) == 1 and only.pop().endswith(f":{second.pid}")
-            assert conn.execute("SELECT count(*) FROM jobs WHERE status = 'done'").fetchone()[0] == 40
+            assert_only_worker_applies(conn, engine, second, done_jobs=40)
             print(f"\nstandby took over {takeover:.2f} s after SIGKILL of the active worker")
         finally:
             first.kill()
