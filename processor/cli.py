@@ -135,8 +135,8 @@ def demo(
     if min_variants > max_variants:
         raise typer.BadParameter("must not exceed --max-variants", param_hint="--min-variants")
     settings, db, console = _setup(database_url, log_level)
-    _migrate(db, console, quiet=True)
     progress = Console(stderr=True, soft_wrap=True)  # stdout stays for the summary
+    _migrate(db, progress, quiet=True)
     progress.print(
         f"demo on {db.redacted()}: {jobs} jobs x {min_variants}-{max_variants} variants, {writers} writers, "
         f"pipeline {' -> '.join(settings.pipeline_steps)}"

@@ -41,6 +41,8 @@ class DatabaseUrl:
             )
         if url.port is not None and not 0 < url.port < 65536:
             raise ConfigurationError(f"database URL port {url.port} is out of range")
+        if url.password == "":
+            url = url.set(password=None)  # "user:@host" has no password; do not show one as ***
         return cls(url.set(drivername="postgresql+psycopg"))
 
     @property

@@ -195,12 +195,12 @@ def _create_jobs(
 ) -> tuple[list[uuid.UUID], list[_Walk]]:
     job_ids: list[uuid.UUID] = []
     walks: list[_Walk] = []
-    with engine.begin() as conn:
-        for _ in range(options.jobs):
-            count = rng.randint(options.min_variants, options.max_variants)
+    for _ in range(options.jobs):
+        count = rng.randint(options.min_variants, options.max_variants)
+        with engine.begin() as conn:  # one transaction per job, as an application would
             job_id, variant_ids = outbox.create_job(conn, variants=count)
-            job_ids.append(job_id)
-            walks.extend(_Walk(v, steps, options.fail_rate, rng) for v in variant_ids)
+        job_ids.append(job_id)
+        walks.extend(_Walk(v, steps, options.fail_rate, rng) for v in variant_ids)
     return job_ids, walks
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,10 @@ def embedded_database_url(data_dir: Path | None = None) -> str:
     if path not in _SERVERS:
         path.mkdir(parents=True, exist_ok=True)
         log.info("using the embedded PostgreSQL in %s", path)
-        _SERVERS[path] = get_server(path, cleanup_mode="stop")
+        with warnings.catch_warnings():
+            # platformdirs warns when XDG_RUNTIME_DIR is unset (containers, CI); pgserver only
+            # keeps a lock file there and falls back to /tmp.
+            warnings.simplefilter("ignore")
+            _SERVERS[path] = get_server(path, cleanup_mode="stop")
     uri: str = _SERVERS[path].get_uri()
     return uri
