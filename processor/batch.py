@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from processor import store
@@ -59,21 +59,30 @@ def decode_batch(events: Sequence[EventRow]) -> tuple[list[tuple[VariantState, i
     return list(latest.values()), dead
 
 
+@dataclass(frozen=True, slots=True)
+class FoldedJobs:
+    """New job states; jobs folded without error (their flags are cleared); jobs to flag, and why."""
+
+    states: dict[uuid.UUID, JobState] = field(default_factory=dict)
+    folded: list[uuid.UUID] = field(default_factory=list)
+    flags: dict[uuid.UUID, str] = field(default_factory=dict)
+
+
 def fold_jobs(
-    states_by_job: dict[uuid.UUID, list[VariantState]], ctx: FoldContext
-) -> tuple[dict[uuid.UUID, JobState], dict[uuid.UUID, str]]:
+    job_ids: Iterable[uuid.UUID], states_by_job: dict[uuid.UUID, list[VariantState]], ctx: FoldContext
+) -> FoldedJobs:
     """Fold each job; a job that cannot be folded is flagged with the reason instead."""
-    jobs: dict[uuid.UUID, JobState] = {}
-    flags: dict[uuid.UUID, str] = {}
-    for job_id, states in states_by_job.items():
+    result = FoldedJobs()
+    for job_id in job_ids:
         try:
-            state = fold_job(states, ctx.pipeline, ctx.policy)
+            state = fold_job(states_by_job.get(job_id, []), ctx.pipeline, ctx.policy)
         except UnfoldableJobError as exc:
-            flags[job_id] = str(exc)
+            result.flags[job_id] = str(exc)
             continue
+        result.folded.append(job_id)
         if state is not None:
-            jobs[job_id] = state
-    return jobs, flags
+            result.states[job_id] = state
+    return result
 
 
 def _fence(conn: Connection, partition: int, expected: Cursor) -> None:
@@ -104,13 +113,21 @@ def apply_batch(
     with conn.transaction():
         _fence(conn, ctx.partition, expected)
         affected = store.variant_states_upsert(conn, ctx.partition, changes, defer=defer)
-        jobs, flags = fold_jobs(store.variant_states_for_jobs(conn, affected), ctx) if affected else ({}, {})
+        jobs = fold_jobs(affected, store.variant_states_for_jobs(conn, affected), ctx) if affected else FoldedJobs()
         result = store.batch_commit(
-            conn, ctx.partition, jobs=jobs, flags=flags, dead_letters=dead, cursor=new, event_count=len(events)
+            conn,
+            ctx.partition,
+            jobs=jobs.states,
+            folded=jobs.folded,
+            flags=jobs.flags,
+            dead_letters=dead,
+            cursor=new,
+            event_count=len(events),
+            last_event_id=events[-1].event_id if events else None,
         )
         if before_commit is not None:
             before_commit()  # test hook: a crash placed here must leave no trace
-    _log_outcome(dead, flags)
+    _log_outcome(dead, jobs.flags)
     return BatchResult(
         events=len(events),
         jobs_changed=result.jobs_changed,
@@ -127,11 +144,18 @@ def refold_dirty_jobs(conn: Connection, ctx: FoldContext, *, cursor: Cursor, lim
     with conn.transaction():
         _fence(conn, ctx.partition, cursor)
         job_ids = store.dirty_jobs_take(conn, ctx.partition, limit)
-        jobs, flags = fold_jobs(store.variant_states_for_jobs(conn, job_ids), ctx)
+        jobs = fold_jobs(job_ids, store.variant_states_for_jobs(conn, job_ids), ctx)
         result = store.batch_commit(
-            conn, ctx.partition, jobs=jobs, flags=flags, dead_letters=[], cursor=cursor, event_count=0
+            conn,
+            ctx.partition,
+            jobs=jobs.states,
+            folded=jobs.folded,
+            flags=jobs.flags,
+            dead_letters=[],
+            cursor=cursor,
+            event_count=0,
         )
-    _log_outcome([], flags)
+    _log_outcome([], jobs.flags)
     return len(job_ids), result.jobs_changed
 
 

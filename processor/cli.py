@@ -20,6 +20,7 @@ from rich.console import Console
 
 from processor.database import DatabaseUrl, RedactingFilter, connect, redact
 from processor.errors import OutboxError
+from processor.migrate import check_ready
 from processor.migrate import migrate as run_migrations
 from processor.settings import Settings, load_settings
 from processor.worker import Worker, application_name
@@ -149,6 +150,41 @@ def demo(
         render_report(report, console)
     if report.jobs_stuck or report.jobs_done != report.jobs:
         raise OutboxError(f"{report.jobs_stuck} jobs stuck, {report.jobs - report.jobs_done} not done")
+
+
+JsonOption = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+
+
+@app.command()
+def backlog(
+    database_url: DatabaseOption = None,
+    partition: Annotated[
+        int | None, typer.Option(envvar="OUTBOX_PARTITION", help="Partition to inspect.", show_default="0")
+    ] = None,
+    max_lag: Annotated[
+        float | None,
+        typer.Option(min=0, help="Exit 3 when the oldest pending event is older than this many seconds."),
+    ] = None,
+    as_json: JsonOption = False,
+    log_level: LogLevelOption = "WARNING",
+) -> None:
+    """Show the event backlog: pending events, lag, the consumer, standbys, dead letters."""
+    import json
+
+    from processor.backlog import collect_backlog, render_backlog
+
+    settings, db, console = _setup(database_url, log_level, partition=partition)
+    with connect(db, application_name=application_name("backlog")) as conn:
+        check_ready(conn)
+        report = collect_backlog(conn, settings.partition)
+    if as_json:
+        print(json.dumps(report, indent=2, default=str))
+    else:
+        render_backlog(report, console)
+    lag = report["oldest_pending_age_seconds"]
+    if max_lag is not None and lag is not None and lag > max_lag:
+        print(f"error: oldest pending event is {lag:.1f} s old, over --max-lag {max_lag:g}", file=sys.stderr)
+        raise SystemExit(3)
 
 
 @contextmanager

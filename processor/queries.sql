@@ -30,35 +30,54 @@ FROM (
     (SELECT *
      FROM outbox_events
      WHERE partition = %(partition)s
-       AND txid >= %(done_xmax)s::xid8
+       -- Starts the index range at the done snapshot's xmax (or further on, within a catch-up),
+       -- not at the first event ever written.
+       AND (txid, event_id) > (%(range_txid)s::xid8, %(range_event_id)s::bigint)
        AND txid < (SELECT pg_snapshot_xmax(snapshot) FROM target)
-       AND (txid, event_id) > (%(after_txid)s::xid8, %(after_event_id)s::bigint)
        AND pg_visible_in_snapshot(txid, (SELECT snapshot FROM target))
      ORDER BY txid, event_id
      LIMIT %(limit)s)
     UNION ALL
-    (SELECT *
-     FROM outbox_events
-     WHERE partition = %(partition)s
-       AND txid = ANY(%(done_xip)s::xid8[])
-       AND (txid, event_id) > (%(after_txid)s::xid8, %(after_event_id)s::bigint)
-       AND pg_visible_in_snapshot(txid, (SELECT snapshot FROM target))
-     ORDER BY txid, event_id
+    -- One index read per transaction that was running at the done snapshot and is visible now,
+    -- each in event order (txid = ANY(...) on the index would read them all and sort).
+    (SELECT x.*
+     FROM unnest(%(done_xip)s::xid8[]) AS xip (txid)
+     CROSS JOIN LATERAL (
+         SELECT *
+         FROM outbox_events AS o
+         WHERE o.partition = %(partition)s
+           AND o.txid = xip.txid
+           AND (o.txid, o.event_id) > (%(after_txid)s::xid8, %(after_event_id)s::bigint)
+         ORDER BY o.event_id
+         LIMIT %(limit)s
+     ) AS x
+     WHERE pg_visible_in_snapshot(xip.txid, (SELECT snapshot FROM target))
+     ORDER BY x.txid, x.event_id
      LIMIT %(limit)s)
 ) AS e
 ORDER BY e.txid, e.event_id
 LIMIT %(limit)s
 
--- name: events_pending_count
+-- name: events_pending_summary
 -- Committed events not applied yet: not visible in the done snapshot, and not among those of the
--- catch-up in progress that are already applied.
-SELECT count(*)
-FROM outbox_events
-WHERE partition = %(partition)s
-  AND (txid >= %(done_xmax)s::xid8 OR txid = ANY(%(done_xip)s::xid8[]))
-  AND NOT (%(target)s::pg_snapshot IS NOT NULL
-           AND pg_visible_in_snapshot(txid, %(target)s::pg_snapshot)
-           AND (txid, event_id) <= (%(after_txid)s::xid8, %(after_event_id)s::bigint))
+-- catch-up in progress that are already applied. Exact; reads every event above the done
+-- snapshot's xmin.
+WITH pending AS (
+    SELECT event_type, job_id, created_at
+    FROM outbox_events
+    WHERE partition = %(partition)s
+      AND (txid >= %(done_xmax)s::xid8 OR txid = ANY(%(done_xip)s::xid8[]))
+      AND NOT (%(target)s::pg_snapshot IS NOT NULL
+               AND pg_visible_in_snapshot(txid, %(target)s::pg_snapshot)
+               AND (txid, event_id) <= (%(after_txid)s::xid8, %(after_event_id)s::bigint))
+)
+SELECT (SELECT count(*) FROM pending),
+       (SELECT extract(epoch FROM clock_timestamp() - min(created_at))::float8 FROM pending),
+       (SELECT coalesce(jsonb_object_agg(event_type, n), '{}'::jsonb)
+        FROM (SELECT event_type, count(*) AS n FROM pending GROUP BY event_type) AS t),
+       (SELECT coalesce(jsonb_agg(jsonb_build_object('job_id', job_id, 'pending_events', n) ORDER BY n DESC),
+                        '[]'::jsonb)
+        FROM (SELECT job_id, count(*) AS n FROM pending GROUP BY job_id ORDER BY n DESC LIMIT %(top)s) AS t)
 
 -- name: variant_states_upsert
 -- Returns the jobs to refold: the variants' jobs now, and before (a variant moved to another job);
@@ -87,7 +106,9 @@ WITH incoming AS (
             problem = excluded.problem,
             event_id = excluded.event_id
         -- Latest by version: a duplicate or an older change is a no-op.
+        -- A fixed event (dead-letters retry) replaces the problem state of its own version.
         WHERE s.version < excluded.version
+           OR (s.version = excluded.version AND s.problem IS NOT NULL AND excluded.problem IS NULL)
     RETURNING s.job_id
 ), affected AS (
     SELECT job_id FROM previous
@@ -128,8 +149,8 @@ WHERE partition = %(partition)s
 RETURNING job_id
 
 -- name: batch_commit
--- Job states, job flags, dead letters and the checkpoint, in one statement of the batch's
--- transaction.
+-- Job states, job flags, dead letters, the checkpoint and the throughput count, in one statement
+-- of the batch's transaction.
 WITH job_updates AS (
     UPDATE jobs AS j
     SET status = t.status,
@@ -142,7 +163,7 @@ WITH job_updates AS (
     RETURNING j.job_id
 ), flags_cleared AS (
     DELETE FROM outbox_job_flags
-    WHERE job_id = ANY(%(job_ids)s::uuid[])
+    WHERE job_id = ANY(%(folded_job_ids)s::uuid[])
 ), flags_set AS (
     INSERT INTO outbox_job_flags AS f (job_id, reason)
     SELECT * FROM unnest(%(flag_job_ids)s::uuid[], %(flag_reasons)s::text[])
@@ -162,9 +183,16 @@ WITH job_updates AS (
         last_txid = %(after_txid)s::xid8,
         last_event_id = %(after_event_id)s,
         events_applied = events_applied + %(event_count)s,
+        last_applied_event_id = coalesce(%(last_applied_event_id)s, last_applied_event_id),
+        last_applied_at = CASE WHEN %(event_count)s > 0 THEN clock_timestamp() ELSE last_applied_at END,
         updated_at = clock_timestamp()
     WHERE partition = %(partition)s
     RETURNING updated_at
+), counted AS (
+    INSERT INTO outbox_throughput AS t (partition, bucket, events)
+    SELECT %(partition)s, date_bin('10 seconds', clock_timestamp(), '2000-01-01'), %(event_count)s
+    WHERE %(event_count)s > 0
+    ON CONFLICT (partition, bucket) DO UPDATE SET events = t.events + excluded.events
 )
 SELECT (SELECT count(*) FROM job_updates) AS jobs_changed,
        (SELECT count(*) FROM parked) AS dead_letters,
@@ -239,3 +267,240 @@ JOIN LATERAL (
     WHERE job_id = j.job_id
 ) AS v ON true
 WHERE j.job_id = ANY(%(job_ids)s::uuid[])
+
+-- name: backlog_counts
+SELECT (SELECT count(*) FROM outbox_dead_letters WHERE discarded_at IS NULL) AS dead_letters,
+       (SELECT count(*) FROM outbox_job_flags) AS flagged_jobs,
+       (SELECT count(*) FROM outbox_dirty_jobs WHERE partition = %(partition)s) AS jobs_awaiting_fold,
+       pg_total_relation_size('outbox_events') AS outbox_bytes,
+       (SELECT greatest(reltuples, 0)::bigint FROM pg_class WHERE oid = 'outbox_events'::regclass) AS outbox_rows_estimate,
+       (SELECT coalesce(sum(events), 0)
+        FROM outbox_throughput
+        WHERE partition = %(partition)s AND bucket > clock_timestamp() - interval '70 seconds'
+          AND bucket <= clock_timestamp() - interval '10 seconds') / 60.0 AS events_per_second,
+       (SELECT last_applied_event_id FROM outbox_checkpoints WHERE partition = %(partition)s),
+       (SELECT last_applied_at FROM outbox_checkpoints WHERE partition = %(partition)s)
+
+-- name: backlog_workers
+-- Every connected worker of this database, from its application_name (processor.worker).
+SELECT pid, application_name, backend_start, state, clock_timestamp() - state_change AS in_state_for
+FROM pg_stat_activity
+WHERE datname = current_database()
+  AND application_name LIKE 'outbox-worker:%%'
+ORDER BY backend_start
+
+-- Operations: replay, verify, dead letters, prune. Each runs in transactions that first lock the
+-- partition's checkpoint row (checkpoint_lock), so it sees exactly what the worker has applied and
+-- the worker waits for it: nothing is applied twice or missed around them.
+
+-- name: jobs_all
+SELECT job_id FROM jobs WHERE outbox_partition_of(job_id) = %(partition)s ORDER BY job_id
+
+-- name: jobs_with_events_since
+SELECT DISTINCT job_id
+FROM outbox_events
+WHERE partition = %(partition)s AND created_at >= %(since)s AND job_id IS NOT NULL
+ORDER BY job_id
+
+-- name: replay_variants_of_jobs
+-- Every variant that belongs or belonged to the jobs, from every place that knows of it.
+SELECT variant_id FROM outbox_variant_states WHERE job_id = ANY(%(job_ids)s::uuid[])
+UNION
+SELECT variant_id FROM outbox_variant_baseline WHERE job_id = ANY(%(job_ids)s::uuid[])
+UNION
+SELECT job_variants_id FROM jobs_variants WHERE job_id = ANY(%(job_ids)s::uuid[])
+
+-- name: replay_latest_events
+-- Per variant, its newest event among those the checkpoint covers (applied), discarded dead
+-- letters left out.
+SELECT DISTINCT ON (e.variant_id)
+       e.event_id, e.txid::text, e.event_type, e.schema_version, e.job_id, e.variant_id,
+       e.variant_version, e.payload, e.created_at
+FROM outbox_events AS e
+WHERE e.variant_id = ANY(%(variant_ids)s::uuid[])
+  AND e.partition = %(partition)s
+  AND (pg_visible_in_snapshot(e.txid, %(done)s::pg_snapshot)
+       OR (%(target)s::pg_snapshot IS NOT NULL
+           AND pg_visible_in_snapshot(e.txid, %(target)s::pg_snapshot)
+           AND (e.txid, e.event_id) <= (%(after_txid)s::xid8, %(after_event_id)s::bigint)))
+  AND NOT EXISTS (
+      SELECT 1 FROM outbox_dead_letters AS d WHERE d.event_id = e.event_id AND d.discarded_at IS NOT NULL
+  )
+ORDER BY e.variant_id, e.variant_version DESC
+
+-- name: variant_baseline_get
+SELECT job_id, variant_id, version, status, step, removed, problem, event_id
+FROM outbox_variant_baseline
+WHERE variant_id = ANY(%(variant_ids)s::uuid[])
+
+-- name: variant_states_replace
+-- Replay's result replaces whatever was stored for these variants.
+WITH dropped AS (
+    DELETE FROM outbox_variant_states WHERE variant_id = ANY(%(all_variant_ids)s::uuid[])
+)
+INSERT INTO outbox_variant_states (variant_id, job_id, version, status, step, removed, problem, event_id)
+SELECT *
+FROM unnest(
+    %(variant_ids)s::uuid[], %(job_ids)s::uuid[], %(versions)s::bigint[], %(statuses)s::text[],
+    %(steps)s::text[], %(removed)s::boolean[], %(problems)s::text[], %(event_ids)s::bigint[]
+)
+
+-- name: dirty_jobs_add
+INSERT INTO outbox_dirty_jobs (partition, job_id)
+SELECT %(partition)s, unnest(%(job_ids)s::uuid[])
+ON CONFLICT DO NOTHING
+
+-- name: jobs_get
+SELECT job_id, status, current_step FROM jobs WHERE job_id = ANY(%(job_ids)s::uuid[])
+
+-- name: verify_variant_drift
+-- Variants whose row in jobs_variants and whose event-derived state disagree, leaving out the
+-- variants with events not applied yet (they are in flight, not drifted).
+WITH pending AS (
+    SELECT DISTINCT variant_id
+    FROM outbox_events
+    WHERE partition = %(partition)s
+      AND (txid >= %(done_xmax)s::xid8 OR txid = ANY(%(done_xip)s::xid8[]))
+      AND NOT (%(target)s::pg_snapshot IS NOT NULL
+               AND pg_visible_in_snapshot(txid, %(target)s::pg_snapshot)
+               AND (txid, event_id) <= (%(after_txid)s::xid8, %(after_event_id)s::bigint))
+), states AS (
+    SELECT * FROM outbox_variant_states WHERE NOT removed
+)
+SELECT coalesce(v.job_variants_id, s.variant_id) AS variant_id,
+       v.job_id, v.status, v.current_step,
+       s.job_id, s.status, s.step
+FROM jobs_variants AS v
+FULL JOIN states AS s ON s.variant_id = v.job_variants_id
+WHERE (v.job_variants_id IS NULL OR s.variant_id IS NULL
+       OR (v.job_id, v.status, v.current_step) IS DISTINCT FROM (s.job_id, s.status, s.step))
+  AND coalesce(v.job_variants_id, s.variant_id) NOT IN (SELECT variant_id FROM pending WHERE variant_id IS NOT NULL)
+  AND coalesce(v.job_id, s.job_id) IS NOT NULL
+  AND outbox_partition_of(coalesce(v.job_id, s.job_id)) = %(partition)s
+ORDER BY 1
+LIMIT %(limit)s
+
+-- name: verify_stuck_jobs
+-- The original symptom: every variant is done at the final step, yet the job is not done.
+SELECT j.job_id, j.status, j.current_step
+FROM jobs AS j
+WHERE j.status IS DISTINCT FROM 'done'
+  AND outbox_partition_of(j.job_id) = %(partition)s
+  AND EXISTS (SELECT 1 FROM jobs_variants AS v WHERE v.job_id = j.job_id)
+  AND NOT EXISTS (
+      SELECT 1 FROM jobs_variants AS v
+      WHERE v.job_id = j.job_id AND (v.status IS DISTINCT FROM 'done' OR v.current_step IS DISTINCT FROM %(final_step)s)
+  )
+ORDER BY j.job_id
+LIMIT %(limit)s
+
+-- name: verify_jobs_pending
+-- Jobs whose state may legitimately lag: events in flight, or waiting to be folded.
+SELECT DISTINCT job_id
+FROM outbox_events
+WHERE partition = %(partition)s
+  AND job_id IS NOT NULL
+  AND (txid >= %(done_xmax)s::xid8 OR txid = ANY(%(done_xip)s::xid8[]))
+  AND NOT (%(target)s::pg_snapshot IS NOT NULL
+           AND pg_visible_in_snapshot(txid, %(target)s::pg_snapshot)
+           AND (txid, event_id) <= (%(after_txid)s::xid8, %(after_event_id)s::bigint))
+UNION
+SELECT job_id FROM outbox_dirty_jobs WHERE partition = %(partition)s
+UNION
+SELECT job_id FROM outbox_job_flags
+
+-- name: verify_job_ids_after
+SELECT DISTINCT job_id
+FROM outbox_variant_states
+WHERE job_id > %(after)s AND outbox_partition_of(job_id) = %(partition)s
+ORDER BY job_id
+LIMIT %(limit)s
+
+-- name: variant_resync
+-- Repair: append an event carrying the variant row's current state (or its removal), under the
+-- row's lock so that its version orders after every change already made to it.
+WITH locked AS (
+    SELECT job_variants_id, job_id, status, current_step
+    FROM jobs_variants
+    WHERE job_variants_id = %(variant_id)s
+    FOR UPDATE
+)
+SELECT outbox_append_variant_event('variant_changed', job_id, job_variants_id, status, current_step)
+FROM locked
+UNION ALL
+SELECT outbox_append_variant_event('variant_removed', %(state_job_id)s, %(variant_id)s, NULL, NULL)
+WHERE NOT EXISTS (SELECT 1 FROM locked)
+
+-- name: dead_letters_list
+SELECT d.event_id, d.partition, d.job_id, d.variant_id, d.reason, d.parked_at, d.discarded_at,
+       e.event_type, e.schema_version, e.created_at
+FROM outbox_dead_letters AS d
+LEFT JOIN outbox_events AS e USING (event_id)
+WHERE (%(include_discarded)s OR d.discarded_at IS NULL)
+ORDER BY d.event_id
+LIMIT %(limit)s
+
+-- name: dead_letter_event_get
+SELECT e.event_id, e.txid::text, e.event_type, e.schema_version, e.job_id, e.variant_id,
+       e.variant_version, e.payload, e.created_at, d.discarded_at
+FROM outbox_dead_letters AS d
+JOIN outbox_events AS e USING (event_id)
+WHERE d.event_id = %(event_id)s AND d.partition = %(partition)s
+
+-- name: dead_letter_update_reason
+UPDATE outbox_dead_letters SET reason = %(reason)s, parked_at = now() WHERE event_id = %(event_id)s
+
+-- name: dead_letter_delete
+DELETE FROM outbox_dead_letters WHERE event_id = %(event_id)s
+
+-- name: dead_letter_discard
+UPDATE outbox_dead_letters SET discarded_at = now()
+WHERE event_id = %(event_id)s AND discarded_at IS NULL
+RETURNING job_id
+
+-- name: prune_latest_of_doomed
+-- The events to prune in this round: applied (visible in the done snapshot), older than the
+-- cutoff, and not a dead letter still waiting for retry or discard; with, per variant, the newest
+-- of them, for the baseline.
+WITH doomed AS (
+    SELECT e.event_id, e.variant_id, e.variant_version
+    FROM outbox_events AS e
+    WHERE e.partition = %(partition)s
+      AND e.created_at < %(cutoff)s
+      AND pg_visible_in_snapshot(e.txid, %(done)s::pg_snapshot)
+      AND NOT EXISTS (
+          SELECT 1 FROM outbox_dead_letters AS d WHERE d.event_id = e.event_id AND d.discarded_at IS NULL
+      )
+    ORDER BY e.event_id
+    LIMIT %(limit)s
+)
+SELECT e.event_id, e.txid::text, e.event_type, e.schema_version, e.job_id, e.variant_id,
+       e.variant_version, e.payload, e.created_at,
+       (e.event_id, e.variant_version) IN (
+           SELECT DISTINCT ON (variant_id) event_id, variant_version FROM doomed
+           WHERE variant_id IS NOT NULL ORDER BY variant_id, variant_version DESC
+       ) AS newest_of_variant,
+       EXISTS (SELECT 1 FROM outbox_dead_letters AS d WHERE d.event_id = e.event_id) AS discarded
+FROM outbox_events AS e
+JOIN doomed USING (event_id)
+
+-- name: variant_baseline_upsert
+INSERT INTO outbox_variant_baseline AS b (variant_id, job_id, version, status, step, removed, problem, event_id)
+SELECT *
+FROM unnest(
+    %(variant_ids)s::uuid[], %(job_ids)s::uuid[], %(versions)s::bigint[], %(statuses)s::text[],
+    %(steps)s::text[], %(removed)s::boolean[], %(problems)s::text[], %(event_ids)s::bigint[]
+)
+ON CONFLICT (variant_id) DO UPDATE
+    SET job_id = excluded.job_id, version = excluded.version, status = excluded.status, step = excluded.step,
+        removed = excluded.removed, problem = excluded.problem, event_id = excluded.event_id
+    WHERE b.version < excluded.version
+
+-- name: events_delete
+DELETE FROM outbox_events WHERE event_id = ANY(%(event_ids)s::bigint[])
+
+-- name: dead_letters_delete_pruned
+DELETE FROM outbox_dead_letters WHERE event_id = ANY(%(event_ids)s::bigint[])
+
+-- name: throughput_prune
+DELETE FROM outbox_throughput WHERE bucket < clock_timestamp() - interval '1 day'

@@ -55,10 +55,15 @@ def _cursor(done: str, target: str | None, after_txid: str, after_event_id: int)
 
 
 def _cursor_params(cursor: Cursor) -> dict[str, Any]:
+    # Events not visible in the done snapshot start at its xmax (event ids start at 1); within a
+    # catch-up, after the last event applied.
+    range_start = max(cursor.after, Position(cursor.done.xmax, 0))
     return {
+        "range_txid": str(range_start.txid),
+        "range_event_id": range_start.event_id,
         "done": str(cursor.done),
         "done_xmax": str(cursor.done.xmax),
-        "done_xip": [str(x) for x in cursor.done.xip],
+        "done_xip": [str(x) for x in sorted(cursor.done.xip)],
         "target": str(cursor.target) if cursor.target else None,
         "after_txid": str(cursor.after.txid),
         "after_event_id": cursor.after.event_id,
@@ -103,10 +108,20 @@ def events_fetch(
     return events, Snapshot.parse(rows[0][9]) if rows else None
 
 
-def events_pending_count(conn: Connection, partition: int, cursor: Cursor) -> int:
-    row = conn.execute(QUERIES["events_pending_count"], {"partition": partition, **_cursor_params(cursor)}).fetchone()
+@dataclass(frozen=True, slots=True)
+class PendingSummary:
+    count: int
+    oldest_age_seconds: float | None
+    by_event_type: dict[str, int]
+    top_jobs: list[dict[str, Any]]
+
+
+def events_pending_summary(conn: Connection, partition: int, cursor: Cursor, *, top: int = 10) -> PendingSummary:
+    row = conn.execute(
+        QUERIES["events_pending_summary"], {"partition": partition, "top": top, **_cursor_params(cursor)}
+    ).fetchone()
     assert row is not None
-    return int(row[0])
+    return PendingSummary(int(row[0]), row[1], dict(row[2]), list(row[3]))
 
 
 def variant_states_upsert(
@@ -162,7 +177,7 @@ def dirty_jobs_count(conn: Connection, partition: int) -> int:
 def work_pending(conn: Connection, partition: int) -> int:
     """Events not applied yet plus jobs waiting to be folded: 0 when the worker is caught up."""
     cursor = checkpoint_get(conn, partition).cursor
-    return events_pending_count(conn, partition, cursor) + dirty_jobs_count(conn, partition)
+    return events_pending_summary(conn, partition, cursor, top=0).count + dirty_jobs_count(conn, partition)
 
 
 def dirty_jobs_add_flagged(conn: Connection, partition: int) -> None:
@@ -180,9 +195,11 @@ def batch_commit(
     *,
     jobs: dict[uuid.UUID, JobState],
     flags: dict[uuid.UUID, str],
+    folded: Sequence[uuid.UUID] = (),
     dead_letters: Sequence[DeadLetter],
     cursor: Cursor,
     event_count: int,
+    last_event_id: int | None = None,
 ) -> CommitResult:
     """Write job states, flags, dead letters and the new checkpoint in one statement."""
     row = conn.execute(
@@ -192,6 +209,7 @@ def batch_commit(
             "job_ids": list(jobs),
             "job_statuses": [state.status.value for state in jobs.values()],
             "job_steps": [state.current_step for state in jobs.values()],
+            "folded_job_ids": list(folded),
             "flag_job_ids": list(flags),
             "flag_reasons": list(flags.values()),
             "dead_event_ids": [d.event_id for d in dead_letters],
@@ -199,6 +217,7 @@ def batch_commit(
             "dead_variant_ids": [d.variant_id for d in dead_letters],
             "dead_reasons": [d.reason for d in dead_letters],
             "event_count": event_count,
+            "last_applied_event_id": last_event_id,
             **_cursor_params(cursor),
         },
     ).fetchone()

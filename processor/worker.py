@@ -171,7 +171,10 @@ class Worker:
                     conn, ctx, expected=cursor, new=new, events=events, defer=defer, before_commit=self.before_commit
                 )
             except FencedError as exc:
+                # Another consumer got past the advisory lock (a pooler?): back off, then resume
+                # from where it left the checkpoint.
                 log.warning("%s; reloading it", exc)
+                self._stopping.wait(settings.poll_interval_max)
                 cursor = store.checkpoint_get(conn, partition).cursor
                 dirty = store.dirty_jobs_exist(conn, partition)
                 continue

@@ -93,11 +93,16 @@ BEGIN
                 USING ERRCODE = 'check_violation';
         END IF;
     END IF;
+    -- The variant leaves its job: deleted, given another id, or detached (job_id set to NULL).
     IF TG_OP = 'DELETE'
-       OR (TG_OP = 'UPDATE' AND OLD.job_variants_id IS DISTINCT FROM NEW.job_variants_id) THEN
-        PERFORM outbox_append_variant_event('variant_removed', OLD.job_id, OLD.job_variants_id, NULL, NULL);
+       OR (TG_OP = 'UPDATE' AND (OLD.job_variants_id IS DISTINCT FROM NEW.job_variants_id
+                                 OR NEW.job_id IS NULL)) THEN
+        IF OLD.job_id IS NOT NULL THEN
+            PERFORM outbox_append_variant_event('variant_removed', OLD.job_id, OLD.job_variants_id, NULL, NULL);
+        END IF;
     END IF;
-    IF TG_OP IN ('UPDATE', 'INSERT') THEN
+    -- A variant without a job has nothing to fold; it is captured once it gets one.
+    IF TG_OP IN ('UPDATE', 'INSERT') AND NEW.job_id IS NOT NULL THEN
         PERFORM outbox_append_variant_event(
             'variant_changed', NEW.job_id, NEW.job_variants_id, NEW.status, NEW.current_step);
     END IF;
@@ -124,6 +129,7 @@ CREATE TRIGGER outbox_capture_variant_update
 -- the trigger would refuse becomes a dead letter and flags its job; it is not dropped silently.
 SELECT outbox_append_variant_event('variant_changed', job_id, job_variants_id, status, current_step)
 FROM jobs_variants
+WHERE job_id IS NOT NULL
 ORDER BY job_id, job_variants_id;
 
 -- The processor's position, one row per partition, written in the same transaction as the job

@@ -111,3 +111,16 @@ def test_a_variant_moved_to_another_job_refolds_both_jobs(conn, engine, settings
     drain(settings)
     assert job_state(conn, job_a) == ("done", "iou_eval")
     assert job_state(conn, job_b) == ("running", "ingest")
+
+
+def test_a_variant_detached_from_its_job_no_longer_counts_for_it(conn, engine, settings):
+    with engine.begin() as sa_conn:
+        job, (v1, v2) = outbox.create_job(sa_conn, variants=2)
+    conn.execute("UPDATE jobs_variants SET status = 'failed', current_step = 'ingest' WHERE job_variants_id = %s", [v1])
+    conn.execute("UPDATE jobs_variants SET status = 'done', current_step = 'iou_eval' WHERE job_variants_id = %s", [v2])
+    drain(settings)
+    assert job_state(conn, job) == ("failed", "ingest")
+    conn.execute("UPDATE jobs_variants SET job_id = NULL WHERE job_variants_id = %s", [v1])
+    drain(settings)
+    assert job_state(conn, job) == ("done", "iou_eval")
+    assert conn.execute("SELECT count(*) FROM outbox_dead_letters").fetchone()[0] == 0

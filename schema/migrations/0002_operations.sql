@@ -1,0 +1,38 @@
+-- 0002: what operating the processor needs: throughput history for `backlog`, the last event
+-- applied, the replay baseline kept by `prune`, and discarded dead letters.
+
+-- Events applied per partition in 10-second buckets (one small upsert per batch), for the recent
+-- throughput that `outbox backlog` shows. `outbox prune` drops buckets older than a day.
+CREATE TABLE outbox_throughput (
+    partition integer NOT NULL,
+    bucket    timestamptz NOT NULL,
+    events    bigint NOT NULL,
+    PRIMARY KEY (partition, bucket)
+);
+
+ALTER TABLE outbox_checkpoints
+    ADD COLUMN last_applied_event_id bigint,
+    ADD COLUMN last_applied_at timestamptz;
+
+-- The fold of the events that `outbox prune` removed: per variant, the latest state they gave.
+-- Replay starts from here, then applies the events that remain, so a replay after pruning gives
+-- the same state as one before.
+CREATE TABLE outbox_variant_baseline (
+    variant_id uuid PRIMARY KEY,
+    job_id     uuid NOT NULL,
+    version    bigint NOT NULL,
+    status     text,
+    step       text,
+    removed    boolean NOT NULL DEFAULT false,
+    problem    text,
+    event_id   bigint NOT NULL
+);
+
+CREATE INDEX outbox_variant_baseline_job_id_idx ON outbox_variant_baseline (job_id);
+
+-- `outbox dead-letters discard` keeps the record but marks the event as ignored: replay skips it.
+ALTER TABLE outbox_dead_letters ADD COLUMN discarded_at timestamptz;
+
+-- Replay reads the events of given variants (found through the variant states, the baseline and
+-- jobs_variants). One index, not two (job and variant): each costs every writer an insert.
+CREATE INDEX outbox_events_variant_id_idx ON outbox_events (variant_id);
