@@ -1,4 +1,4 @@
-"""The `outbox` command: migrate, run, demo.
+"""The `outbox` command: migrate, run, demo, backlog, replay, verify, dead-letters, prune.
 
 Every flag falls back to an OUTBOX_* environment variable (shown in --help). Errors print one line
 with their cause and exit 1; a usage error exits 2.
@@ -6,9 +6,12 @@ with their cause and exit 1; a usage error exits 2.
 
 from __future__ import annotations
 
+import datetime as dt
+import json
 import logging
 import signal
 import sys
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType
@@ -17,7 +20,11 @@ from typing import Annotated, Any
 import psycopg
 import typer
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
+from processor import store
+from processor.batch import FoldContext
 from processor.database import DatabaseUrl, RedactingFilter, connect, redact
 from processor.errors import OutboxError
 from processor.migrate import check_ready
@@ -129,8 +136,6 @@ def demo(
 
     It writes demo jobs into the database: point it at the embedded default or a scratch database.
     """
-    import json
-
     from processor.demo import DemoOptions, render_report, run_demo
 
     if min_variants > max_variants:
@@ -169,8 +174,6 @@ def backlog(
     log_level: LogLevelOption = "WARNING",
 ) -> None:
     """Show the event backlog: pending events, lag, the consumer, standbys, dead letters."""
-    import json
-
     from processor.backlog import collect_backlog, render_backlog
 
     settings, db, console = _setup(database_url, log_level, partition=partition)
@@ -185,6 +188,232 @@ def backlog(
     if max_lag is not None and lag is not None and lag > max_lag:
         print(f"error: oldest pending event is {lag:.1f} s old, over --max-lag {max_lag:g}", file=sys.stderr)
         raise SystemExit(3)
+
+
+PartitionOption = Annotated[
+    int | None, typer.Option(envvar="OUTBOX_PARTITION", help="Partition to work on.", show_default="0")
+]
+
+
+@contextmanager
+def _operation(
+    database_url: str | None, log_level: str, partition: int | None, role: str
+) -> Iterator[tuple[Settings, Console, Any, FoldContext]]:
+    """Settings, an output console, a checked connection and the fold context, for one command."""
+    settings, db, console = _setup(database_url, log_level, partition=partition)
+    with connect(db, application_name=application_name(role)) as conn:
+        check_ready(conn)
+        yield settings, console, conn, FoldContext(settings.partition, settings.pipeline, settings.failure_policy)
+
+
+def _progress(total: int, description: str) -> Progress:
+    progress = Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=Console(stderr=True), transient=False,
+    )  # fmt: skip
+    progress.add_task(description, total=total)
+    return progress
+
+
+def _parse_since(value: str | None) -> dt.datetime | None:
+    if value is None:
+        return None
+    try:
+        parsed = dt.datetime.fromisoformat(value)
+    except ValueError:
+        raise typer.BadParameter(f"{value!r} is not an ISO 8601 date or time", param_hint="--since") from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
+
+
+@app.command()
+def replay(
+    database_url: DatabaseOption = None,
+    job: Annotated[list[uuid.UUID] | None, typer.Option("--job", help="A job to rebuild (repeatable).")] = None,
+    since: Annotated[
+        str | None, typer.Option(help="Rebuild the jobs with events written since this ISO 8601 time (UTC if naive).")
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the jobs that would change; change nothing.")
+    ] = False,
+    partition: PartitionOption = None,
+    as_json: JsonOption = False,
+    log_level: LogLevelOption = "WARNING",
+) -> None:
+    """Rebuild job state from the outbox: all jobs, --job ID..., or --since TIME. Safe while the worker runs."""
+    from processor.replay import replay as run_replay
+
+    started = _parse_since(since)
+    with _operation(database_url, log_level, partition, "replay") as (settings, console, conn, ctx):
+        if job:
+            job_ids = sorted(set(job))
+        elif started is not None:
+            job_ids = store.job_ids_with_events_since(conn, settings.partition, started)
+        else:
+            job_ids = store.job_ids_all(conn, settings.partition)
+        with _progress(len(job_ids), "replaying jobs" + (" (dry run)" if dry_run else "")) as progress:
+            changes = run_replay(
+                conn, ctx, job_ids, dry_run=dry_run, on_chunk=lambda n: progress.advance(progress.task_ids[0], n)
+            )
+    if as_json:
+        print(json.dumps({
+            "jobs": len(job_ids), "dry_run": dry_run,
+            "changed": [{"job_id": str(c.job_id), "before": c.before, "after": c.after} for c in changes],
+        }, indent=2))  # fmt: skip
+        return
+    for change in changes:
+        console.print(("would change " if dry_run else "changed ") + change.describe())
+    verb = "would change" if dry_run else "changed"
+    console.print(f"replayed {len(job_ids)} jobs: {len(changes)} {verb}")
+
+
+@app.command()
+def verify(
+    database_url: DatabaseOption = None,
+    repair: Annotated[bool, typer.Option("--repair", help="Fix drift through the processor (events, replay).")] = False,
+    partition: PartitionOption = None,
+    as_json: JsonOption = False,
+    log_level: LogLevelOption = "WARNING",
+) -> None:
+    """Compare event-derived state with jobs_variants and jobs; exit 1 on drift."""
+    from processor.verify import repair as run_repair
+    from processor.verify import verify as run_verify
+
+    with _operation(database_url, log_level, partition, "verify") as (_, console, conn, ctx):
+        report = run_verify(conn, ctx)
+        repaired = run_repair(conn, ctx, report) if repair and report.drift else None
+    if as_json:
+        out = report.as_dict()
+        if repaired is not None:
+            out["repaired"] = {"resync_events": repaired[0], "jobs_rebuilt": repaired[1]}
+        print(json.dumps(out, indent=2))
+    else:
+        for item in report.variant_drift:
+            console.print(f"variant {item['variant_id']}: row {item['row']} but events say {item['events']}")
+        for item in report.job_drift:
+            console.print(f"job {item['job_id']}: jobs says {item['jobs']} but its variants give {item['events']}")
+        for item in report.stuck_jobs:
+            console.print(f"job {item['job_id']} is {item['status']} although all its variants are done")
+        console.print(
+            f"{len(report.variant_drift)} variants and {len(report.job_drift)} jobs drifted, "
+            f"{len(report.stuck_jobs)} stuck; {report.flagged_jobs} flagged, "
+            f"{report.jobs_in_flight} in flight (skipped)"
+        )
+        if repaired is not None:
+            console.print(
+                f"repaired: {repaired[0]} resync events written (the worker applies them), {repaired[1]} jobs rebuilt"
+            )
+    if report.drift and not repair:
+        raise SystemExit(1)
+
+
+dead_letters_app = typer.Typer(help="Events that could not be applied: list, retry, discard.", no_args_is_help=True)
+app.add_typer(dead_letters_app, name="dead-letters")
+
+
+@dead_letters_app.command("list")
+def dead_letters_list(
+    database_url: DatabaseOption = None,
+    include_discarded: Annotated[bool, typer.Option("--include-discarded")] = False,
+    as_json: JsonOption = False,
+    log_level: LogLevelOption = "WARNING",
+) -> None:
+    """List dead letters with the reason each could not be applied."""
+    from processor.dead_letters import list_dead_letters
+
+    with _operation(database_url, log_level, None, "dead-letters") as (_, console, conn, _ctx):
+        letters = list_dead_letters(conn, include_discarded=include_discarded)
+    if as_json:
+        print(json.dumps(letters, indent=2))
+        return
+    table = Table("event", "job", "type", "reason", "parked at", title=f"{len(letters)} dead letters")
+    for letter in letters:
+        table.add_row(
+            str(letter["event_id"]),
+            str(letter["job_id"]),
+            str(letter["event_type"]),
+            letter["reason"],
+            letter["parked_at"],
+        )
+    console.print(table)
+
+
+EventIdsArgument = Annotated[
+    list[int] | None, typer.Argument(help="Event ids (see `dead-letters list`).", show_default=False)
+]
+
+
+def _chosen_event_ids(conn: Any, event_ids: list[int] | None, all_: bool) -> list[int]:
+    from processor.dead_letters import list_dead_letters
+
+    if all_:
+        return [letter["event_id"] for letter in list_dead_letters(conn, limit=1_000_000)]
+    if not event_ids:
+        raise typer.BadParameter("give event ids or --all", param_hint="EVENT_IDS")
+    return event_ids
+
+
+@dead_letters_app.command("retry")
+def dead_letters_retry(
+    event_ids: EventIdsArgument = None,
+    all_: Annotated[bool, typer.Option("--all", help="Retry every dead letter.")] = False,
+    database_url: DatabaseOption = None,
+    partition: PartitionOption = None,
+    log_level: LogLevelOption = "WARNING",
+) -> None:
+    """Apply dead letters again (after fixing their payload, the pipeline setting or the worker)."""
+    from processor.dead_letters import retry
+
+    with _operation(database_url, log_level, partition, "dead-letters") as (_, console, conn, ctx):
+        outcomes = retry(conn, ctx, _chosen_event_ids(conn, event_ids, all_))
+    for event_id, outcome in outcomes.items():
+        console.print(f"event {event_id}: {outcome}")
+    if any(outcome != "applied" for outcome in outcomes.values()):
+        raise SystemExit(1)
+
+
+@dead_letters_app.command("discard")
+def dead_letters_discard(
+    event_ids: EventIdsArgument = None,
+    database_url: DatabaseOption = None,
+    partition: PartitionOption = None,
+    log_level: LogLevelOption = "WARNING",
+) -> None:
+    """Ignore dead letters for good: their jobs are rebuilt without them."""
+    from processor.dead_letters import discard
+
+    with _operation(database_url, log_level, partition, "dead-letters") as (_, console, conn, ctx):
+        outcomes = discard(conn, ctx, _chosen_event_ids(conn, event_ids, False))
+    for event_id, outcome in outcomes.items():
+        console.print(f"event {event_id}: {outcome}")
+    if any(outcome != "discarded" for outcome in outcomes.values()):
+        raise SystemExit(1)
+
+
+@app.command()
+def prune(
+    older_than: Annotated[
+        str, typer.Option("--older-than", help="Age of applied events to remove: 90s, 30m, 12h, 7d, 2w.")
+    ],
+    database_url: DatabaseOption = None,
+    partition: PartitionOption = None,
+    log_level: LogLevelOption = "WARNING",
+) -> None:
+    """Remove applied events older than a duration; replay stays correct (it starts from a baseline)."""
+    from processor.prune import parse_duration
+    from processor.prune import prune as run_prune
+
+    age = parse_duration(older_than)
+    with _operation(database_url, log_level, partition, "prune") as (_, console, conn, ctx):
+        progress = Progress(
+            TextColumn("pruning"), MofNCompleteColumn(), TimeElapsedColumn(), console=Console(stderr=True)
+        )
+        with progress:
+            task = progress.add_task("pruning", total=None)
+            result = run_prune(conn, ctx, age, on_chunk=lambda n: progress.advance(task, n))
+    console.print(
+        f"pruned {result.events_deleted} events older than {older_than}; "
+        f"{result.baseline_updates} variant baselines updated"
+    )
 
 
 @contextmanager

@@ -458,31 +458,29 @@ UPDATE outbox_dead_letters SET discarded_at = now()
 WHERE event_id = %(event_id)s AND discarded_at IS NULL
 RETURNING job_id
 
--- name: prune_latest_of_doomed
+-- name: prune_doomed
 -- The events to prune in this round: applied (visible in the done snapshot), older than the
--- cutoff, and not a dead letter still waiting for retry or discard; with, per variant, the newest
--- of them, for the baseline.
+-- cutoff, and not a dead letter still waiting for retry or discard. newest_of_variant marks, per
+-- variant, the newest of them that counts (discarded ones do not), for the baseline.
 WITH doomed AS (
-    SELECT e.event_id, e.variant_id, e.variant_version
+    SELECT e.*, d.event_id IS NOT NULL AS discarded
     FROM outbox_events AS e
+    LEFT JOIN outbox_dead_letters AS d USING (event_id)
     WHERE e.partition = %(partition)s
       AND e.created_at < %(cutoff)s
       AND pg_visible_in_snapshot(e.txid, %(done)s::pg_snapshot)
-      AND NOT EXISTS (
-          SELECT 1 FROM outbox_dead_letters AS d WHERE d.event_id = e.event_id AND d.discarded_at IS NULL
-      )
+      AND (d.event_id IS NULL OR d.discarded_at IS NOT NULL)
     ORDER BY e.event_id
     LIMIT %(limit)s
+), newest AS (
+    SELECT DISTINCT ON (variant_id) event_id
+    FROM doomed
+    WHERE variant_id IS NOT NULL AND NOT discarded
+    ORDER BY variant_id, variant_version DESC
 )
-SELECT e.event_id, e.txid::text, e.event_type, e.schema_version, e.job_id, e.variant_id,
-       e.variant_version, e.payload, e.created_at,
-       (e.event_id, e.variant_version) IN (
-           SELECT DISTINCT ON (variant_id) event_id, variant_version FROM doomed
-           WHERE variant_id IS NOT NULL ORDER BY variant_id, variant_version DESC
-       ) AS newest_of_variant,
-       EXISTS (SELECT 1 FROM outbox_dead_letters AS d WHERE d.event_id = e.event_id) AS discarded
-FROM outbox_events AS e
-JOIN doomed USING (event_id)
+SELECT event_id, txid::text, event_type, schema_version, job_id, variant_id, variant_version, payload,
+       created_at, event_id IN (SELECT event_id FROM newest) AS newest_of_variant
+FROM doomed
 
 -- name: variant_baseline_upsert
 INSERT INTO outbox_variant_baseline AS b (variant_id, job_id, version, status, step, removed, problem, event_id)
@@ -504,3 +502,9 @@ DELETE FROM outbox_dead_letters WHERE event_id = ANY(%(event_ids)s::bigint[])
 
 -- name: throughput_prune
 DELETE FROM outbox_throughput WHERE bucket < clock_timestamp() - interval '1 day'
+
+-- name: clock_minus
+SELECT clock_timestamp() - %(interval)s::interval
+
+-- name: job_flags_count
+SELECT count(*) FROM outbox_job_flags

@@ -91,20 +91,7 @@ def events_fetch(
     rows = conn.execute(
         QUERIES["events_fetch"], {"partition": partition, "limit": limit, **_cursor_params(cursor)}
     ).fetchall()
-    events = [
-        EventRow(
-            event_id=r[0],
-            txid=int(r[1]),
-            event_type=r[2],
-            schema_version=r[3],
-            job_id=r[4],
-            variant_id=r[5],
-            variant_version=r[6],
-            payload=r[7],
-            created_at=r[8],
-        )
-        for r in rows
-    ]
+    events = event_rows(rows)
     return events, Snapshot.parse(rows[0][9]) if rows else None
 
 
@@ -134,20 +121,12 @@ def variant_states_upsert(
     """
     if not changes:
         return set()
-    states = [state for state, _ in changes]
     rows = conn.execute(
         QUERIES["variant_states_upsert"],
         {
             "partition": partition,
             "defer": defer,
-            "variant_ids": [s.variant_id for s in states],
-            "job_ids": [s.job_id for s in states],
-            "versions": [s.version for s in states],
-            "statuses": [s.status.value if s.status else None for s in states],
-            "steps": [s.step for s in states],
-            "removed": [s.removed for s in states],
-            "problems": [s.problem for s in states],
-            "event_ids": [event_id for _, event_id in changes],
+            **_state_params(changes),
         },
     ).fetchall()
     return {row[0] for row in rows}
@@ -237,3 +216,85 @@ def consumer_lock_holder(conn: Connection, partition: int) -> LockHolder | None:
         QUERIES["consumer_lock_holder"], {"lock_class": CONSUMER_LOCK_CLASS, "partition": partition}
     ).fetchone()
     return LockHolder(pid=row[0], application_name=row[1], since=row[2]) if row else None
+
+
+# Operations (replay, verify, dead letters, prune). Callers lock the checkpoint row first.
+
+
+def event_rows(rows: Sequence[Sequence[Any]]) -> list[EventRow]:
+    """EventRow from the first nine columns of an outbox_events query."""
+    return [
+        EventRow(
+            event_id=r[0], txid=int(r[1]), event_type=r[2], schema_version=r[3], job_id=r[4],
+            variant_id=r[5], variant_version=r[6], payload=r[7], created_at=r[8],
+        )
+        for r in rows
+    ]  # fmt: skip
+
+
+def _state_params(states: Sequence[tuple[VariantState, int]]) -> dict[str, Any]:
+    return {
+        "variant_ids": [s.variant_id for s, _ in states],
+        "job_ids": [s.job_id for s, _ in states],
+        "versions": [s.version for s, _ in states],
+        "statuses": [s.status.value if s.status else None for s, _ in states],
+        "steps": [s.step for s, _ in states],
+        "removed": [s.removed for s, _ in states],
+        "problems": [s.problem for s, _ in states],
+        "event_ids": [event_id for _, event_id in states],
+    }
+
+
+def job_ids_all(conn: Connection, partition: int) -> list[uuid.UUID]:
+    return [row[0] for row in conn.execute(QUERIES["jobs_all"], {"partition": partition})]
+
+
+def job_ids_with_events_since(conn: Connection, partition: int, since: dt.datetime) -> list[uuid.UUID]:
+    rows = conn.execute(QUERIES["jobs_with_events_since"], {"partition": partition, "since": since})
+    return [row[0] for row in rows]
+
+
+def jobs_get(conn: Connection, job_ids: Iterable[uuid.UUID]) -> dict[uuid.UUID, tuple[str | None, str | None]]:
+    rows = conn.execute(QUERIES["jobs_get"], {"job_ids": list(job_ids)}).fetchall()
+    return {row[0]: (row[1], row[2]) for row in rows}
+
+
+def replay_variants_of_jobs(conn: Connection, job_ids: Sequence[uuid.UUID]) -> list[uuid.UUID]:
+    return [row[0] for row in conn.execute(QUERIES["replay_variants_of_jobs"], {"job_ids": list(job_ids)})]
+
+
+def replay_latest_events(
+    conn: Connection, partition: int, cursor: Cursor, variant_ids: Sequence[uuid.UUID]
+) -> list[EventRow]:
+    rows = conn.execute(
+        QUERIES["replay_latest_events"],
+        {"partition": partition, "variant_ids": list(variant_ids), **_cursor_params(cursor)},
+    ).fetchall()
+    return event_rows(rows)
+
+
+def variant_baseline_get(conn: Connection, variant_ids: Sequence[uuid.UUID]) -> list[tuple[VariantState, int]]:
+    rows = conn.execute(QUERIES["variant_baseline_get"], {"variant_ids": list(variant_ids)}).fetchall()
+    return [
+        (VariantState(r[1], r[0], r[2], VariantStatus(r[3]) if r[3] else None, r[4], r[5], r[6]), r[7]) for r in rows
+    ]
+
+
+def variant_states_replace(
+    conn: Connection, variant_ids: Sequence[uuid.UUID], states: Sequence[tuple[VariantState, int]]
+) -> None:
+    conn.execute(QUERIES["variant_states_replace"], {"all_variant_ids": list(variant_ids), **_state_params(states)})
+
+
+def variant_baseline_upsert(conn: Connection, states: Sequence[tuple[VariantState, int]]) -> None:
+    if states:
+        conn.execute(QUERIES["variant_baseline_upsert"], _state_params(states))
+
+
+def dirty_jobs_add(conn: Connection, partition: int, job_ids: Iterable[uuid.UUID]) -> None:
+    conn.execute(QUERIES["dirty_jobs_add"], {"partition": partition, "job_ids": list(job_ids)})
+
+
+def cursor_params(cursor: Cursor) -> dict[str, Any]:
+    """The cursor as query parameters, for the operations' queries."""
+    return _cursor_params(cursor)

@@ -1,0 +1,84 @@
+"""`outbox dead-letters`: list, retry and discard events that could not be applied."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+from processor import store
+from processor.batch import FoldContext, fold_jobs
+from processor.decode import decode_event
+from processor.replay import rebuild_jobs
+from processor.store import QUERIES, Connection
+
+
+def list_dead_letters(conn: Connection, *, include_discarded: bool = False, limit: int = 1000) -> list[dict[str, Any]]:
+    rows = conn.execute(QUERIES["dead_letters_list"], {"include_discarded": include_discarded, "limit": limit})
+    return [
+        {
+            "event_id": r[0], "partition": r[1], "job_id": _s(r[2]), "variant_id": _s(r[3]), "reason": r[4],
+            "parked_at": r[5].isoformat(), "discarded_at": r[6].isoformat() if r[6] else None,
+            "event_type": r[7], "schema_version": r[8], "written_at": r[9].isoformat() if r[9] else None,
+        }
+        for r in rows
+    ]  # fmt: skip
+
+
+def retry(conn: Connection, ctx: FoldContext, event_ids: Sequence[int]) -> dict[int, str]:
+    """Decode each dead letter's event again (the payload or the worker may have been fixed) and apply it.
+
+    Returns, per event, "applied" or the reason it still cannot be applied (kept parked).
+    """
+    outcomes: dict[int, str] = {}
+    for event_id in event_ids:
+        with conn.transaction():
+            cursor = store.checkpoint_lock(conn, ctx.partition)  # the worker waits for us
+            row = conn.execute(
+                QUERIES["dead_letter_event_get"], {"event_id": event_id, "partition": ctx.partition}
+            ).fetchone()
+            if row is None or row[9] is not None:
+                outcomes[event_id] = "not a dead letter waiting for retry (unknown, discarded or pruned)"
+                continue
+            (event,) = store.event_rows([row])
+            decoded = decode_event(event)
+            if decoded.dead_letter is not None:
+                conn.execute(
+                    QUERIES["dead_letter_update_reason"], {"event_id": event_id, "reason": decoded.dead_letter.reason}
+                )
+                outcomes[event_id] = f"still failing: {decoded.dead_letter.reason}"
+                continue
+            assert decoded.state is not None
+            defer = cursor.target is not None  # a catch-up is in progress: fold when it completes
+            affected = store.variant_states_upsert(conn, ctx.partition, [(decoded.state, event_id)], defer=defer)
+            if affected:
+                jobs = fold_jobs(affected, store.variant_states_for_jobs(conn, affected), ctx)
+                store.batch_commit(
+                    conn, ctx.partition, jobs=jobs.states, folded=jobs.folded, flags=jobs.flags,
+                    dead_letters=[], cursor=cursor, event_count=0,
+                )  # fmt: skip
+            conn.execute(QUERIES["dead_letter_delete"], {"event_id": event_id})
+            outcomes[event_id] = "applied"
+    return outcomes
+
+
+def discard(conn: Connection, ctx: FoldContext, event_ids: Sequence[int]) -> dict[int, str]:
+    """Ignore these events from now on: mark them, then rebuild their jobs without them."""
+    outcomes: dict[int, str] = {}
+    jobs: set[uuid.UUID] = set()
+    for event_id in event_ids:
+        with conn.transaction():
+            row = conn.execute(QUERIES["dead_letter_discard"], {"event_id": event_id}).fetchone()
+        if row is None:
+            outcomes[event_id] = "not a dead letter waiting for retry (unknown or already discarded)"
+            continue
+        if row[0] is not None:
+            jobs.add(row[0])
+        outcomes[event_id] = "discarded"
+    if jobs:
+        rebuild_jobs(conn, ctx, sorted(jobs), dry_run=False)
+    return outcomes
+
+
+def _s(value: object) -> str | None:
+    return None if value is None else str(value)
