@@ -347,9 +347,12 @@ def _chosen_event_ids(conn: Any, event_ids: list[int] | None, all_: bool) -> lis
 
     if all_:
         return [letter["event_id"] for letter in list_dead_letters(conn, limit=1_000_000)]
-    if not event_ids:
-        raise typer.BadParameter("give event ids or --all", param_hint="EVENT_IDS")
-    return event_ids
+    return event_ids or []
+
+
+def _require_event_ids(event_ids: list[int] | None, all_: bool) -> None:
+    if not event_ids and not all_:
+        raise typer.BadParameter("give one or more event ids (or --all, for retry)")
 
 
 @dead_letters_app.command("retry")
@@ -363,6 +366,7 @@ def dead_letters_retry(
     """Apply dead letters again (after fixing their payload, the pipeline setting or the worker)."""
     from processor.dead_letters import retry
 
+    _require_event_ids(event_ids, all_)
     with _operation(database_url, log_level, partition, "dead-letters") as (_, console, conn, ctx):
         outcomes = retry(conn, ctx, _chosen_event_ids(conn, event_ids, all_))
     for event_id, outcome in outcomes.items():
@@ -381,6 +385,7 @@ def dead_letters_discard(
     """Ignore dead letters for good: their jobs are rebuilt without them."""
     from processor.dead_letters import discard
 
+    _require_event_ids(event_ids, False)
     with _operation(database_url, log_level, partition, "dead-letters") as (_, console, conn, ctx):
         outcomes = discard(conn, ctx, _chosen_event_ids(conn, event_ids, False))
     for event_id, outcome in outcomes.items():
@@ -435,14 +440,27 @@ def _stop_on_signals(worker: Worker) -> Iterator[None]:
 
 
 def main() -> None:
+    """Run the CLI; every error is one line on stderr (usage errors exit 2, others 1)."""
+    command = typer.main.get_command(app)
     try:
-        app()
+        code = command.main(prog_name="outbox", standalone_mode=False)
+    except typer.Abort:
+        _fail("interrupted", code=130)
+    except typer.TyperException as exc:  # command-line errors (typer's click): usage errors exit 2
+        ctx = getattr(exc, "ctx", None)
+        if type(exc).__name__ == "NoArgsIsHelpError" and ctx is not None:
+            print(ctx.get_help(), file=sys.stderr)
+            raise SystemExit(2) from None
+        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+        _fail(" ".join(message.split()) + hint, code=getattr(exc, "exit_code", 2))
     except OutboxError as exc:
         _fail(str(exc))
     except psycopg.Error as exc:
         _fail(f"database error: {_describe(exc)}")
     except KeyboardInterrupt:
         _fail("interrupted", code=130)
+    raise SystemExit(code if isinstance(code, int) else 0)
 
 
 def _describe(exc: BaseException) -> str:

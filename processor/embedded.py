@@ -25,8 +25,6 @@ def embedded_database_url(data_dir: Path | None = None) -> str:
     pgserver initialises the data directory on first use and stops the server when the last
     process using it exits.
     """
-    from pgserver import get_server  # type: ignore[attr-defined]  # only this path needs the server
-
     path = (data_dir or default_data_dir()).expanduser().resolve()
     if path not in _SERVERS:
         path.mkdir(parents=True, exist_ok=True)
@@ -35,6 +33,8 @@ def embedded_database_url(data_dir: Path | None = None) -> str:
             # platformdirs warns when XDG_RUNTIME_DIR is unset (containers, CI); pgserver only
             # keeps a lock file there and falls back to /tmp.
             warnings.simplefilter("ignore")
+            from pgserver import get_server  # type: ignore[attr-defined]  # only this path needs it
+
             _SERVERS[path] = get_server(path, cleanup_mode="stop")
     uri: str = _SERVERS[path].get_uri()
     return uri

@@ -333,11 +333,11 @@ SELECT job_id, variant_id, version, status, step, removed, problem, event_id
 FROM outbox_variant_baseline
 WHERE variant_id = ANY(%(variant_ids)s::uuid[])
 
--- name: variant_states_replace
--- Replay's result replaces whatever was stored for these variants.
-WITH dropped AS (
-    DELETE FROM outbox_variant_states WHERE variant_id = ANY(%(all_variant_ids)s::uuid[])
-)
+-- name: variant_states_delete
+DELETE FROM outbox_variant_states WHERE variant_id = ANY(%(variant_ids)s::uuid[])
+
+-- name: variant_states_insert
+-- After variant_states_delete: replay's result replaces whatever was stored for these variants.
 INSERT INTO outbox_variant_states (variant_id, job_id, version, status, step, removed, problem, event_id)
 SELECT *
 FROM unnest(

@@ -283,7 +283,8 @@ def variant_baseline_get(conn: Connection, variant_ids: Sequence[uuid.UUID]) -> 
 def variant_states_replace(
     conn: Connection, variant_ids: Sequence[uuid.UUID], states: Sequence[tuple[VariantState, int]]
 ) -> None:
-    conn.execute(QUERIES["variant_states_replace"], {"all_variant_ids": list(variant_ids), **_state_params(states)})
+    conn.execute(QUERIES["variant_states_delete"], {"variant_ids": list(variant_ids)})
+    conn.execute(QUERIES["variant_states_insert"], _state_params(states))
 
 
 def variant_baseline_upsert(conn: Connection, states: Sequence[tuple[VariantState, int]]) -> None:

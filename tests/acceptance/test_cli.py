@@ -76,6 +76,9 @@ def test_sigterm_stops_the_worker_cleanly(db, tmp_path):
         (["run", "--until-idle", "--database-url", "postgresql://app:s3cr3t@127.0.0.1:1/db"], {}, 1, "error"),
         (["demo", "--jobs", "-3"], {}, 2, "--jobs"),
         (["frobnicate"], {}, 2, "No such command"),
+        (["replay", "--job", "not-a-uuid"], {}, 2, "valid UUID"),
+        (["dead-letters", "retry"], {}, 2, "give one or more event ids"),
+        (["prune", "--older-than", "-5d"], {}, 1, "is not a number followed by"),
     ],
 )
 def test_bad_input_gives_one_clear_line_and_no_secret(db, args, extra_env, code, message):
@@ -84,8 +87,8 @@ def test_bad_input_gives_one_clear_line_and_no_secret(db, args, extra_env, code,
     assert message in result.stderr
     assert "Traceback" not in result.stderr
     assert "s3cr3t" not in result.stdout + result.stderr
-    if code == 1:
-        assert result.stderr.strip().startswith("error: ")
+    assert result.stderr.strip().startswith("error: ")
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
 @pytest.mark.embedded

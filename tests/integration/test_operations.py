@@ -1,0 +1,253 @@
+"""Operations: backlog, replay, verify and repair, dead letters, prune."""
+
+from __future__ import annotations
+
+import random
+import threading
+import uuid
+
+import outbox
+from processor.backlog import collect_backlog
+from processor.batch import FoldContext
+from processor.database import connect
+from processor.dead_letters import discard, list_dead_letters, retry
+from processor.prune import parse_duration, prune
+from processor.replay import replay
+from processor.store import job_ids_all
+from processor.verify import repair, verify
+from processor.worker import Worker
+from tests.helpers import drain, job_state
+from tests.reference import actual_job_states, reference_job_states
+
+STEPS = ("ingest", "detect", "segment", "iou_eval")
+MOVE = "UPDATE jobs_variants SET status = %s, current_step = %s WHERE job_variants_id = %s"
+
+
+def context(settings) -> FoldContext:
+    return FoldContext(settings.partition, settings.pipeline, settings.failure_policy)
+
+
+def make_jobs(engine, count: int, rng: random.Random) -> dict[uuid.UUID, list[uuid.UUID]]:
+    jobs = {}
+    with engine.begin() as conn:
+        for _ in range(count):
+            job, variants = outbox.create_job(conn, variants=rng.randint(2, 6))
+            jobs[job] = variants
+    return jobs
+
+
+def random_moves(conn, jobs, rng: random.Random, count: int) -> int:
+    variants = [v for vs in jobs.values() for v in vs]
+    for _ in range(count):
+        conn.execute(MOVE, [rng.choice(["running", "done", "failed"]), rng.choice(STEPS), rng.choice(variants)])
+    return count
+
+
+def finish_all(conn, jobs) -> None:
+    conn.execute(
+        "UPDATE jobs_variants SET status = 'done', current_step = 'iou_eval' WHERE job_id = ANY(%s)", [list(jobs)]
+    )
+
+
+def test_backlog_counts_exactly_what_was_written_and_drops_to_zero(conn, engine, settings):
+    rng = random.Random(1)
+    jobs = make_jobs(engine, 12, rng)
+    created = sum(len(v) for v in jobs.values())  # one event per variant created
+    started = conn.execute("UPDATE jobs_variants SET status = 'running', current_step = 'ingest'").rowcount
+    top_job = max(jobs, key=lambda j: len(jobs[j]))
+    conn.execute("UPDATE jobs_variants SET current_step = 'detect' WHERE job_id = %s", [top_job])
+
+    report = collect_backlog(conn, 0)
+    assert report["pending_events"] == created + started + len(jobs[top_job])
+    assert report["pending_top_jobs"][0] == {"job_id": str(top_job), "pending_events": 3 * len(jobs[top_job])}
+    assert report["pending_by_event_type"] == {"variant_changed": report["pending_events"]}
+    assert report["oldest_pending_age_seconds"] >= 0
+    assert report["consumer"] is None and report["standbys"] == 0
+    assert report["blocking_transactions"] == []
+
+    # An open transaction's events are not pending (not committed) and hold nothing back.
+    with connect(settings.database(), application_name="open", autocommit=False) as open_tx:
+        open_tx.execute(MOVE, ["running", "segment", jobs[top_job][0]])
+        drain(settings)
+        after = collect_backlog(conn, 0)
+        assert after["pending_events"] == 0
+        assert after["checkpoint"]["events_applied"] == report["pending_events"]
+        assert after["checkpoint"]["last_event_id"] is not None
+        open_tx.commit()
+    assert collect_backlog(conn, 0)["pending_events"] == 1
+    drain(settings)
+    assert collect_backlog(conn, 0)["pending_events"] == 0
+
+
+def test_replay_restores_corrupted_jobs_and_dry_run_changes_nothing(conn, engine, settings):
+    rng = random.Random(2)
+    jobs = make_jobs(engine, 20, rng)
+    random_moves(conn, jobs, rng, 60)
+    drain(settings)
+    good = actual_job_states(conn)
+    assert good == reference_job_states(conn, STEPS)
+
+    conn.execute("UPDATE jobs SET status = 'running', current_step = 'ingest'")  # corrupted by hand
+    conn.execute(
+        "DELETE FROM outbox_variant_states WHERE variant_id IN (SELECT variant_id FROM outbox_variant_states LIMIT 5)"
+    )
+    corrupted = actual_job_states(conn)
+    ctx = context(settings)
+    all_jobs = job_ids_all(conn, 0)
+
+    preview = replay(conn, ctx, all_jobs, dry_run=True)
+    assert actual_job_states(conn) == corrupted
+    assert {c.job_id for c in preview} == {j for j in good if good[j] != corrupted[j]}
+
+    changes = replay(conn, ctx, all_jobs, dry_run=False, chunk_size=7)
+    assert actual_job_states(conn) == good
+    assert {c.job_id for c in changes} == {c.job_id for c in preview}
+
+
+def test_replay_during_live_processing_under_concurrent_writers_equals_the_reference(db, conn, engine, settings):
+    rng = random.Random(3)
+    jobs = make_jobs(engine, 60, rng)
+    applied: list[int] = []
+    worker = Worker(settings, db, on_batch=lambda result: applied.extend(result.event_ids))
+    worker_thread = threading.Thread(target=worker.run)
+    worker_thread.start()
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def writer(seed: float) -> None:
+        wrng = random.Random(seed)
+        try:
+            with connect(db, application_name="writer") as wconn:
+                random_moves(wconn, jobs, wrng, 400)
+        except BaseException as exc:
+            errors.append(exc)
+
+    def replayer() -> None:
+        try:
+            with connect(db, application_name="replayer") as rconn:
+                while not stop.is_set():
+                    replay(rconn, context(settings), job_ids_all(rconn, 0), dry_run=False, chunk_size=13)
+        except BaseException as exc:
+            errors.append(exc)
+
+    writers = [threading.Thread(target=writer, args=(rng.random(),)) for _ in range(4)]
+    replay_thread = threading.Thread(target=replayer)
+    replay_thread.start()
+    for thread in writers:
+        thread.start()
+    for thread in writers:
+        thread.join()
+    finish_all(conn, list(jobs)[:20])
+    stop.set()
+    replay_thread.join()
+    worker.stop()
+    worker_thread.join()
+    assert not errors, errors[0]
+    drain(settings)
+
+    assert actual_job_states(conn) == reference_job_states(conn, STEPS)
+    all_ids = [row[0] for row in conn.execute("SELECT event_id FROM outbox_events")]
+    drained_rest = conn.execute("SELECT events_applied FROM outbox_checkpoints").fetchone()[0] - len(applied)
+    assert len(set(applied)) == len(applied) and len(applied) + drained_rest == len(all_ids)
+    assert verify(conn, context(settings)).drift is False
+
+
+def test_verify_reports_drift_and_repair_restores_through_the_processor(conn, engine, settings):
+    rng = random.Random(4)
+    jobs = make_jobs(engine, 10, rng)
+    finish_all(conn, list(jobs)[:5])
+    random_moves(conn, {j: v for j, v in list(jobs.items())[5:]}, rng, 20)
+    drain(settings)
+    ctx = context(settings)
+    assert not verify(conn, ctx).drift
+
+    stuck_job = next(iter(jobs))
+    conn.execute("UPDATE jobs SET status = 'running' WHERE job_id = %s", [stuck_job])  # the original symptom
+    hidden_variant = jobs[list(jobs)[6]][0]
+    conn.execute("ALTER TABLE jobs_variants DISABLE TRIGGER USER")  # a write the outbox never saw
+    conn.execute(MOVE, ["done", "iou_eval", hidden_variant])
+    conn.execute("ALTER TABLE jobs_variants ENABLE TRIGGER USER")
+
+    report = verify(conn, ctx)
+    assert report.drift
+    assert [d["job_id"] for d in report.stuck_jobs] == [str(stuck_job)]
+    assert str(stuck_job) in {d["job_id"] for d in report.job_drift}
+    assert [d["variant_id"] for d in report.variant_drift] == [str(hidden_variant)]
+
+    events, rebuilt = repair(conn, ctx, report)
+    assert events == 1 and rebuilt >= 1
+    drain(settings)  # the worker applies the resync event
+    assert not verify(conn, ctx).drift
+    assert actual_job_states(conn) == reference_job_states(conn, STEPS)
+
+
+def test_dead_letters_do_not_stop_later_events_and_retry_applies_them_once_fixed(conn, engine, settings):
+    rng = random.Random(5)
+    jobs = make_jobs(engine, 3, rng)
+    bad_job, other_job, third_job = jobs
+    bad_variant = jobs[bad_job][0]
+    drain(settings)
+    conn.execute(
+        "INSERT INTO outbox_events (event_type, schema_version, job_id, variant_id, variant_version, payload) "
+        "VALUES ('variant_changed', 1, %s, %s, nextval('outbox_variant_versions'), %s)",
+        [bad_job, bad_variant, '{"status": "exploded", "step": "ingest"}'],
+    )
+    finish_all(conn, [other_job])
+    drain(settings)
+    assert job_state(conn, other_job) == ("done", "iou_eval")  # later events kept flowing
+    (letter,) = list_dead_letters(conn)
+    assert letter["job_id"] == str(bad_job) and "status" in letter["reason"]
+    flagged = conn.execute("SELECT job_id FROM outbox_job_flags").fetchall()
+    assert flagged == [(bad_job,)]  # the job is visibly flagged, its state left alone
+
+    ctx = context(settings)
+    assert retry(conn, ctx, [letter["event_id"]])[letter["event_id"]].startswith("still failing")
+    conn.execute(
+        'UPDATE outbox_events SET payload = \'{"status": "running", "step": "detect"}\' WHERE event_id = %s',
+        [letter["event_id"]],
+    )  # the operator fixes the payload
+    assert retry(conn, ctx, [letter["event_id"]]) == {letter["event_id"]: "applied"}
+    assert list_dead_letters(conn) == []
+    assert job_state(conn, bad_job) == ("running", "ingest")
+    assert conn.execute("SELECT count(*) FROM outbox_job_flags").fetchone()[0] == 0
+
+    # Discarding instead: the job is rebuilt without the event.
+    conn.execute(
+        "INSERT INTO outbox_events (event_type, schema_version, job_id, variant_id, variant_version, payload) "
+        "VALUES ('mystery', 1, %s, %s, nextval('outbox_variant_versions'), '{}')",
+        [third_job, jobs[third_job][0]],
+    )
+    drain(settings)
+    (letter,) = list_dead_letters(conn)
+    assert conn.execute("SELECT job_id FROM outbox_job_flags").fetchall() == [(third_job,)]
+    assert discard(conn, ctx, [letter["event_id"]]) == {letter["event_id"]: "discarded"}
+    assert conn.execute("SELECT count(*) FROM outbox_job_flags").fetchone()[0] == 0
+    # (The bad job's events were edited by hand above, so only the others can match jobs_variants.)
+    assert actual_job_states(conn)[third_job] == reference_job_states(conn, STEPS)[third_job]
+
+
+def test_prune_then_replay_gives_the_same_state_as_replay_without_prune(conn, engine, settings):
+    rng = random.Random(6)
+    jobs = make_jobs(engine, 15, rng)
+    random_moves(conn, jobs, rng, 80)
+    drain(settings)
+    ctx = context(settings)
+    all_jobs = job_ids_all(conn, 0)
+    replay(conn, ctx, all_jobs, dry_run=False)
+    expected = actual_job_states(conn)
+    states_before = conn.execute("SELECT * FROM outbox_variant_states ORDER BY variant_id").fetchall()
+
+    # An unapplied event (its transaction still open) must survive any prune.
+    with connect(settings.database(), application_name="open", autocommit=False) as open_tx:
+        open_tx.execute(MOVE, ["running", "segment", jobs[all_jobs[0]][0]])
+        result = prune(conn, ctx, parse_duration("0s"), chunk_size=33)
+        open_tx.commit()
+    assert result.events_deleted > 0
+    assert conn.execute("SELECT count(*) FROM outbox_events").fetchone()[0] == 1
+
+    conn.execute("UPDATE jobs SET status = NULL, current_step = NULL")
+    replay(conn, ctx, all_jobs, dry_run=False)
+    assert actual_job_states(conn) == expected
+    assert conn.execute("SELECT * FROM outbox_variant_states ORDER BY variant_id").fetchall() == states_before
+    drain(settings)  # the surviving event still applies
+    assert actual_job_states(conn) == reference_job_states(conn, STEPS)
