@@ -342,17 +342,29 @@ EventIdsArgument = Annotated[
 ]
 
 
-def _chosen_event_ids(conn: Any, event_ids: list[int] | None, all_: bool) -> list[int]:
-    from processor.dead_letters import list_dead_letters
+def _act_on_dead_letters(
+    action: str,
+    event_ids: list[int] | None,
+    all_: bool,
+    database_url: str | None,
+    partition: int | None,
+    log_level: str,
+) -> None:
+    """Run retry or discard on the chosen dead letters; exit 1 if any did not succeed."""
+    from processor import dead_letters
 
-    if all_:
-        return [letter["event_id"] for letter in list_dead_letters(conn, limit=1_000_000)]
-    return event_ids or []
-
-
-def _require_event_ids(event_ids: list[int] | None, all_: bool) -> None:
     if not event_ids and not all_:
         raise typer.BadParameter("give one or more event ids (or --all, for retry)")
+    run_action = dead_letters.retry if action == "retry" else dead_letters.discard
+    success = "applied" if action == "retry" else "discarded"
+    with _operation(database_url, log_level, partition, "dead-letters") as (_, console, conn, ctx):
+        if all_:
+            event_ids = [letter["event_id"] for letter in dead_letters.list_dead_letters(conn, limit=1_000_000)]
+        outcomes = run_action(conn, ctx, event_ids or [])
+    for event_id, outcome in outcomes.items():
+        console.print(f"event {event_id}: {outcome}")
+    if any(outcome != success for outcome in outcomes.values()):
+        raise SystemExit(1)
 
 
 @dead_letters_app.command("retry")
@@ -364,15 +376,7 @@ def dead_letters_retry(
     log_level: LogLevelOption = "WARNING",
 ) -> None:
     """Apply dead letters again (after fixing their payload, the pipeline setting or the worker)."""
-    from processor.dead_letters import retry
-
-    _require_event_ids(event_ids, all_)
-    with _operation(database_url, log_level, partition, "dead-letters") as (_, console, conn, ctx):
-        outcomes = retry(conn, ctx, _chosen_event_ids(conn, event_ids, all_))
-    for event_id, outcome in outcomes.items():
-        console.print(f"event {event_id}: {outcome}")
-    if any(outcome != "applied" for outcome in outcomes.values()):
-        raise SystemExit(1)
+    _act_on_dead_letters("retry", event_ids, all_, database_url, partition, log_level)
 
 
 @dead_letters_app.command("discard")
@@ -383,15 +387,7 @@ def dead_letters_discard(
     log_level: LogLevelOption = "WARNING",
 ) -> None:
     """Ignore dead letters for good: their jobs are rebuilt without them."""
-    from processor.dead_letters import discard
-
-    _require_event_ids(event_ids, False)
-    with _operation(database_url, log_level, partition, "dead-letters") as (_, console, conn, ctx):
-        outcomes = discard(conn, ctx, _chosen_event_ids(conn, event_ids, False))
-    for event_id, outcome in outcomes.items():
-        console.print(f"event {event_id}: {outcome}")
-    if any(outcome != "discarded" for outcome in outcomes.values()):
-        raise SystemExit(1)
+    _act_on_dead_letters("discard", event_ids, False, database_url, partition, log_level)
 
 
 @app.command()

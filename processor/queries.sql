@@ -66,10 +66,8 @@ WITH pending AS (
     SELECT event_type, job_id, created_at
     FROM outbox_events
     WHERE partition = %(partition)s
-      AND (txid >= %(done_xmax)s::xid8 OR txid = ANY(%(done_xip)s::xid8[]))
-      AND NOT (%(target)s::pg_snapshot IS NOT NULL
-               AND pg_visible_in_snapshot(txid, %(target)s::pg_snapshot)
-               AND (txid, event_id) <= (%(after_txid)s::xid8, %(after_event_id)s::bigint))
+      AND NOT outbox_event_applied(txid, event_id, %(done)s::pg_snapshot, %(target)s::pg_snapshot,
+                                   %(after_txid)s::xid8, %(after_event_id)s::bigint)
 )
 SELECT (SELECT count(*) FROM pending),
        (SELECT extract(epoch FROM clock_timestamp() - min(created_at))::float8 FROM pending),
@@ -319,10 +317,8 @@ SELECT DISTINCT ON (e.variant_id)
 FROM outbox_events AS e
 WHERE e.variant_id = ANY(%(variant_ids)s::uuid[])
   AND e.partition = %(partition)s
-  AND (pg_visible_in_snapshot(e.txid, %(done)s::pg_snapshot)
-       OR (%(target)s::pg_snapshot IS NOT NULL
-           AND pg_visible_in_snapshot(e.txid, %(target)s::pg_snapshot)
-           AND (e.txid, e.event_id) <= (%(after_txid)s::xid8, %(after_event_id)s::bigint)))
+  AND outbox_event_applied(e.txid, e.event_id, %(done)s::pg_snapshot, %(target)s::pg_snapshot,
+                           %(after_txid)s::xid8, %(after_event_id)s::bigint)
   AND NOT EXISTS (
       SELECT 1 FROM outbox_dead_letters AS d WHERE d.event_id = e.event_id AND d.discarded_at IS NOT NULL
   )
@@ -360,10 +356,8 @@ WITH pending AS (
     SELECT DISTINCT variant_id
     FROM outbox_events
     WHERE partition = %(partition)s
-      AND (txid >= %(done_xmax)s::xid8 OR txid = ANY(%(done_xip)s::xid8[]))
-      AND NOT (%(target)s::pg_snapshot IS NOT NULL
-               AND pg_visible_in_snapshot(txid, %(target)s::pg_snapshot)
-               AND (txid, event_id) <= (%(after_txid)s::xid8, %(after_event_id)s::bigint))
+      AND NOT outbox_event_applied(txid, event_id, %(done)s::pg_snapshot, %(target)s::pg_snapshot,
+                                   %(after_txid)s::xid8, %(after_event_id)s::bigint)
 ), states AS (
     SELECT * FROM outbox_variant_states WHERE NOT removed
 )
@@ -400,10 +394,8 @@ SELECT DISTINCT job_id
 FROM outbox_events
 WHERE partition = %(partition)s
   AND job_id IS NOT NULL
-  AND (txid >= %(done_xmax)s::xid8 OR txid = ANY(%(done_xip)s::xid8[]))
-  AND NOT (%(target)s::pg_snapshot IS NOT NULL
-           AND pg_visible_in_snapshot(txid, %(target)s::pg_snapshot)
-           AND (txid, event_id) <= (%(after_txid)s::xid8, %(after_event_id)s::bigint))
+  AND NOT outbox_event_applied(txid, event_id, %(done)s::pg_snapshot, %(target)s::pg_snapshot,
+                               %(after_txid)s::xid8, %(after_event_id)s::bigint)
 UNION
 SELECT job_id FROM outbox_dirty_jobs WHERE partition = %(partition)s
 UNION

@@ -17,16 +17,8 @@ ALTER TABLE outbox_checkpoints
 -- The fold of the events that `outbox prune` removed: per variant, the latest state they gave.
 -- Replay starts from here, then applies the events that remain, so a replay after pruning gives
 -- the same state as one before.
-CREATE TABLE outbox_variant_baseline (
-    variant_id uuid PRIMARY KEY,
-    job_id     uuid NOT NULL,
-    version    bigint NOT NULL,
-    status     text,
-    step       text,
-    removed    boolean NOT NULL DEFAULT false,
-    problem    text,
-    event_id   bigint NOT NULL
-);
+CREATE TABLE outbox_variant_baseline (LIKE outbox_variant_states INCLUDING DEFAULTS INCLUDING CONSTRAINTS);
+ALTER TABLE outbox_variant_baseline ADD PRIMARY KEY (variant_id);
 
 CREATE INDEX outbox_variant_baseline_job_id_idx ON outbox_variant_baseline (job_id);
 
@@ -36,3 +28,18 @@ ALTER TABLE outbox_dead_letters ADD COLUMN discarded_at timestamptz;
 -- Replay reads the events of given variants (found through the variant states, the baseline and
 -- jobs_variants). One index, not two (job and variant): each costs every writer an insert.
 CREATE INDEX outbox_events_variant_id_idx ON outbox_events (variant_id);
+
+-- Whether an event is applied, given a checkpoint's cursor (processor/snapshot.py): its
+-- transaction is visible in the done snapshot, or it is among the events of the catch-up in
+-- progress already applied. A single-expression SQL function, so the planner inlines it.
+CREATE FUNCTION outbox_event_applied(
+    p_txid xid8, p_event_id bigint,
+    p_done pg_snapshot, p_target pg_snapshot, p_after_txid xid8, p_after_event_id bigint
+) RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$
+    SELECT pg_visible_in_snapshot(p_txid, p_done)
+           OR (p_target IS NOT NULL
+               AND pg_visible_in_snapshot(p_txid, p_target)
+               AND (p_txid, p_event_id) <= (p_after_txid, p_after_event_id))
+$$;
