@@ -86,6 +86,13 @@ def test_replay_verify_and_dead_letters_from_the_command_line(db, engine):
     code, report = cli_json("verify", env=env)
     assert code == 0, report
 
+    with connect(db, application_name="vandal") as conn:
+        conn.execute("UPDATE jobs SET status = 'queued', current_step = NULL WHERE job_id = %s", [jobs[2]])
+    code, repaired = cli_json("verify", "--repair", env=env)
+    assert code == 0 and repaired["drift"] is True and repaired["repaired"]["jobs_rebuilt"] == 1
+    code, report = cli_json("verify", env=env)
+    assert code == 0, report
+
     assert outbox_cli("run", "--until-idle", env=env).returncode == 0
     code, letters = cli_json("dead-letters", "list", env=env)
     assert code == 0 and len(letters) == 1 and "schema version 7" in letters[0]["reason"]
