@@ -16,8 +16,15 @@ from processor.errors import ConfigurationError
 
 _ACCEPTED_DRIVERS = {"postgresql", "postgres", "postgresql+psycopg"}
 
-# TCP keepalives detect a dead server or network within about 30 s, even while the worker waits.
-_KEEPALIVES: dict[str, Any] = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 4}
+# TCP keepalives detect a dead server or network within about 30 s, even while the worker waits;
+# tcp_user_timeout drops a connection whose sent data stays unacknowledged for 30 s.
+_KEEPALIVES: dict[str, Any] = {
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 4,
+    "tcp_user_timeout": 30_000,
+}
 
 
 @dataclass(frozen=True)
@@ -114,3 +121,71 @@ class RedactingFilter(logging.Filter):
                 record.exc_text = redact(logging.Formatter().formatException(record.exc_info), self.db)
                 record.exc_info = None
         return True
+
+
+def check_direct_session(conn: psycopg.Connection[Any]) -> None:
+    """Refuse a connection whose server session is not its own: one that goes through a pooler.
+
+    The consumer lock is a session advisory lock, so the worker needs a server session (backend)
+    that lives exactly as long as its connection. Behind a transaction-pooling proxy (PgBouncer
+    ``pool_mode=transaction``) the lock lands on whichever server connection ran that transaction
+    and stays there after the worker is gone, and two workers can be active at once.
+
+    Detection: at connect, PostgreSQL sends the client its backend pid (BackendKeyData, which
+    libpq reports as ``conn.info.backend_pid``); ``pg_backend_pid()`` is the backend that really
+    runs the session. On a direct connection (TCP or unix socket) they are always equal. A pooler
+    cannot forward the real one, since the client is not tied to one backend, so it makes up its
+    own key for cancel requests: PgBouncer, in every pool mode, sends random bytes (measured with
+    PgBouncer 1.18: announced 2021990061, real 22319). That is exactly "the session is not
+    ours", in one query, with no false positive. As a second check, the backend pid is read in two
+    transactions: if it changed, the connection is pooled per transaction whatever the proxy
+    announced.
+
+    Not used, on purpose:
+    - comparing ``inet_client_addr()/inet_client_port()`` with the local socket's address. It
+      differs behind any 1:1 TCP forwarder that keeps the session intact and is fine (docker-proxy
+      for a published container port, as testcontainers uses; an SSH tunnel; Kubernetes or cloud
+      NAT), so it would refuse good set-ups; and it sees nothing when both hops use unix sockets.
+    - ``server_version`` and the other ParameterStatus values: PgBouncer passes the server's through
+      (it reported "15.20 (Debian ...)" as the server does).
+    - only ``pg_backend_pid()`` changing between transactions: a lone client of PgBouncer usually
+      gets the same server connection back, so on its own it rarely shows anything.
+
+    A session-pooling proxy also fails the first check, since it too sends its own key; whether it
+    is allowed is the caller's decision (``OUTBOX_ALLOW_SESSION_PROXY=1``: skip this check).
+
+    Runs at most two short queries; in autocommit mode each is its own transaction. On a connection
+    that is not in autocommit mode and was idle, the transaction it opens is rolled back.
+    """
+    was_idle = conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+    try:
+        announced = conn.info.backend_pid
+        first = _backend_pid(conn)
+        if announced != first:
+            raise ConfigurationError(
+                f"the database connection goes through a connection pooler such as PgBouncer (the server"
+                f" announced backend pid {announced} at connect, but the session runs in backend pid {first});"
+                f" {_POOLER_ADVICE}"
+            )
+        if conn.autocommit:
+            second = _backend_pid(conn)
+            if second != first:
+                raise ConfigurationError(
+                    f"the database connection goes through a transaction-pooling proxy (two transactions ran in"
+                    f" backend pids {first} and {second}); {_POOLER_ADVICE}"
+                )
+    finally:
+        if was_idle and not conn.autocommit and conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+            conn.rollback()
+
+
+_POOLER_ADVICE = (
+    "transaction pooling breaks the consumer's session advisory lock (two workers could both be active);"
+    " connect directly to PostgreSQL, or through a session-pooling proxy with OUTBOX_ALLOW_SESSION_PROXY=1"
+)
+
+
+def _backend_pid(conn: psycopg.Connection[Any]) -> int:
+    row = conn.execute("SELECT pg_backend_pid()").fetchone()
+    assert row is not None
+    return int(row[0])

@@ -196,6 +196,13 @@ SELECT (SELECT count(*) FROM job_updates) AS jobs_changed,
        (SELECT count(*) FROM parked) AS dead_letters,
        (SELECT updated_at FROM advanced) AS committed_at
 
+-- name: session_configure
+-- The worker's own session limits (processor.settings): a stopped worker's session is ended by
+-- the server, which releases its consumer lock.
+SELECT set_config('statement_timeout', %(statement_timeout)s, false),
+       set_config('idle_session_timeout', %(session_timeout)s, false),
+       set_config('idle_in_transaction_session_timeout', %(session_timeout)s, false)
+
 -- name: consumer_lock_try
 -- Session-level: held by the connection that writes, released when it closes or dies.
 SELECT pg_try_advisory_lock(%(lock_class)s, %(partition)s)

@@ -33,6 +33,14 @@ class Settings(BaseSettings):
     # How often a standby tries to take over the consumer lock.
     standby_interval: float = Field(default=1.0, gt=0, le=600)
     partition: int = Field(default=0, ge=0, le=32767)
+    # Server-side limits on the worker's session: a statement running longer, or a session idle
+    # (or idle in a transaction) longer, is ended by PostgreSQL. The idle limit is what lets a
+    # standby take over from a worker that is stopped but whose connection stays up (a zombie).
+    statement_timeout: float = Field(default=60, gt=0, le=86400)
+    session_timeout: float = Field(default=30, gt=0, le=86400)
+    # Set only behind a session-pooling proxy (PgBouncer pool_mode=session): the worker otherwise
+    # refuses connections that do not reach the server directly (README: "Connections").
+    allow_session_proxy: bool = False
     embedded_data_dir: Path | None = None
 
     @field_validator("pipeline_steps", mode="before")

@@ -204,6 +204,16 @@ def batch_commit(
     return CommitResult(jobs_changed=row[0], dead_letters=row[1], committed_at=row[2])
 
 
+def session_configure(conn: Connection, *, statement_timeout: float, session_timeout: float) -> None:
+    conn.execute(
+        QUERIES["session_configure"],
+        {
+            "statement_timeout": f"{int(statement_timeout * 1000)}ms",
+            "session_timeout": f"{int(session_timeout * 1000)}ms",
+        },
+    )
+
+
 def consumer_lock_try(conn: Connection, partition: int) -> bool:
     row = conn.execute(
         QUERIES["consumer_lock_try"], {"lock_class": CONSUMER_LOCK_CLASS, "partition": partition}

@@ -14,6 +14,7 @@ import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import Enum
 
 import psycopg
 import tenacity
@@ -24,10 +25,23 @@ from processor.database import DatabaseUrl, connect, redact
 from processor.errors import ConsumerBusyError
 from processor.migrate import check_ready
 from processor.settings import Settings
-from processor.snapshot import Position
+from processor.snapshot import Cursor, Position
 from processor.store import Connection
+from processor.watchdog import CallWatchdog
 
 log = logging.getLogger(__name__)
+
+
+class _Outcome(Enum):
+    IDLE = "nothing to apply right now"
+    CAUGHT_UP = "applied everything that was committed"
+    MORE = "more work may be waiting"
+
+
+@dataclass
+class _LoopState:
+    cursor: Cursor
+    dirty: bool = False  # jobs wait in outbox_dirty_jobs to be folded
 
 
 @dataclass
@@ -102,24 +116,35 @@ class Worker:
 
     def _session(self, until_idle: bool) -> None:
         """One connection's life: check, become the active consumer, then process."""
-        with connect(self.db, application_name=application_name()) as conn:
-            check_ready(conn)
-            if not self._acquire(conn, until_idle):
-                return
-            try:
-                self._process(conn, until_idle)
-            finally:
-                self.active.clear()
+        settings = self.settings
+        # A call that gets no answer for this long is on a dead (half-open) connection.
+        watchdog = CallWatchdog(settings.statement_timeout + 5)
+        try:
+            with connect(self.db, application_name=application_name()) as conn:
+                with watchdog.guard(conn):
+                    store.session_configure(
+                        conn, statement_timeout=settings.statement_timeout, session_timeout=settings.session_timeout
+                    )
+                    check_ready(conn)
+                if not self._acquire(conn, until_idle, watchdog):
+                    return
+                try:
+                    self._process(conn, until_idle, watchdog)
+                finally:
+                    self.active.clear()
+        finally:
+            watchdog.stop()
 
-    def _acquire(self, conn: Connection, until_idle: bool) -> bool:
+    def _acquire(self, conn: Connection, until_idle: bool, watchdog: CallWatchdog) -> bool:
         partition = self.settings.partition
         announced = False
         while not self._stopping.is_set():
-            if store.consumer_lock_try(conn, partition):
-                log.info("active consumer of partition %s (pid %s)", partition, os.getpid())
-                self.active.set()
-                return True
-            holder = store.consumer_lock_holder(conn, partition)
+            with watchdog.guard(conn):
+                if store.consumer_lock_try(conn, partition):
+                    log.info("active consumer of partition %s (pid %s)", partition, os.getpid())
+                    self.active.set()
+                    return True
+                holder = store.consumer_lock_holder(conn, partition)
             who = f"pid {holder.pid} ({holder.application_name})" if holder else "another session"
             if until_idle:
                 raise ConsumerBusyError(f"partition {partition} is being processed by {who}; not waiting")
@@ -129,61 +154,74 @@ class Worker:
             self._stopping.wait(self.settings.standby_interval)
         return False
 
-    def _process(self, conn: Connection, until_idle: bool) -> None:
-        """The loop: fold dirty jobs when caught up, else fetch and apply the next batch."""
+    def _process(self, conn: Connection, until_idle: bool, watchdog: CallWatchdog) -> None:
+        """The loop: one step at a time (each watched for a dead connection), waiting between them."""
         settings = self.settings
         partition = settings.partition
         ctx = FoldContext(partition, settings.pipeline, settings.failure_policy)
-        cursor = store.checkpoint_get(conn, partition).cursor
-        # Flagged jobs are folded again at start-up (the pipeline setting may have been fixed).
-        store.dirty_jobs_add_flagged(conn, partition)
-        dirty = store.dirty_jobs_exist(conn, partition)
+        with watchdog.guard(conn):
+            state = _LoopState(store.checkpoint_get(conn, partition).cursor)
+            # Flagged jobs are folded again at start-up (the pipeline setting may have been fixed).
+            store.dirty_jobs_add_flagged(conn, partition)
+            state.dirty = store.dirty_jobs_exist(conn, partition)
         interval = settings.poll_interval_min
         while not self._stopping.is_set():
             try:
-                if dirty and cursor.target is None:
-                    taken, changed = refold_dirty_jobs(conn, ctx, cursor=cursor, limit=settings.batch_size)
-                    self.stats.jobs_changed += changed
-                    dirty = taken == settings.batch_size
-                    continue
-                # Read outside the batch transaction: what a committed transaction wrote never
-                # changes, and apply_batch re-checks the checkpoint under its row lock.
-                events, target = store.events_fetch(conn, partition, cursor, settings.batch_size)
-                if not events:
-                    if cursor.target is not None:
-                        # A multi-batch catch-up ended exactly at a batch boundary: close it.
-                        new = cursor.caught_up_to(cursor.target)
-                        apply_batch(conn, ctx, expected=cursor, new=new, events=[], defer=True)
-                        cursor = new
-                        continue
-                    if until_idle:
-                        return
-                    interval = min(interval * 2, settings.poll_interval_max)
-                    self._stopping.wait(interval)
-                    continue
-                assert target is not None
-                complete = len(events) < settings.batch_size
-                new = cursor.caught_up_to(target) if complete else cursor.partway_to(target, Position.of(events[-1]))
-                # Jobs are folded at once only when this batch is a whole catch-up; otherwise once
-                # it is complete, so that no job shows a state between two committed snapshots.
-                defer = dirty or not complete
-                result = apply_batch(
-                    conn, ctx, expected=cursor, new=new, events=events, defer=defer, before_commit=self.before_commit
-                )
+                with watchdog.guard(conn):
+                    outcome = self._step(conn, ctx, state)
             except FencedError as exc:
                 # Another consumer got past the advisory lock (a pooler?): back off, then resume
                 # from where it left the checkpoint.
                 log.warning("%s; reloading it", exc)
                 self._stopping.wait(settings.poll_interval_max)
-                cursor = store.checkpoint_get(conn, partition).cursor
-                dirty = store.dirty_jobs_exist(conn, partition)
+                with watchdog.guard(conn):
+                    state = _LoopState(store.checkpoint_get(conn, partition).cursor)
+                    state.dirty = store.dirty_jobs_exist(conn, partition)
                 continue
-            dirty = dirty or defer
-            cursor = result.cursor
-            self._record(result)
-            interval = settings.poll_interval_min
-            if complete:
+            if outcome is _Outcome.IDLE:
+                if until_idle:
+                    return
+                interval = min(interval * 2, settings.poll_interval_max)
                 self._stopping.wait(interval)
+            elif outcome is _Outcome.CAUGHT_UP:
+                interval = settings.poll_interval_min
+                self._stopping.wait(interval)
+            else:  # more work may be waiting: go on at once
+                interval = settings.poll_interval_min
+
+    def _step(self, conn: Connection, ctx: FoldContext, state: _LoopState) -> _Outcome:
+        """Fold dirty jobs when caught up, else fetch and apply the next batch."""
+        batch_size = self.settings.batch_size
+        cursor = state.cursor
+        if state.dirty and cursor.target is None:
+            taken, changed = refold_dirty_jobs(conn, ctx, cursor=cursor, limit=batch_size)
+            self.stats.jobs_changed += changed
+            state.dirty = taken == batch_size
+            return _Outcome.MORE
+        # Read outside the batch transaction: what a committed transaction wrote never changes,
+        # and apply_batch re-checks the checkpoint under its row lock.
+        events, target = store.events_fetch(conn, ctx.partition, cursor, batch_size)
+        if not events:
+            if cursor.target is None:
+                return _Outcome.IDLE
+            # A multi-batch catch-up ended exactly at a batch boundary: close it.
+            new = cursor.caught_up_to(cursor.target)
+            apply_batch(conn, ctx, expected=cursor, new=new, events=[], defer=True)
+            state.cursor = new
+            return _Outcome.MORE
+        assert target is not None
+        complete = len(events) < batch_size
+        new = cursor.caught_up_to(target) if complete else cursor.partway_to(target, Position.of(events[-1]))
+        # Jobs are folded at once only when this batch is a whole catch-up; otherwise once it is
+        # complete, so that no job shows a state between two committed snapshots.
+        defer = state.dirty or not complete
+        result = apply_batch(
+            conn, ctx, expected=cursor, new=new, events=events, defer=defer, before_commit=self.before_commit
+        )
+        state.cursor = result.cursor
+        state.dirty = defer
+        self._record(result)
+        return _Outcome.CAUGHT_UP if complete and not defer else _Outcome.MORE
 
     def _record(self, result: BatchResult) -> None:
         self.stats.events += result.events
