@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import select
 import socket
 import threading
@@ -16,10 +17,8 @@ class _Pair:
     def close(self) -> None:
         self.closed.set()
         for sock in (self.client, self.server):
-            try:
+            with contextlib.suppress(OSError):
                 sock.close()
-            except OSError:
-                pass
 
 
 class StallableProxy:

@@ -9,8 +9,8 @@ import outbox
 from processor.database import DatabaseUrl, connect
 from tests.fix_database import subprocess_env
 from tests.helpers import WorkerProcess, consumer_os_pid, pending_work, wait_for
-from tests.reliability.proxy import StallableProxy
 from tests.reference import actual_job_states, reference_job_states
+from tests.reliability.proxy import StallableProxy
 
 STEPS = ("ingest", "detect", "segment", "iou_eval")
 AUDIT = """
@@ -124,7 +124,8 @@ def test_a_stopped_worker_is_replaced_and_applies_nothing_after_it_resumes(db, e
             assert consumer_os_pid(conn) == standby.pid
             assert_exactly_once(conn)
             print(
-                f"\nzombie (SIGSTOP) worker: standby took over after {takeover:.2f} s; nothing applied by it after SIGCONT"
+                f"\nzombie (SIGSTOP) worker: standby took over after {takeover:.2f} s; "
+                "nothing applied by it after SIGCONT"
             )
         finally:
             for worker in (first, second):
