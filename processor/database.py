@@ -134,10 +134,10 @@ def check_direct_session(conn: psycopg.Connection[Any]) -> None:
     Detection: at connect, PostgreSQL sends the client its backend pid (BackendKeyData, which
     libpq reports as ``conn.info.backend_pid``); ``pg_backend_pid()`` is the backend that really
     runs the session. On a direct connection (TCP or unix socket) they are always equal. A pooler
-    cannot forward the real one, since the client is not tied to one backend, so it makes up its
-    own key for cancel requests: PgBouncer, in every pool mode, sends random bytes (measured with
-    PgBouncer 1.18: announced 2021990061, real 22319). That is exactly "the session is not
-    ours", in one query, with no false positive. As a second check, the backend pid is read in two
+    does not forward the real one (in transaction pooling there is no single backend to forward, and
+    it needs its own key to route cancel requests): PgBouncer, in every pool mode, sends random
+    bytes (measured with PgBouncer 1.18: announced 2021990061, real 22319). That is exactly "the
+    session is not ours", in one query, with no false positive. As a second check, the backend pid is read in two
     transactions: if it changed, the connection is pooled per transaction whatever the proxy
     announced.
 
@@ -163,9 +163,8 @@ def check_direct_session(conn: psycopg.Connection[Any]) -> None:
         first = _backend_pid(conn)
         if announced != first:
             raise ConfigurationError(
-                f"the database connection goes through a connection pooler such as PgBouncer (the server"
-                f" announced backend pid {announced} at connect, but the session runs in backend pid {first});"
-                f" {_POOLER_ADVICE}"
+                f"the database connection goes through a connection pooler such as PgBouncer (the backend pid"
+                f" announced at connect, {announced}, is not the session's, {first}); {_POOLER_ADVICE}"
             )
         if conn.autocommit:
             second = _backend_pid(conn)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -66,9 +67,17 @@ def decode_event(row: EventRow) -> Decoded:
     if model is None:
         return dead(f"unknown event type {row.event_type!r} at schema version {row.schema_version}")
     try:
-        payload = model.model_validate(row.payload)
+        # Payloads arrive as text and are parsed here, one at a time, so that a hostile one (nested
+        # deeper than Python's parser allows, say) becomes this event's dead letter, not a crash.
+        data = json.loads(row.payload) if isinstance(row.payload, str) else row.payload
+    except (ValueError, RecursionError) as exc:
+        return dead(f"payload is not readable JSON: {type(exc).__name__}")
+    try:
+        payload = model.model_validate(data)
     except ValidationError as exc:
         return dead(f"invalid payload: {_first_error(exc)}")
+    except RecursionError:
+        return dead("invalid payload: nested too deeply")
 
     if row.event_type == EventType.VARIANT_REMOVED:
         return Decoded(VariantState(row.variant_id, row.job_id, row.variant_version, None, None, removed=True))

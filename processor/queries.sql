@@ -25,7 +25,7 @@ WITH target AS MATERIALIZED (
     SELECT coalesce(%(target)s::pg_snapshot, pg_current_snapshot()) AS snapshot
 )
 SELECT e.event_id, e.txid::text, e.event_type, e.schema_version, e.job_id, e.variant_id,
-       e.variant_version, e.payload, e.created_at, (SELECT snapshot::text FROM target)
+       e.variant_version, e.payload::text, e.created_at, (SELECT snapshot::text FROM target)
 FROM (
     (SELECT *
      FROM outbox_events
@@ -320,7 +320,7 @@ SELECT job_variants_id FROM jobs_variants WHERE job_id = ANY(%(job_ids)s::uuid[]
 -- letters left out.
 SELECT DISTINCT ON (e.variant_id)
        e.event_id, e.txid::text, e.event_type, e.schema_version, e.job_id, e.variant_id,
-       e.variant_version, e.payload, e.created_at
+       e.variant_version, e.payload::text, e.created_at
 FROM outbox_events AS e
 WHERE e.variant_id = ANY(%(variant_ids)s::uuid[])
   AND e.partition = %(partition)s
@@ -441,7 +441,7 @@ LIMIT %(limit)s
 
 -- name: dead_letter_event_get
 SELECT e.event_id, e.txid::text, e.event_type, e.schema_version, e.job_id, e.variant_id,
-       e.variant_version, e.payload, e.created_at, d.discarded_at
+       e.variant_version, e.payload::text, e.created_at, d.discarded_at
 FROM outbox_dead_letters AS d
 JOIN outbox_events AS e USING (event_id)
 WHERE d.event_id = %(event_id)s AND d.partition = %(partition)s
@@ -477,7 +477,7 @@ WITH doomed AS (
     WHERE variant_id IS NOT NULL AND NOT discarded
     ORDER BY variant_id, variant_version DESC
 )
-SELECT event_id, txid::text, event_type, schema_version, job_id, variant_id, variant_version, payload,
+SELECT event_id, txid::text, event_type, schema_version, job_id, variant_id, variant_version, payload::text,
        created_at, event_id IN (SELECT event_id FROM newest) AS newest_of_variant
 FROM doomed
 

@@ -21,7 +21,7 @@ import tenacity
 
 from processor import store
 from processor.batch import BatchResult, FencedError, FoldContext, apply_batch, refold_dirty_jobs
-from processor.database import DatabaseUrl, connect, redact
+from processor.database import DatabaseUrl, check_direct_session, connect, redact
 from processor.errors import ConsumerBusyError
 from processor.migrate import check_ready
 from processor.settings import Settings
@@ -122,6 +122,8 @@ class Worker:
         try:
             with connect(self.db, application_name=application_name()) as conn:
                 with watchdog.guard(conn):
+                    if not settings.allow_session_proxy:
+                        check_direct_session(conn)  # a transaction pooler would break the consumer lock
                     store.session_configure(
                         conn, statement_timeout=settings.statement_timeout, session_timeout=settings.session_timeout
                     )

@@ -43,3 +43,8 @@ AS $$
                AND pg_visible_in_snapshot(p_txid, p_target)
                AND (p_txid, p_event_id) <= (p_after_txid, p_after_event_id))
 $$;
+
+-- A size cap on event payloads, checked at write time with a clear error: the product's own
+-- payloads are a few dozen bytes; anything near this is a bug or an attack.
+ALTER TABLE outbox_events
+    ADD CONSTRAINT outbox_events_payload_size CHECK (pg_column_size(payload) <= 65536);

@@ -1,0 +1,157 @@
+-- Least privilege: two group roles, outbox_writer and outbox_processor, and exactly what each needs.
+--
+-- How to use it. `outbox migrate` runs as the owner of the tables (DDL, triggers, the adoption
+-- backfill, removing a legacy trigger): keep that role for migrations only. Then, as that owner (or
+-- a superuser), in the same database:
+--
+--     psql "$ADMIN_URL" -v ON_ERROR_STOP=1 --single-transaction -f schema/roles.sql
+--
+-- and give the group roles to your login roles:
+--
+--     GRANT outbox_writer TO app;                 -- whatever writes jobs / jobs_variants
+--     GRANT outbox_processor TO outbox_worker;    -- `outbox run` and the operations commands
+--
+-- It is plain SQL (no psql variables), so any client can run it, and it is idempotent: every run
+-- first revokes, then grants, so the privileges are exactly these whatever was granted before.
+-- Run it again after every `outbox migrate` that applies a migration (new tables and functions get
+-- no privileges, and new functions get EXECUTE for PUBLIC, until it runs).
+--
+-- Names. Roles are cluster-wide: the group roles are created when missing (which needs CREATEROLE
+-- once) and shared by every database of the cluster where this script ran; a login that is a member
+-- gets these rights in each of them. For separate rights per database, rename the two roles in
+-- this file. The product's schema and table names are not configurable (it uses the unqualified
+-- names below, resolved through the search_path, as `outbox migrate` created them), so neither
+-- are they here.
+--
+-- Trigger functions keep invoker rights (no SECURITY DEFINER): the capture trigger appends the
+-- event with the writer's own rights, which is why the writer needs INSERT on outbox_events and
+-- the sequence and functions below. A writer can therefore append an event directly; it gains
+-- nothing it could not do by writing jobs_variants, and an event it makes up becomes a dead letter.
+-- It cannot choose an event's txid or created_at (no privilege on those columns), nor change or
+-- remove any event.
+--
+-- After this script, a role that writes jobs_variants must be a member of outbox_writer (or own
+-- the tables): EXECUTE on the product's functions is no longer granted to PUBLIC.
+--
+-- The matrix (tests/reliability/test_privileges.py checks it):
+--
+--   object                      outbox_writer                          outbox_processor
+--   jobs                        SELECT, INSERT, DELETE; UPDATE only of  SELECT and UPDATE of status,
+--                               columns the product does not own        current_step, updated_at;
+--                               (none in the product's own table)       SELECT of job_id
+--   jobs_variants               SELECT, INSERT, UPDATE, DELETE          SELECT of job_variants_id, job_id,
+--                                                                       status, current_step, updated_at;
+--                                                                       UPDATE of updated_at (*)
+--   outbox_events               INSERT of the columns the capture       SELECT, DELETE (prune), INSERT as
+--                               function writes (not txid, created_at)  the writer (verify --repair)
+--   outbox_variant_versions     USAGE (nextval)                         USAGE (verify --repair)
+--   outbox_checkpoints          -                                       SELECT, UPDATE
+--   outbox_dirty_jobs           -                                       SELECT, INSERT, DELETE
+--   outbox_job_flags, outbox_variant_states, outbox_dead_letters, outbox_throughput
+--                               -                                       SELECT, INSERT, UPDATE, DELETE
+--   outbox_variant_baseline     -                                       SELECT, INSERT, UPDATE
+--   outbox_schema_migrations    -                                       SELECT
+--   outbox_partition_of, outbox_append_variant_event
+--                               EXECUTE                                 EXECUTE
+--   outbox_event_applied        -                                       EXECUTE
+--   outbox_capture_variant_change  nobody (a trigger function's EXECUTE is checked when the
+--                               trigger is created, by `outbox migrate`, not when it fires)
+--
+--   (*) `outbox verify --repair` reads a variant row FOR UPDATE (its lock orders the resync event
+--   after every change of the variant), and PostgreSQL requires UPDATE on at least one column for
+--   that. updated_at is the harmless one: changing it alone writes no event.
+--
+-- Neither role gets TRUNCATE (not captured), REFERENCES or TRIGGER, nor UPDATE of an event (an
+-- operator fixes a bad payload as the owner, then runs `outbox dead-letters retry`). Advisory locks
+-- and the catalog and statistics views the worker reads need no grant. pg_stat_activity shows the
+-- start time and state of another login's session only to pg_read_all_stats: run the worker and
+-- `outbox backlog` as the same login, or `backlog` shows the consumer without its idle time.
+
+-- The group roles, when missing. A concurrent run in another database may create them first.
+DO $$
+DECLARE
+    role_name text;
+BEGIN
+    FOREACH role_name IN ARRAY ARRAY['outbox_writer', 'outbox_processor'] LOOP
+        IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = role_name) THEN
+            BEGIN
+                EXECUTE format('CREATE ROLE %I NOLOGIN', role_name);
+            EXCEPTION WHEN duplicate_object OR unique_violation THEN
+                NULL;
+            END;
+        END IF;
+    END LOOP;
+END
+$$;
+
+-- Start from nothing, so the result is exact on a re-run or after hand-made grants.
+REVOKE ALL ON TABLE jobs, jobs_variants FROM outbox_writer, outbox_processor;
+REVOKE ALL ON TABLE
+    outbox_events, outbox_checkpoints, outbox_dirty_jobs, outbox_job_flags, outbox_variant_states,
+    outbox_dead_letters, outbox_throughput, outbox_variant_baseline, outbox_schema_migrations
+    FROM PUBLIC, outbox_writer, outbox_processor;
+REVOKE ALL ON SEQUENCE outbox_variant_versions FROM PUBLIC, outbox_writer, outbox_processor;
+REVOKE ALL ON FUNCTION
+    outbox_partition_of(uuid),
+    outbox_append_variant_event(text, uuid, uuid, text, text),
+    outbox_capture_variant_change(),
+    outbox_event_applied(xid8, bigint, pg_snapshot, pg_snapshot, xid8, bigint)
+    FROM PUBLIC, outbox_writer, outbox_processor;
+
+-- Connecting to this database and resolving the names in its schema (PUBLIC usually has both;
+-- granted in case an administrator revoked them).
+DO $$
+BEGIN
+    EXECUTE format('GRANT CONNECT ON DATABASE %I TO outbox_writer, outbox_processor', current_database());
+    EXECUTE format('GRANT USAGE ON SCHEMA %I TO outbox_writer, outbox_processor',
+                   (SELECT relnamespace::regnamespace::text FROM pg_class WHERE oid = 'outbox_events'::regclass));
+END
+$$;
+
+-- The writer: the application's tables as applications use them, and appending events.
+-- create_job inserts a job row (queued); after that, a job's status, current_step and updated_at
+-- are the processor's alone.
+GRANT SELECT, INSERT, DELETE ON jobs TO outbox_writer;
+GRANT SELECT, INSERT, UPDATE, DELETE ON jobs_variants TO outbox_writer;
+GRANT INSERT (partition, event_type, schema_version, job_id, variant_id, variant_version, payload)
+    ON outbox_events TO outbox_writer;
+GRANT USAGE ON SEQUENCE outbox_variant_versions TO outbox_writer;
+GRANT EXECUTE ON FUNCTION outbox_partition_of(uuid), outbox_append_variant_event(text, uuid, uuid, text, text)
+    TO outbox_writer;
+
+-- An adopted jobs table may have columns of the application's own: writers keep updating those.
+DO $$
+DECLARE
+    column_name name;
+BEGIN
+    FOR column_name IN
+        SELECT attname FROM pg_attribute
+        WHERE attrelid = 'jobs'::regclass AND attnum > 0 AND NOT attisdropped AND attgenerated = ''
+          AND attname NOT IN ('job_id', 'status', 'current_step', 'updated_at')
+        ORDER BY attnum
+    LOOP
+        EXECUTE format('GRANT UPDATE (%I) ON jobs TO outbox_writer', column_name);
+    END LOOP;
+END
+$$;
+
+-- The processor: `outbox run`, backlog, replay, verify [--repair], dead-letters, prune.
+GRANT SELECT (job_id, status, current_step, updated_at), UPDATE (status, current_step, updated_at)
+    ON jobs TO outbox_processor;
+GRANT SELECT (job_variants_id, job_id, status, current_step, updated_at), UPDATE (updated_at)
+    ON jobs_variants TO outbox_processor;
+GRANT SELECT, DELETE ON outbox_events TO outbox_processor;
+GRANT INSERT (partition, event_type, schema_version, job_id, variant_id, variant_version, payload)
+    ON outbox_events TO outbox_processor;
+GRANT USAGE ON SEQUENCE outbox_variant_versions TO outbox_processor;
+GRANT SELECT, UPDATE ON outbox_checkpoints TO outbox_processor;
+GRANT SELECT, INSERT, DELETE ON outbox_dirty_jobs TO outbox_processor;
+GRANT SELECT, INSERT, UPDATE, DELETE
+    ON outbox_job_flags, outbox_variant_states, outbox_dead_letters, outbox_throughput TO outbox_processor;
+GRANT SELECT, INSERT, UPDATE ON outbox_variant_baseline TO outbox_processor;
+GRANT SELECT ON outbox_schema_migrations TO outbox_processor;
+GRANT EXECUTE ON FUNCTION
+    outbox_partition_of(uuid),
+    outbox_append_variant_event(text, uuid, uuid, text, text),
+    outbox_event_applied(xid8, bigint, pg_snapshot, pg_snapshot, xid8, bigint)
+    TO outbox_processor;

@@ -1,0 +1,95 @@
+"""Hostile and bad input: refused at write time with a clear error, or parked as a dead letter;
+never a crash, never blocking other jobs."""
+
+from __future__ import annotations
+
+import json
+
+import psycopg
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import outbox
+from processor.database import connect
+from tests.fix_database import make_settings
+from tests.helpers import drain, job_state
+
+INSERT_EVENT = (
+    "INSERT INTO outbox_events (event_type, schema_version, job_id, variant_id, variant_version, payload) "
+    "VALUES (%s, %s, %s, %s, nextval('outbox_variant_versions'), %s::jsonb)"
+)
+
+
+def test_oversized_payloads_and_nul_characters_are_refused_at_write_time(conn, engine):
+    with engine.begin() as sa:
+        job, (variant,) = outbox.create_job(sa, variants=1)
+    huge = json.dumps({"status": "done", "blob": "x" * 200_000})
+    with pytest.raises(psycopg.errors.CheckViolation, match="outbox_events_payload_size"):
+        conn.execute(INSERT_EVENT, ["variant_changed", 1, job, variant, huge])
+    with pytest.raises(psycopg.errors.UntranslatableCharacter):
+        conn.execute(INSERT_EVENT, ["variant_changed", 1, job, variant, '{"status": "done\\u0000"}'])
+    with pytest.raises(psycopg.errors.InvalidTextRepresentation):
+        conn.execute(INSERT_EVENT, ["variant_changed", 1, job, variant, '{"status": '])
+    with pytest.raises(psycopg.errors.CheckViolation, match="status must be one of"):
+        conn.execute("UPDATE jobs_variants SET status = 'done\\u0000x' WHERE job_variants_id = %s", [variant])
+
+
+def test_deeply_nested_and_odd_payloads_become_dead_letters_and_other_jobs_flow(conn, engine, settings):
+    with engine.begin() as sa:
+        bad_job, bad_variants = outbox.create_job(sa, variants=4)
+        good_job, _ = outbox.create_job(sa, variants=2)
+    hostile = [
+        "[" * 5000 + "]" * 5000,  # PostgreSQL accepts it; Python's parser does not
+        json.dumps({"status": "done", "step": "iou_eval", "extra": {"a": [1, {"b": None}] * 50}}),  # unknown fields
+        json.dumps({"status": ["done"], "step": {"x": 1}}),
+        json.dumps({"status": "done", "step": "é" * 300}),
+    ]
+    for variant, payload in zip(bad_variants, hostile, strict=True):
+        conn.execute(INSERT_EVENT, ["variant_changed", 1, bad_job, variant, payload])
+    conn.execute("UPDATE jobs_variants SET status = 'done', current_step = 'iou_eval' WHERE job_id = %s", [good_job])
+    stats = drain(settings)
+    assert job_state(conn, good_job) == ("done", "iou_eval")
+    reasons = [row[0] for row in conn.execute("SELECT reason FROM outbox_dead_letters ORDER BY event_id")]
+    assert len(reasons) == 3 and stats.dead_letters == 3
+    assert "not readable JSON" in reasons[0]
+    assert conn.execute("SELECT job_id FROM outbox_job_flags").fetchall() == [(bad_job,)]
+
+
+# Any text PostgreSQL can store in jsonb (NUL is refused at write time, tested above).
+storable_text = st.text(alphabet=st.characters(blacklist_characters="\x00", blacklist_categories=("Cs",)))
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | storable_text,
+    lambda children: st.lists(children, max_size=5) | st.dictionaries(storable_text, children, max_size=5),
+    max_leaves=40,
+)
+events = st.lists(
+    st.tuples(
+        st.sampled_from(["variant_changed", "variant_removed", "variant_exploded"]),
+        st.integers(min_value=-3, max_value=3),
+        json_values
+        | st.fixed_dictionaries({"status": st.sampled_from(["done", "running", "bogus"]), "step": json_values}),
+    ),
+    min_size=1,
+    max_size=12,
+)
+
+
+@pytest.mark.slow
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(batch=events)
+def test_fuzzed_events_never_stop_the_worker_or_other_jobs(db, engine, batch):
+    settings_ = make_settings(db)
+    with engine.begin() as sa:
+        job, variants = outbox.create_job(sa, variants=3)
+        witness, _ = outbox.create_job(sa, variants=1)
+    with connect(db, application_name="fuzz") as conn:
+        for index, (event_type, schema_version, payload) in enumerate(batch):
+            conn.execute(INSERT_EVENT, [event_type, schema_version, job, variants[index % 3], json.dumps(payload)])
+        conn.execute(
+            "UPDATE jobs_variants SET status = 'running', current_step = 'segment' WHERE job_id = %s", [witness]
+        )
+        drain(settings_)  # must not raise
+        assert job_state(conn, witness) == ("running", "segment")
+        pending = conn.execute("SELECT count(*) FROM outbox_dirty_jobs").fetchone()[0]
+        assert pending == 0
