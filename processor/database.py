@@ -84,14 +84,11 @@ def connect(
     db: DatabaseUrl, *, application_name: str, autocommit: bool = True, connect_timeout: int = 10
 ) -> psycopg.Connection[Any]:
     """Open a psycopg connection; errors come back with the password removed."""
+    # The URL's own parameters (?connect_timeout=5, ?keepalives_idle=...) override these defaults.
+    params = {"connect_timeout": connect_timeout, **_KEEPALIVES, **db.connect_kwargs()}
+    params["application_name"] = application_name
     try:
-        return psycopg.connect(
-            **db.connect_kwargs(),
-            application_name=application_name,
-            autocommit=autocommit,
-            connect_timeout=connect_timeout,
-            **_KEEPALIVES,
-        )
+        return psycopg.connect(**params, autocommit=autocommit)
     except psycopg.Error as exc:
         raise type(exc)(redact(str(exc), db)) from None
 

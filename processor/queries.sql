@@ -507,3 +507,22 @@ SELECT clock_timestamp() - %(interval)s::interval
 
 -- name: job_flags_count
 SELECT count(*) FROM outbox_job_flags
+
+-- name: snapshot_current
+SELECT pg_current_snapshot()::text
+
+-- name: rebase_lock_events
+-- Writers wait (they do not fail) until the rebase commits; events already written are committed.
+LOCK TABLE outbox_events IN EXCLUSIVE MODE
+
+-- name: rebase_events_from_another_cluster
+-- Transaction ids from the cluster the database was restored from mean nothing here: mark every
+-- event whose id is beyond this cluster's counter as applied (a txid below any snapshot).
+UPDATE outbox_events SET txid = '1'
+WHERE txid >= pg_snapshot_xmax(pg_current_snapshot())
+
+-- name: rebase_checkpoint
+UPDATE outbox_checkpoints
+SET done_snapshot = pg_current_snapshot(), target_snapshot = NULL, last_txid = '0', last_event_id = 0,
+    updated_at = clock_timestamp()
+WHERE partition = %(partition)s

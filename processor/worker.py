@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import socket
 import threading
 from collections.abc import Callable
@@ -24,6 +25,7 @@ from processor.batch import BatchResult, FencedError, FoldContext, apply_batch, 
 from processor.database import DatabaseUrl, check_direct_session, connect, redact
 from processor.errors import ConsumerBusyError
 from processor.migrate import check_ready
+from processor.rebase import from_another_cluster, rebase
 from processor.settings import Settings
 from processor.snapshot import Cursor, Position
 from processor.store import Connection
@@ -72,6 +74,7 @@ class Worker:
         self.before_commit = before_commit
         self.stats = WorkerStats()
         self._stopping = threading.Event()
+        self._failures = 0  # connection failures in a row, for the reconnect backoff
         self.active = threading.Event()  # set while this worker holds the consumer lock
 
     def stop(self) -> None:
@@ -91,7 +94,7 @@ class Worker:
         """
         retrying = tenacity.Retrying(
             retry=tenacity.retry_if_exception_type(psycopg.OperationalError),
-            wait=tenacity.wait_exponential(multiplier=0.2, max=10) + tenacity.wait_random(0, 0.5),
+            wait=self._backoff,
             stop=lambda _state: until_idle or self._stopping.is_set(),
             sleep=self._sleep,
             before_sleep=self._log_retry,
@@ -104,6 +107,11 @@ class Worker:
         except tenacity.RetryError:
             pass  # stopped while waiting to reconnect
         return self.stats
+
+    def _backoff(self, _state: tenacity.RetryCallState) -> float:
+        """Capped exponential backoff with jitter, counted from the start of the current outage."""
+        self._failures += 1
+        return float(min(0.2 * 2.0 ** (self._failures - 1), 10.0) + random.uniform(0, 0.5))
 
     def _sleep(self, seconds: float) -> None:
         self._stopping.wait(seconds)  # a stop request cuts the backoff short
@@ -144,6 +152,7 @@ class Worker:
             with watchdog.guard(conn):
                 if store.consumer_lock_try(conn, partition):
                     log.info("active consumer of partition %s (pid %s)", partition, os.getpid())
+                    self._failures = 0
                     self.active.set()
                     return True
                 holder = store.consumer_lock_holder(conn, partition)
@@ -162,7 +171,11 @@ class Worker:
         partition = settings.partition
         ctx = FoldContext(partition, settings.pipeline, settings.failure_policy)
         with watchdog.guard(conn):
-            state = _LoopState(store.checkpoint_get(conn, partition).cursor)
+            cursor = store.checkpoint_get(conn, partition).cursor
+            if from_another_cluster(conn, cursor):
+                rebase(conn, ctx)  # restored into another cluster: transaction ids started over
+                cursor = store.checkpoint_get(conn, partition).cursor
+            state = _LoopState(cursor)
             # Flagged jobs are folded again at start-up (the pipeline setting may have been fixed).
             store.dirty_jobs_add_flagged(conn, partition)
             state.dirty = store.dirty_jobs_exist(conn, partition)

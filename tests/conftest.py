@@ -1,1 +1,1 @@
-pytest_plugins = ["tests.fix_database"]
+pytest_plugins = ["tests.fix_database", "tests.reliability.fix_server"]
