@@ -43,7 +43,9 @@
 --                                                                       status, current_step, updated_at;
 --                                                                       UPDATE of updated_at (*)
 --   outbox_events               INSERT of the columns the capture       SELECT, DELETE (prune), INSERT as
---                               function writes (not txid, created_at)  the writer (verify --repair)
+--                               function writes (not txid, created_at)  the writer (verify --repair),
+--                                                                       UPDATE of txid (rebase after a
+--                                                                       restore; never the payload)
 --   outbox_variant_versions     USAGE (nextval)                         USAGE (verify --repair)
 --   outbox_checkpoints          -                                       SELECT, UPDATE
 --   outbox_dirty_jobs           -                                       SELECT, INSERT, DELETE
@@ -140,7 +142,7 @@ GRANT SELECT (job_id, status, current_step, updated_at), UPDATE (status, current
     ON jobs TO outbox_processor;
 GRANT SELECT (job_variants_id, job_id, status, current_step, updated_at), UPDATE (updated_at)
     ON jobs_variants TO outbox_processor;
-GRANT SELECT, DELETE ON outbox_events TO outbox_processor;
+GRANT SELECT, DELETE, UPDATE (txid) ON outbox_events TO outbox_processor;
 GRANT INSERT (partition, event_type, schema_version, job_id, variant_id, variant_version, payload)
     ON outbox_events TO outbox_processor;
 GRANT USAGE ON SEQUENCE outbox_variant_versions TO outbox_processor;
