@@ -33,6 +33,7 @@ def test_oversized_payloads_and_nul_characters_are_refused_at_write_time(conn, e
         conn.execute(INSERT_EVENT, ["variant_changed", 1, job, variant, '{"status": '])
     with pytest.raises(psycopg.errors.CheckViolation, match="status must be one of"):
         conn.execute("UPDATE jobs_variants SET status = 'done\\u0000x' WHERE job_variants_id = %s", [variant])
+    print("\nrefused at write time: a 200 kB payload, a NUL character, malformed JSON, an invalid status")
 
 
 def test_deeply_nested_and_odd_payloads_become_dead_letters_and_other_jobs_flow(conn, engine, settings):
@@ -54,13 +55,22 @@ def test_deeply_nested_and_odd_payloads_become_dead_letters_and_other_jobs_flow(
     assert len(reasons) == 3 and stats.dead_letters == 3
     assert "not readable JSON" in reasons[0]
     assert conn.execute("SELECT job_id FROM outbox_job_flags").fetchall() == [(bad_job,)]
+    print(
+        f"\nhostile payloads: {len(hostile)} written, {stats.dead_letters} dead letters, 1 job flagged, others applied"
+    )
 
 
 # Any text PostgreSQL can store in jsonb (NUL is refused at write time, tested above).
 storable_text = st.text(alphabet=st.characters(blacklist_characters="\x00", blacklist_categories=("Cs",)))
+
+
+def _nested(children: st.SearchStrategy) -> st.SearchStrategy:
+    return st.lists(children, max_size=5) | st.dictionaries(storable_text, children, max_size=5)
+
+
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | storable_text,
-    lambda children: st.lists(children, max_size=5) | st.dictionaries(storable_text, children, max_size=5),
+    _nested,
     max_leaves=40,
 )
 events = st.lists(

@@ -238,6 +238,7 @@ def test_privilege_matrix(logins: Logins, admin: psycopg.Connection[Any], group:
         expected[key] = {"EXECUTE"} if by_role[group] else set()
         actual[key] = {"EXECUTE"} if _has(admin, "has_function_privilege", role, function, "EXECUTE") else set()
     assert {k: sorted(v) for k, v in actual.items()} == {k: sorted(v) for k, v in expected.items()}
+    print(f"\nprivilege matrix for {role}: {len(expected)} objects checked, all as expected")
 
 
 def test_roles_sql_is_idempotent_and_resets_extra_grants(logins: Logins, admin: psycopg.Connection[Any]) -> None:
@@ -483,6 +484,7 @@ def test_the_writer_is_refused_the_events_job_state_and_the_processor_tables(
     _write_jobs(logins, random.Random(3), 4)
     drain(make_settings(logins.processor))
     _assert_refused(logins.writer, WRITER_REFUSED, admin)
+    print(f"\nwriter refused {len(WRITER_REFUSED)} statements it must not run")
     # Nor can it run the worker.
     with pytest.raises(psycopg.errors.InsufficientPrivilege):
         drain(make_settings(logins.writer))
@@ -494,3 +496,4 @@ def test_the_processor_is_refused_the_application_data_and_the_events_payload(
     _write_jobs(logins, random.Random(4), 4)
     drain(make_settings(logins.processor))
     _assert_refused(logins.processor, PROCESSOR_REFUSED, admin)
+    print(f"\nprocessor refused {len(PROCESSOR_REFUSED)} statements it must not run")

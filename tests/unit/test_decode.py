@@ -45,7 +45,9 @@ def test_a_valid_change_decodes_and_unknown_fields_are_ignored():
     [
         (row({"status": "exploded", "step": "ingest"}), "invalid payload: status"),
         (row({"step": "ingest"}), "invalid payload: status"),
-        (row("not an object"), "invalid payload"),
+        (row("not JSON at all"), "payload is not readable JSON"),
+        (row('"a JSON string"'), "invalid payload"),
+        (row("[" * 5000 + "]" * 5000), "payload is not readable JSON: RecursionError"),
         (row({"status": "done", "step": "x" * 500}), "invalid payload: step"),
         (row({}, event_type="job_exploded"), "unknown event type 'job_exploded'"),
         (row({"status": "done"}, schema_version=9), "at schema version 9"),
