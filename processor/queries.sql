@@ -207,6 +207,9 @@ SELECT set_config('statement_timeout', %(statement_timeout)s, false),
 -- Session-level: held by the connection that writes, released when it closes or dies.
 SELECT pg_try_advisory_lock(%(lock_class)s, %(partition)s)
 
+-- name: consumer_lock_release
+SELECT pg_advisory_unlock(%(lock_class)s, %(partition)s)
+
 -- name: consumer_lock_holder
 SELECT a.pid, a.application_name, a.backend_start
 FROM pg_locks AS l

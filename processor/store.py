@@ -221,6 +221,10 @@ def consumer_lock_try(conn: Connection, partition: int) -> bool:
     return bool(row and row[0])
 
 
+def consumer_lock_release(conn: Connection, partition: int) -> None:
+    conn.execute(QUERIES["consumer_lock_release"], {"lock_class": CONSUMER_LOCK_CLASS, "partition": partition})
+
+
 def consumer_lock_holder(conn: Connection, partition: int) -> LockHolder | None:
     row = conn.execute(
         QUERIES["consumer_lock_holder"], {"lock_class": CONSUMER_LOCK_CLASS, "partition": partition}

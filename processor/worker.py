@@ -140,6 +140,10 @@ class Worker:
                     return
                 try:
                     self._process(conn, until_idle, watchdog)
+                    # Released here rather than left to the server when the connection closes: a
+                    # worker started right after this one must not find the lock still held.
+                    with watchdog.guard(conn):
+                        store.consumer_lock_release(conn, settings.partition)
                 finally:
                     self.active.clear()
         finally:

@@ -16,7 +16,7 @@ WITH ranked AS (
     SELECT job_id, status,
            -- 1-based; a variant with no step yet waits for the first step
            coalesce(array_position(%(steps)s::text[], current_step), 1) AS step_rank,
-           (status = 'done' AND current_step = %(final)s) AS finished
+           coalesce(status = 'done' AND current_step = %(final)s, false) AS finished
     FROM jobs_variants
 )
 SELECT job_id,
