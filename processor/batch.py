@@ -139,23 +139,30 @@ def apply_batch(
     )
 
 
+def write_jobs(conn: Connection, ctx: FoldContext, jobs: FoldedJobs, cursor: Cursor) -> store.CommitResult:
+    """Write folded job states and flags, leaving the checkpoint where it is (``cursor``)."""
+    result = store.batch_commit(
+        conn, ctx.partition, jobs=jobs.states, folded=jobs.folded, flags=jobs.flags,
+        dead_letters=[], cursor=cursor, event_count=0,
+    )  # fmt: skip
+    _log_outcome([], jobs.flags)
+    return result
+
+
+def fold_and_write_jobs(
+    conn: Connection, ctx: FoldContext, job_ids: Iterable[uuid.UUID], cursor: Cursor
+) -> store.CommitResult:
+    """Fold ``job_ids`` from the stored variant states and write them (inside the caller's transaction)."""
+    job_ids = list(job_ids)
+    return write_jobs(conn, ctx, fold_jobs(job_ids, store.variant_states_for_jobs(conn, job_ids), ctx), cursor)
+
+
 def refold_dirty_jobs(conn: Connection, ctx: FoldContext, *, cursor: Cursor, limit: int) -> tuple[int, int]:
     """Fold up to ``limit`` jobs left by a completed catch-up; return (jobs taken, jobs changed)."""
     with conn.transaction():
         _fence(conn, ctx.partition, cursor)
         job_ids = store.dirty_jobs_take(conn, ctx.partition, limit)
-        jobs = fold_jobs(job_ids, store.variant_states_for_jobs(conn, job_ids), ctx)
-        result = store.batch_commit(
-            conn,
-            ctx.partition,
-            jobs=jobs.states,
-            folded=jobs.folded,
-            flags=jobs.flags,
-            dead_letters=[],
-            cursor=cursor,
-            event_count=0,
-        )
-    _log_outcome([], jobs.flags)
+        result = fold_and_write_jobs(conn, ctx, job_ids, cursor)
     return len(job_ids), result.jobs_changed
 
 

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from processor import store
-from processor.batch import FoldContext, fold_jobs
+from processor.batch import FoldContext, fold_and_write_jobs
 from processor.decode import decode_event
 from processor.replay import rebuild_jobs
 from processor.store import QUERIES, Connection
@@ -52,11 +52,7 @@ def retry(conn: Connection, ctx: FoldContext, event_ids: Sequence[int]) -> dict[
             defer = cursor.target is not None  # a catch-up is in progress: fold when it completes
             affected = store.variant_states_upsert(conn, ctx.partition, [(decoded.state, event_id)], defer=defer)
             if affected:
-                jobs = fold_jobs(affected, store.variant_states_for_jobs(conn, affected), ctx)
-                store.batch_commit(
-                    conn, ctx.partition, jobs=jobs.states, folded=jobs.folded, flags=jobs.flags,
-                    dead_letters=[], cursor=cursor, event_count=0,
-                )  # fmt: skip
+                fold_and_write_jobs(conn, ctx, affected, cursor)
             conn.execute(QUERIES["dead_letter_delete"], {"event_id": event_id})
             outcomes[event_id] = "applied"
     return outcomes

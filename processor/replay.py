@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import psycopg
 
 from processor import store
-from processor.batch import FoldContext, fold_jobs
+from processor.batch import FoldContext, fold_jobs, write_jobs
 from processor.decode import decode_event
 from processor.fold import VariantState
 from processor.store import Connection
@@ -68,10 +68,7 @@ def rebuild_jobs(conn: Connection, ctx: FoldContext, job_ids: Sequence[uuid.UUID
         if dry_run:
             raise psycopg.Rollback(tx)
         if cursor.target is None:
-            store.batch_commit(
-                conn, ctx.partition, jobs=folded.states, folded=folded.folded, flags=folded.flags,
-                dead_letters=[], cursor=cursor, event_count=0,
-            )  # fmt: skip
+            write_jobs(conn, ctx, folded, cursor)
         else:
             # A catch-up is in progress: fold when it completes, like the worker would.
             store.dirty_jobs_add(conn, ctx.partition, affected)

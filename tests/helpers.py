@@ -96,3 +96,27 @@ def consumer_os_pid(conn: psycopg.Connection[Any], partition: int = 0) -> int | 
 
     holder = store.consumer_lock_holder(conn, partition)
     return int(holder.application_name.rsplit(":", 1)[1]) if holder else None
+
+
+# Who wrote job state: the application_name of each session that updates `jobs`. Workers name
+# themselves outbox-worker:<host>:<pid>, so tests can tell which worker applied what.
+JOB_WRITES_AUDIT = """
+CREATE TABLE job_writes (writer text, at timestamptz DEFAULT clock_timestamp());
+CREATE FUNCTION audit_job_write() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO job_writes (writer) VALUES (current_setting('application_name'));
+    RETURN NEW;
+END $$;
+CREATE TRIGGER audit_job_write AFTER UPDATE ON jobs FOR EACH ROW EXECUTE FUNCTION audit_job_write();
+"""
+
+
+def finish_jobs(engine: Any, count: int, *, variants: int = 2) -> None:
+    """Create ``count`` jobs whose variants are all done at the final step (iou_eval)."""
+    import outbox
+
+    with engine.begin() as conn:
+        for _ in range(count):
+            _, ids = outbox.create_job(conn, variants=variants)
+            for variant in ids:
+                outbox.update_variant(conn, variant, status="done", step="iou_eval")

@@ -5,34 +5,15 @@ from __future__ import annotations
 import signal
 import time
 
-import outbox
 from processor.database import connect
 from tests.fix_database import subprocess_env
-from tests.helpers import WorkerProcess, consumer_os_pid, pending_work, wait_for
-
-AUDIT = """
-CREATE TABLE job_writes (writer text, at timestamptz DEFAULT clock_timestamp());
-CREATE FUNCTION audit_job_write() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    INSERT INTO job_writes (writer) VALUES (current_setting('application_name'));
-    RETURN NEW;
-END $$;
-CREATE TRIGGER audit_job_write AFTER UPDATE ON jobs FOR EACH ROW EXECUTE FUNCTION audit_job_write();
-"""
-
-
-def finish_jobs(engine, count: int) -> None:
-    with engine.begin() as conn:
-        for _ in range(count):
-            _, variants = outbox.create_job(conn, variants=3)
-            for variant in variants:
-                outbox.update_variant(conn, variant, status="done", step="iou_eval")
+from tests.helpers import JOB_WRITES_AUDIT, WorkerProcess, consumer_os_pid, finish_jobs, pending_work, wait_for
 
 
 def assert_only_worker_applies(conn, engine, worker: WorkerProcess, done_jobs: int) -> None:
     """Finish 20 jobs, wait until applied, and check that only ``worker`` wrote job state meanwhile."""
     since = conn.execute("SELECT clock_timestamp()").fetchone()[0]
-    finish_jobs(engine, 20)
+    finish_jobs(engine, 20, variants=3)
     wait_for(lambda: pending_work(conn) == 0, what="the active worker to apply")
     writers = {row[0] for row in conn.execute("SELECT DISTINCT writer FROM job_writes WHERE at > %s", [since])}
     assert len(writers) == 1 and writers.pop().endswith(f":{worker.pid}")
@@ -42,7 +23,7 @@ def assert_only_worker_applies(conn, engine, worker: WorkerProcess, done_jobs: i
 def test_only_one_worker_applies_and_the_standby_takes_over_after_a_kill(db, engine, tmp_path):
     env = subprocess_env(db, OUTBOX_STANDBY_INTERVAL="0.1")
     with connect(db, application_name="observer") as conn:
-        conn.execute(AUDIT)
+        conn.execute(JOB_WRITES_AUDIT)
         first = WorkerProcess(env, tmp_path / "first.log")
         second = None
         try:

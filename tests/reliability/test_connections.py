@@ -5,31 +5,13 @@ from __future__ import annotations
 import signal
 import time
 
-import outbox
 from processor.database import DatabaseUrl, connect
 from tests.fix_database import subprocess_env
-from tests.helpers import WorkerProcess, consumer_os_pid, pending_work, wait_for
+from tests.helpers import JOB_WRITES_AUDIT, WorkerProcess, consumer_os_pid, finish_jobs, pending_work, wait_for
 from tests.reference import actual_job_states, reference_job_states
 from tests.reliability.proxy import StallableProxy
 
 STEPS = ("ingest", "detect", "segment", "iou_eval")
-AUDIT = """
-CREATE TABLE job_writes (writer text, at timestamptz DEFAULT clock_timestamp());
-CREATE FUNCTION audit_job_write() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    INSERT INTO job_writes (writer) VALUES (current_setting('application_name'));
-    RETURN NEW;
-END $$;
-CREATE TRIGGER audit_job_write AFTER UPDATE ON jobs FOR EACH ROW EXECUTE FUNCTION audit_job_write();
-"""
-
-
-def finish_jobs(engine, count: int) -> None:
-    with engine.begin() as conn:
-        for _ in range(count):
-            _, variants = outbox.create_job(conn, variants=2)
-            for variant in variants:
-                outbox.update_variant(conn, variant, status="done", step="iou_eval")
 
 
 def time_to_apply(conn, engine, count: int = 3, timeout: float = 60) -> float:
@@ -99,7 +81,7 @@ def test_a_half_open_connection_is_detected_and_replaced(db, engine, tmp_path):
 def test_a_stopped_worker_is_replaced_and_applies_nothing_after_it_resumes(db, engine, tmp_path):
     env = subprocess_env(db, OUTBOX_SESSION_TIMEOUT="2", OUTBOX_STANDBY_INTERVAL="0.1")
     with connect(db, application_name="observer") as conn:
-        conn.execute(AUDIT)
+        conn.execute(JOB_WRITES_AUDIT)
         first = WorkerProcess(env, tmp_path / "first.log")
         second = WorkerProcess(env, tmp_path / "second.log")
         try:

@@ -27,7 +27,7 @@ import outbox
 from processor.database import DatabaseUrl, check_direct_session, connect
 from processor.errors import ConfigurationError
 from tests.fix_database import subprocess_env
-from tests.helpers import WorkerProcess, consumer_os_pid, pending_work, wait_for
+from tests.helpers import JOB_WRITES_AUDIT, WorkerProcess, consumer_os_pid, finish_jobs, pending_work, wait_for
 
 PGBOUNCER = shutil.which("pgbouncer") or next(
     (path for path in ("/usr/sbin/pgbouncer", "/usr/bin/pgbouncer") if os.access(path, os.X_OK)), None
@@ -36,17 +36,6 @@ PGBOUNCER = shutil.which("pgbouncer") or next(
 pytestmark = pytest.mark.skipif(
     PGBOUNCER is None, reason="pgbouncer is not installed (apt-get install -y pgbouncer); these tests need it"
 )
-
-# Who wrote job state: the application_name of the session that updated `jobs` (as in test_standby).
-AUDIT = """
-CREATE TABLE job_writes (writer text, at timestamptz DEFAULT clock_timestamp());
-CREATE FUNCTION audit_job_write() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    INSERT INTO job_writes (writer) VALUES (current_setting('application_name'));
-    RETURN NEW;
-END $$;
-CREATE TRIGGER audit_job_write AFTER UPDATE ON jobs FOR EACH ROW EXECUTE FUNCTION audit_job_write();
-"""
 
 
 def _free_port() -> int:
@@ -272,11 +261,7 @@ def test_the_worker_refuses_to_start_through_transaction_pooling(db, pgbouncer, 
 def _finish_jobs(db: DatabaseUrl, count: int) -> None:
     engine = db.create_engine()
     try:
-        with engine.begin() as conn:
-            for _ in range(count):
-                _, variants = outbox.create_job(conn, variants=3)
-                for variant in variants:
-                    outbox.update_variant(conn, variant, status="done", step="iou_eval")
+        finish_jobs(engine, count, variants=3)
     finally:
         engine.dispose()
 
@@ -299,7 +284,7 @@ def test_session_pooling_with_the_opt_in_keeps_one_active_consumer(db, pgbouncer
     bouncer = pgbouncer("session")
     env = subprocess_env(bouncer.url, OUTBOX_ALLOW_SESSION_PROXY="1", OUTBOX_STANDBY_INTERVAL="0.1")
     with connect(db, application_name="observer") as conn:
-        conn.execute(AUDIT)
+        conn.execute(JOB_WRITES_AUDIT)
         first = WorkerProcess(env, tmp_path / "first.log")
         second = None
         try:
