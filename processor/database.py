@@ -49,7 +49,8 @@ class DatabaseUrl:
         if url.port is not None and not 0 < url.port < 65536:
             raise ConfigurationError(f"database URL port {url.port} is out of range")
         if url.password == "":
-            url = url.set(password=None)  # "user:@host" has no password; do not show one as ***
+            # "user:@host" has no password; do not show one as *** (URL.set cannot unset a field).
+            url = URL.create(url.drivername, url.username, None, url.host, url.port, url.database, url.query)
         return cls(url.set(drivername="postgresql+psycopg"))
 
     @property

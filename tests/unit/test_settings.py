@@ -49,3 +49,9 @@ def test_a_non_url_is_refused_without_echoing_it():
     with pytest.raises(ConfigurationError) as info:
         DatabaseUrl.parse("not a url with secret")
     assert "secret" not in str(info.value)
+
+
+def test_an_empty_password_is_not_shown_as_a_hidden_one():
+    assert DatabaseUrl.parse("postgresql://postgres:@/postgres?host=/tmp/pg").redacted() == (
+        "postgresql+psycopg://postgres@/postgres?host=%2Ftmp%2Fpg"
+    )
