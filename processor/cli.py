@@ -11,6 +11,7 @@ import json
 import logging
 import signal
 import sys
+import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,6 +28,7 @@ from processor import store
 from processor.batch import FoldContext
 from processor.database import DatabaseUrl, RedactingFilter, connect, redact
 from processor.errors import OutboxError
+from processor.metrics import WorkerMetrics, serve
 from processor.migrate import check_ready
 from processor.migrate import migrate as run_migrations
 from processor.settings import Settings, load_settings
@@ -103,15 +105,34 @@ def run(
     partition: Annotated[
         int | None, typer.Option(envvar="OUTBOX_PARTITION", help="Partition to consume.", show_default="0")
     ] = None,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            envvar="OUTBOX_METRICS_PORT", min=1, max=65535, help="Serve Prometheus /metrics and /health on this port."
+        ),
+    ] = None,
     log_level: LogLevelOption = "INFO",
 ) -> None:
     """Run the worker: apply outbox events to job state, one active worker per partition."""
     settings, db, console = _setup(database_url, log_level, batch_size=batch_size, partition=partition)
     if settings.database_url is None:
         _migrate(db, console, quiet=True)  # the embedded database is created and migrated on first use
-    worker = Worker(settings, db)
-    with _stop_on_signals(worker):
-        stats = worker.run(until_idle=until_idle)
+    metrics = WorkerMetrics(settings.partition) if metrics_port else None
+    worker = Worker(settings, db, metrics=metrics)
+    refresh_stop = threading.Event()
+    if metrics is not None and metrics_port is not None:
+        try:
+            server = serve(metrics, metrics_port, healthy=worker.connected.is_set)
+        except OSError as exc:
+            raise OutboxError(f"cannot serve metrics on port {metrics_port}: {exc.strerror}") from None
+        threading.Thread(target=metrics.refresh_from_database, args=(db, refresh_stop), daemon=True).start()
+    try:
+        with _stop_on_signals(worker):
+            stats = worker.run(until_idle=until_idle)
+    finally:
+        refresh_stop.set()
+        if metrics is not None:
+            server.shutdown()
     console.print(
         f"processed {stats.events} events in {stats.batches} batches: "
         f"{stats.jobs_changed} job state changes, {stats.dead_letters} dead letters"

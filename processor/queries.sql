@@ -529,3 +529,6 @@ UPDATE outbox_checkpoints
 SET done_snapshot = pg_current_snapshot(), target_snapshot = NULL, last_txid = '0', last_event_id = 0,
     updated_at = clock_timestamp()
 WHERE partition = %(partition)s
+
+-- name: dead_letters_count
+SELECT count(*) FROM outbox_dead_letters WHERE discarded_at IS NULL

@@ -13,6 +13,7 @@ import os
 import random
 import socket
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
@@ -24,6 +25,7 @@ from processor import store
 from processor.batch import BatchResult, FencedError, FoldContext, apply_batch, refold_dirty_jobs
 from processor.database import DatabaseUrl, check_direct_session, connect, redact
 from processor.errors import ConsumerBusyError
+from processor.metrics import WorkerMetrics
 from processor.migrate import check_ready
 from processor.rebase import from_another_cluster, rebase
 from processor.settings import Settings
@@ -67,6 +69,7 @@ class Worker:
         *,
         on_batch: Callable[[BatchResult], None] | None = None,
         before_commit: Callable[[], None] | None = None,
+        metrics: WorkerMetrics | None = None,
     ) -> None:
         self.settings = settings
         self.db = db
@@ -76,6 +79,8 @@ class Worker:
         self._stopping = threading.Event()
         self._failures = 0  # connection failures in a row, for the reconnect backoff
         self.active = threading.Event()  # set while this worker holds the consumer lock
+        self.connected = threading.Event()  # set while a session is up (the health endpoint)
+        self.metrics = metrics
 
     def stop(self) -> None:
         """Ask the loop to finish the batch in hand and return."""
@@ -136,6 +141,7 @@ class Worker:
                         conn, statement_timeout=settings.statement_timeout, session_timeout=settings.session_timeout
                     )
                     check_ready(conn)
+                self.connected.set()
                 if not self._acquire(conn, until_idle, watchdog):
                     return
                 try:
@@ -146,7 +152,10 @@ class Worker:
                         store.consumer_lock_release(conn, settings.partition)
                 finally:
                     self.active.clear()
+                    if self.metrics is not None:
+                        self.metrics.set_active(False)
         finally:
+            self.connected.clear()
             watchdog.stop()
 
     def _acquire(self, conn: Connection, until_idle: bool, watchdog: CallWatchdog) -> bool:
@@ -158,6 +167,8 @@ class Worker:
                     log.info("active consumer of partition %s (pid %s)", partition, os.getpid())
                     self._failures = 0
                     self.active.set()
+                    if self.metrics is not None:
+                        self.metrics.set_active(True)
                     return True
                 holder = store.consumer_lock_holder(conn, partition)
             who = f"pid {holder.pid} ({holder.application_name})" if holder else "another session"
@@ -219,6 +230,7 @@ class Worker:
             return _Outcome.MORE
         # Read outside the batch transaction: what a committed transaction wrote never changes,
         # and apply_batch re-checks the checkpoint under its row lock.
+        started = time.monotonic()
         events, target = store.events_fetch(conn, ctx.partition, cursor, batch_size)
         if not events:
             if cursor.target is None:
@@ -239,14 +251,16 @@ class Worker:
         )
         state.cursor = result.cursor
         state.dirty = defer
-        self._record(result)
+        self._record(result, time.monotonic() - started)
         return _Outcome.CAUGHT_UP if complete and not defer else _Outcome.MORE
 
-    def _record(self, result: BatchResult) -> None:
+    def _record(self, result: BatchResult, seconds: float) -> None:
         self.stats.events += result.events
         self.stats.batches += 1
         self.stats.jobs_changed += result.jobs_changed
         self.stats.dead_letters += result.dead_letters
         log.debug("applied %s events, %s jobs changed", result.events, result.jobs_changed)
+        if self.metrics is not None:
+            self.metrics.on_batch(result, seconds)
         if self.on_batch is not None:
             self.on_batch(result)

@@ -1,0 +1,113 @@
+"""Prometheus metrics and a health endpoint for `outbox run --metrics-port N`.
+
+Counters and the batch histogram move with every batch the worker commits (Worker.on_batch);
+pending events and dead letters are read from the database every few seconds on a connection of
+their own, so a slow count never delays the worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterable
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
+
+from processor import store
+from processor.batch import BatchResult
+from processor.database import DatabaseUrl, connect
+from processor.store import QUERIES
+
+log = logging.getLogger(__name__)
+
+
+class WorkerMetrics:
+    def __init__(self, partition: int, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        self.partition = str(partition)
+        labels = ["partition"]
+        self.events_applied = Counter(
+            "outbox_events_applied", "Events applied to job state.", labels, registry=self.registry
+        )
+        self.batches = Counter("outbox_batches", "Batches committed.", labels, registry=self.registry)
+        self.jobs_changed = Counter("outbox_job_state_changes", "Job states changed.", labels, registry=self.registry)
+        self.batch_duration = Histogram(
+            "outbox_batch_duration_seconds",
+            "Time from reading a batch to its commit.",
+            labels,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=self.registry,
+        )
+        self.lag = Gauge(
+            "outbox_lag_seconds",
+            "Age of the oldest event of the last batch when it committed (0 when caught up).",
+            labels,
+            registry=self.registry,
+        )
+        self.pending = Gauge(
+            "outbox_pending_events", "Committed events not applied yet.", labels, registry=self.registry
+        )
+        self.dead_letters = Gauge(
+            "outbox_dead_letters", "Dead letters waiting for retry or discard.", registry=self.registry
+        )
+        self.active = Gauge(
+            "outbox_active_consumer", "1 while this worker holds the partition's consumer lock.", labels,
+            registry=self.registry,
+        )  # fmt: skip
+
+    def on_batch(self, result: BatchResult, seconds: float) -> None:
+        p = self.partition
+        self.events_applied.labels(p).inc(result.events)
+        self.batches.labels(p).inc()
+        self.jobs_changed.labels(p).inc(result.jobs_changed)
+        self.batch_duration.labels(p).observe(seconds)
+        self.lag.labels(p).set(max(result.latencies, default=0.0))
+
+    def set_active(self, active: bool) -> None:
+        self.active.labels(self.partition).set(1 if active else 0)
+
+    def refresh_from_database(self, db: DatabaseUrl, stop: threading.Event, every: float = 5.0) -> None:
+        """Keep pending events and dead letters current until ``stop`` (run in a thread)."""
+        conn = None
+        while not stop.is_set():
+            try:
+                if conn is None or conn.closed:
+                    conn = connect(db, application_name="outbox-metrics")
+                cursor = store.checkpoint_get(conn, int(self.partition)).cursor
+                pending = store.events_pending_summary(conn, int(self.partition), cursor, top=0).count
+                self.pending.labels(self.partition).set(pending)
+                if pending == 0:
+                    self.lag.labels(self.partition).set(0)
+                row = conn.execute(QUERIES["dead_letters_count"]).fetchone()
+                self.dead_letters.set(row[0] if row else 0)
+            except Exception as exc:  # the database may be away; the worker reports that itself
+                log.debug("metrics refresh failed: %s", type(exc).__name__)
+                if conn is not None:
+                    conn.close()
+                conn = None
+            stop.wait(every)
+        if conn is not None:
+            conn.close()
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def serve(metrics: WorkerMetrics, port: int, healthy: Callable[[], bool]) -> WSGIServer:
+    """Serve /metrics (Prometheus) and /health (200 while the worker loop runs, else 503)."""
+    metrics_app = make_wsgi_app(metrics.registry)
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        if environ.get("PATH_INFO") == "/health":
+            ok = healthy()
+            start_response("200 OK" if ok else "503 Service Unavailable", [("Content-Type", "text/plain")])
+            return [b"ok\n" if ok else b"unhealthy\n"]
+        return metrics_app(environ, start_response)  # type: ignore[no-any-return]
+
+    server = make_server("", port, app, handler_class=_QuietHandler)
+    threading.Thread(target=server.serve_forever, name="outbox-metrics-http", daemon=True).start()
+    return server
