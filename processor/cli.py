@@ -424,7 +424,10 @@ def prune(
     from processor.prune import parse_duration
     from processor.prune import prune as run_prune
 
-    age = parse_duration(older_than)
+    try:
+        age = parse_duration(older_than)
+    except OutboxError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--older-than") from None
     with _operation(database_url, log_level, partition, "prune") as (_, console, conn, ctx):
         progress = Progress(
             TextColumn("pruning"), MofNCompleteColumn(), TimeElapsedColumn(), console=Console(stderr=True)

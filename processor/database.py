@@ -55,11 +55,18 @@ class DatabaseUrl:
 
     @property
     def password(self) -> str | None:
-        return self.url.password if isinstance(self.url.password, str) else None
+        """The password, from the user-info part or from a ``?password=`` parameter."""
+        if isinstance(self.url.password, str) and self.url.password:
+            return self.url.password
+        query = self.url.query.get("password")
+        return (query if isinstance(query, str) else query[-1]) if query else None
 
     def redacted(self) -> str:
-        """The URL with its password replaced by ***, safe for logs and output."""
-        return self.url.render_as_string(hide_password=True)
+        """The URL with its password (wherever it is given) replaced by ***, safe for logs and output."""
+        url = self.url
+        if "password" in url.query:
+            url = url.update_query_dict({"password": "***"})
+        return url.render_as_string(hide_password=True)
 
     def sqlalchemy(self) -> URL:
         return self.url

@@ -59,14 +59,17 @@ def retry(conn: Connection, ctx: FoldContext, event_ids: Sequence[int]) -> dict[
 
 
 def discard(conn: Connection, ctx: FoldContext, event_ids: Sequence[int]) -> dict[int, str]:
-    """Ignore these events from now on: mark them, then rebuild their jobs without them."""
+    """Ignore these events from now on: mark them, then rebuild their jobs without them.
+
+    Discarding again rebuilds again, so a run interrupted between the two is finished by repeating it.
+    """
     outcomes: dict[int, str] = {}
     jobs: set[uuid.UUID] = set()
     for event_id in event_ids:
         with conn.transaction():
             row = conn.execute(QUERIES["dead_letter_discard"], {"event_id": event_id}).fetchone()
         if row is None:
-            outcomes[event_id] = "not a dead letter waiting for retry (unknown or already discarded)"
+            outcomes[event_id] = "not a dead letter (unknown event id)"
             continue
         if row[0] is not None:
             jobs.add(row[0])

@@ -29,7 +29,10 @@ def parse_duration(text: str) -> dt.timedelta:
     match = _DURATION.match(text)
     if not match:
         raise ConfigurationError(f"duration {text!r} is not a number followed by s, m, h, d or w (e.g. 7d)")
-    return dt.timedelta(seconds=float(match.group(1)) * _UNITS[match.group(2)])
+    seconds = float(match.group(1)) * _UNITS[match.group(2)]
+    if seconds > 100 * 365 * 86400:
+        raise ConfigurationError(f"duration {text!r} is longer than 100 years")
+    return dt.timedelta(seconds=seconds)
 
 
 @dataclass

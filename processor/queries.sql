@@ -327,6 +327,9 @@ SELECT DISTINCT ON (e.variant_id)
 FROM outbox_events AS e
 WHERE e.variant_id = ANY(%(variant_ids)s::uuid[])
   AND e.partition = %(partition)s
+  -- Events without a job or a version never apply (the worker parks them), so never count as latest.
+  AND e.job_id IS NOT NULL
+  AND e.variant_version IS NOT NULL
   AND outbox_event_applied(e.txid, e.event_id, %(done)s::pg_snapshot, %(target)s::pg_snapshot,
                            %(after_txid)s::xid8, %(after_event_id)s::bigint)
   AND NOT EXISTS (
@@ -456,8 +459,9 @@ UPDATE outbox_dead_letters SET reason = %(reason)s, parked_at = now() WHERE even
 DELETE FROM outbox_dead_letters WHERE event_id = %(event_id)s
 
 -- name: dead_letter_discard
-UPDATE outbox_dead_letters SET discarded_at = now()
-WHERE event_id = %(event_id)s AND discarded_at IS NULL
+-- Idempotent: an already discarded letter keeps its first discarded_at and is still returned.
+UPDATE outbox_dead_letters SET discarded_at = coalesce(discarded_at, now())
+WHERE event_id = %(event_id)s
 RETURNING job_id
 
 -- name: prune_doomed
@@ -516,6 +520,8 @@ SELECT pg_current_snapshot()::text
 
 -- name: rebase_lock_events
 -- Writers wait (they do not fail) until the rebase commits; events already written are committed.
+-- No statement timeout for this transaction: re-marking a large outbox may take a while.
+SELECT set_config('statement_timeout', '0', true);
 LOCK TABLE outbox_events IN EXCLUSIVE MODE
 
 -- name: rebase_events_from_another_cluster
@@ -525,10 +531,30 @@ UPDATE outbox_events SET txid = '1'
 WHERE txid >= pg_snapshot_xmax(pg_current_snapshot())
 
 -- name: rebase_checkpoint
+-- rebase_pending stays set until every job has been rebuilt (processor/rebase.py), so a crash in
+-- between resumes the rebuild instead of losing it.
 UPDATE outbox_checkpoints
 SET done_snapshot = pg_current_snapshot(), target_snapshot = NULL, last_txid = '0', last_event_id = 0,
+    cluster_id = (SELECT system_identifier FROM pg_control_system()), rebase_pending = true,
     updated_at = clock_timestamp()
 WHERE partition = %(partition)s
+
+-- name: rebase_done
+UPDATE outbox_checkpoints SET rebase_pending = false WHERE partition = %(partition)s
+
+-- name: cluster_check
+-- The checkpoint's cluster, this cluster, and whether a rebuild is still pending. A checkpoint with
+-- no cluster yet (first run) is claimed for this one.
+WITH claimed AS (
+    UPDATE outbox_checkpoints SET cluster_id = (SELECT system_identifier FROM pg_control_system())
+    WHERE partition = %(partition)s AND cluster_id IS NULL
+    RETURNING cluster_id
+)
+SELECT coalesce((SELECT cluster_id FROM claimed), c.cluster_id),
+       (SELECT system_identifier FROM pg_control_system()),
+       c.rebase_pending
+FROM outbox_checkpoints AS c
+WHERE c.partition = %(partition)s
 
 -- name: dead_letters_count
 SELECT count(*) FROM outbox_dead_letters WHERE discarded_at IS NULL

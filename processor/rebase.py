@@ -1,20 +1,21 @@
 """Resume after a restore into another cluster, where transaction ids start over.
 
-The checkpoint stores PostgreSQL snapshots, which are only meaningful in the cluster that took
-them. After ``pg_dump``/``pg_restore`` into a new cluster, the stored snapshot is "from the future"
-(its xmax beyond this cluster's counter): new events would look applied and be skipped. The worker
-detects that at start-up and rebases before processing anything:
+The checkpoint stores PostgreSQL snapshots, which only mean something in the cluster that took
+them. After ``pg_dump``/``pg_restore`` into another cluster, new events could look applied and be
+skipped. The worker detects that at start-up (the checkpoint's cluster_id, from
+``pg_control_system()``, differs from this cluster's, or its snapshot is from the future) and
+rebases before processing anything:
 
 1. in one transaction, holding the checkpoint row and an EXCLUSIVE lock on outbox_events (writers
    wait; the events present are all committed), events carrying the old cluster's transaction ids
-   are given txid 1 (visible in any snapshot) and the checkpoint is set to this transaction's
-   snapshot: every event present counts as covered;
-2. then every job is rebuilt by replay from all those events (latest by variant version, and
-   versions come from a sequence that pg_dump carries over), so the events that were pending when
-   the dump was taken, and any written since the restore, take effect.
+   are given txid 1 (visible in any snapshot), the checkpoint is anchored in this cluster, and
+   ``rebase_pending`` is set: every event present now counts as covered;
+2. every job is rebuilt by replay from all those events (latest by variant version; versions come
+   from a sequence that pg_dump carries over), so the events that were pending when the dump was
+   taken, and any written since the restore, take effect; then ``rebase_pending`` is cleared.
 
-Replay is idempotent, so a crash between 1 and 2 is mended by rebuilding again: the worker does
-it whenever it finds jobs flagged for rebase (outbox_dirty_jobs with every job).
+A crash between or during the two leaves ``rebase_pending`` set, and the next start rebuilds again
+(replay is idempotent).
 """
 
 from __future__ import annotations
@@ -30,27 +31,33 @@ from processor.store import QUERIES, Connection
 log = logging.getLogger(__name__)
 
 
-def from_another_cluster(conn: Connection, cursor: Cursor) -> bool:
-    """Whether the checkpoint's snapshots were taken in a cluster ahead of this one."""
-    row = conn.execute(QUERIES["snapshot_current"]).fetchone()
+def check(conn: Connection, partition: int, cursor: Cursor) -> tuple[bool, bool]:
+    """(the checkpoint comes from another cluster, a rebuild is still pending)."""
+    row = conn.execute(QUERIES["cluster_check"], {"partition": partition}).fetchone()
     assert row is not None
-    now = Snapshot.parse(row[0])
+    checkpoint_cluster, this_cluster, rebuild_pending = row
+    now = conn.execute(QUERIES["snapshot_current"]).fetchone()
+    assert now is not None
     newest = max(cursor.done.xmax, cursor.target.xmax if cursor.target else 0)
-    return newest > now.xmax
+    from_elsewhere = checkpoint_cluster != this_cluster or newest > Snapshot.parse(now[0]).xmax
+    return from_elsewhere, bool(rebuild_pending)
 
 
-def rebase(conn: Connection, ctx: FoldContext) -> int:
-    """Re-anchor the checkpoint in this cluster and rebuild every job; return the events re-marked."""
+def rebase(conn: Connection, ctx: FoldContext) -> None:
+    """Anchor the checkpoint in this cluster, then rebuild every job."""
     with conn.transaction():
         store.checkpoint_lock(conn, ctx.partition)
         conn.execute(QUERIES["rebase_lock_events"])
         marked = conn.execute(QUERIES["rebase_events_from_another_cluster"]).rowcount
         conn.execute(QUERIES["rebase_checkpoint"], {"partition": ctx.partition})
-    log.warning(
-        "the checkpoint came from another cluster (restored database): %s events re-marked; rebuilding all jobs",
-        marked,
-    )
+    log.warning("the checkpoint came from another cluster (a restored database): %s events re-marked", marked)
+    rebuild(conn, ctx)
+
+
+def rebuild(conn: Connection, ctx: FoldContext) -> None:
+    """Rebuild every job by replay, then clear the pending mark (also resumes an interrupted rebase)."""
     jobs = store.job_ids_all(conn, ctx.partition)
+    log.warning("rebuilding %s jobs after a rebase", len(jobs))
     replay(conn, ctx, jobs, dry_run=False)
-    log.warning("rebase done: %s jobs rebuilt", len(jobs))
-    return marked
+    conn.execute(QUERIES["rebase_done"], {"partition": ctx.partition})
+    log.warning("rebase done")

@@ -9,7 +9,6 @@ live processing gives.
 from __future__ import annotations
 
 import uuid
-from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -55,11 +54,10 @@ def rebuild_jobs(conn: Connection, ctx: FoldContext, job_ids: Sequence[uuid.UUID
                 latest[state.variant_id] = (state, event_id)
         store.variant_states_replace(conn, variant_ids, list(latest.values()))
 
+        # Every job a rebuilt variant belongs (or belonged) to is folded from all of its stored
+        # variants, not only the rebuilt ones: a variant may have moved to a job not being replayed.
         affected = sorted(set(job_ids) | {state.job_id for state, _ in latest.values()})
-        by_job: dict[uuid.UUID, list[VariantState]] = defaultdict(list)
-        for state, _ in latest.values():
-            by_job[state.job_id].append(state)
-        folded = fold_jobs(affected, by_job, ctx)
+        folded = fold_jobs(affected, store.variant_states_for_jobs(conn, affected), ctx)
         before = store.jobs_get(conn, affected)
         for job_id, job_state in folded.states.items():
             after = (job_state.status.value, job_state.current_step)

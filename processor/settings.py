@@ -71,6 +71,10 @@ class Settings(BaseSettings):
     def _poll_bounds(self) -> Settings:
         if self.poll_interval_min > self.poll_interval_max:
             raise ValueError("poll_interval_min must not exceed poll_interval_max")
+        # The server ends a session idle longer than session_timeout: waits must stay well below it.
+        for name in ("poll_interval_max", "standby_interval"):
+            if getattr(self, name) >= self.session_timeout / 2:
+                raise ValueError(f"{name} must be less than half of session_timeout ({self.session_timeout:g} s)")
         return self
 
     @property

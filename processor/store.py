@@ -14,6 +14,7 @@ import psycopg
 from outbox.events import VariantStatus
 from outbox.sqlfile import load_queries
 from processor.decode import DeadLetter, EventRow
+from processor.errors import SchemaError
 from processor.fold import JobState, VariantState
 from processor.snapshot import Cursor, Position, Snapshot
 
@@ -73,14 +74,14 @@ def _cursor_params(cursor: Cursor) -> dict[str, Any]:
 def checkpoint_get(conn: Connection, partition: int) -> Checkpoint:
     row = conn.execute(QUERIES["checkpoint_get"], {"partition": partition}).fetchone()
     if row is None:
-        raise LookupError(f"no checkpoint for partition {partition}: run `outbox migrate`")
+        raise SchemaError(f"partition {partition} does not exist (no checkpoint); this database has partition 0")
     return Checkpoint(_cursor(*row[:4]), row[4], row[5])
 
 
 def checkpoint_lock(conn: Connection, partition: int) -> Cursor:
     row = conn.execute(QUERIES["checkpoint_lock"], {"partition": partition}).fetchone()
     if row is None:
-        raise LookupError(f"no checkpoint for partition {partition}: run `outbox migrate`")
+        raise SchemaError(f"partition {partition} does not exist (no checkpoint); this database has partition 0")
     return _cursor(*row)
 
 

@@ -21,13 +21,12 @@ from enum import Enum
 import psycopg
 import tenacity
 
-from processor import store
+from processor import rebase, store
 from processor.batch import BatchResult, FencedError, FoldContext, apply_batch, refold_dirty_jobs
 from processor.database import DatabaseUrl, check_direct_session, connect, redact
 from processor.errors import ConsumerBusyError
 from processor.metrics import WorkerMetrics
 from processor.migrate import check_ready
-from processor.rebase import from_another_cluster, rebase
 from processor.settings import Settings
 from processor.snapshot import Cursor, Position
 from processor.store import Connection
@@ -141,6 +140,7 @@ class Worker:
                         conn, statement_timeout=settings.statement_timeout, session_timeout=settings.session_timeout
                     )
                     check_ready(conn)
+                    store.checkpoint_get(conn, settings.partition)  # the partition exists
                 self.connected.set()
                 if not self._acquire(conn, until_idle, watchdog):
                     return
@@ -187,10 +187,15 @@ class Worker:
         ctx = FoldContext(partition, settings.pipeline, settings.failure_policy)
         with watchdog.guard(conn):
             cursor = store.checkpoint_get(conn, partition).cursor
-            if from_another_cluster(conn, cursor):
-                rebase(conn, ctx)  # restored into another cluster: transaction ids started over
-                cursor = store.checkpoint_get(conn, partition).cursor
-            state = _LoopState(cursor)
+            from_elsewhere, rebuild_pending = rebase.check(conn, partition, cursor)
+        # Not under the watchdog: rebuilding every job may take longer than one call's deadline
+        # (each statement still has its statement_timeout).
+        if from_elsewhere:
+            rebase.rebase(conn, ctx)  # restored into another cluster: transaction ids started over
+        elif rebuild_pending:
+            rebase.rebuild(conn, ctx)  # an interrupted rebase
+        with watchdog.guard(conn):
+            state = _LoopState(store.checkpoint_get(conn, partition).cursor)
             # Flagged jobs are folded again at start-up (the pipeline setting may have been fixed).
             store.dirty_jobs_add_flagged(conn, partition)
             state.dirty = store.dirty_jobs_exist(conn, partition)
@@ -239,9 +244,13 @@ class Worker:
             new = cursor.caught_up_to(cursor.target)
             apply_batch(conn, ctx, expected=cursor, new=new, events=[], defer=True)
             state.cursor = new
+            state.dirty = state.dirty or store.dirty_jobs_exist(conn, ctx.partition)
             return _Outcome.MORE
         assert target is not None
         complete = len(events) < batch_size
+        if complete and cursor.target is not None and not state.dirty:
+            # Closing a multi-batch catch-up: replay or retry may have queued jobs meanwhile.
+            state.dirty = store.dirty_jobs_exist(conn, ctx.partition)
         new = cursor.caught_up_to(target) if complete else cursor.partway_to(target, Position.of(events[-1]))
         # Jobs are folded at once only when this batch is a whole catch-up; otherwise once it is
         # complete, so that no job shows a state between two committed snapshots.

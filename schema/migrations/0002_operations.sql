@@ -12,7 +12,11 @@ CREATE TABLE outbox_throughput (
 
 ALTER TABLE outbox_checkpoints
     ADD COLUMN last_applied_event_id bigint,
-    ADD COLUMN last_applied_at timestamptz;
+    ADD COLUMN last_applied_at timestamptz,
+    -- The cluster (pg_control_system().system_identifier) whose transaction ids the snapshots
+    -- refer to; a restore into another cluster is detected by a change (processor/rebase.py).
+    ADD COLUMN cluster_id bigint,
+    ADD COLUMN rebase_pending boolean NOT NULL DEFAULT false;
 
 -- The fold of the events that `outbox prune` removed: per variant, the latest state they gave.
 -- Replay starts from here, then applies the events that remain, so a replay after pruning gives

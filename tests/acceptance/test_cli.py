@@ -78,7 +78,9 @@ def test_sigterm_stops_the_worker_cleanly(db, tmp_path):
         (["frobnicate"], {}, 2, "No such command"),
         (["replay", "--job", "not-a-uuid"], {}, 2, "valid UUID"),
         (["dead-letters", "retry"], {}, 2, "give one or more event ids"),
-        (["prune", "--older-than", "-5d"], {}, 1, "is not a number followed by"),
+        (["prune", "--older-than", "-5d"], {}, 2, "is not a number followed by"),
+        (["prune", "--older-than", "99999999999d"], {}, 2, "longer than 100 years"),
+        (["run", "--partition", "3", "--until-idle"], {}, 1, "partition 3 does not exist"),
     ],
 )
 def test_bad_input_gives_one_clear_line_and_no_secret(db, args, extra_env, code, message):

@@ -106,6 +106,6 @@ def test_replay_verify_and_dead_letters_from_the_command_line(db, engine):
     code, report = cli_json("verify", env=env)
     assert code == 0
     bad = outbox_cli("prune", "--older-than", "soon", env=env)
-    assert bad.returncode == 1 and "is not a number followed by s, m, h, d or w" in bad.stderr
+    assert bad.returncode == 2 and "is not a number followed by s, m, h, d or w" in bad.stderr
     bad_job = outbox_cli("replay", "--job", "not-a-uuid", env=env)
     assert bad_job.returncode == 2 and "--job" in bad_job.stderr and "UUID" in bad_job.stderr

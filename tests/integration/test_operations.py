@@ -251,3 +251,36 @@ def test_prune_then_replay_gives_the_same_state_as_replay_without_prune(conn, en
     assert conn.execute("SELECT * FROM outbox_variant_states ORDER BY variant_id").fetchall() == states_before
     drain(settings)  # the surviving event still applies
     assert actual_job_states(conn) == reference_job_states(conn, STEPS)
+
+
+def test_replay_of_one_job_never_writes_another_job_from_part_of_its_variants(conn, engine, settings):
+    with engine.begin() as sa:
+        job_a, (moving,) = outbox.create_job(sa, variants=1)
+        job_b, (b_running,) = outbox.create_job(sa, variants=1)
+    conn.execute(MOVE, ["done", "iou_eval", moving])
+    conn.execute(MOVE, ["running", "segment", b_running])
+    drain(settings)
+    ctx = context(settings)
+    prune(conn, ctx, parse_duration("0s"))  # the baseline now says `moving` is in job A
+    conn.execute("UPDATE jobs_variants SET job_id = %s WHERE job_variants_id = %s", [job_b, moving])
+    drain(settings)
+    assert job_state(conn, job_b) == ("running", "segment")
+    replay(conn, ctx, [job_a], dry_run=False)
+    assert job_state(conn, job_b) == ("running", "segment")
+    assert actual_job_states(conn) == reference_job_states(conn, STEPS)
+
+
+def test_replay_ignores_events_that_could_never_apply(conn, engine, settings):
+    with engine.begin() as sa:
+        job, (v1, v2) = outbox.create_job(sa, variants=2)
+    conn.execute(MOVE, ["done", "iou_eval", v1])
+    conn.execute(MOVE, ["running", "detect", v2])
+    conn.execute(
+        "INSERT INTO outbox_events (event_type, schema_version, job_id, variant_id, variant_version, payload) "
+        'VALUES (\'variant_changed\', 1, %s, %s, NULL, \'{"status": "done", "step": "iou_eval"}\')',
+        [job, v2],
+    )
+    drain(settings)
+    assert job_state(conn, job) == ("running", "detect")
+    replay(conn, context(settings), [job], dry_run=False)
+    assert job_state(conn, job) == ("running", "detect")

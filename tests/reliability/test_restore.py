@@ -72,3 +72,39 @@ def test_restore_into_a_fresh_cluster_neither_skips_nor_stalls(db, engine, own_s
         f"\nrestore: dump taken at xid {source_xmax}, restored into a cluster at xid {cluster_xmax}; "
         "pending and post-restore events applied after the rebase, later events applied normally"
     )
+
+
+def test_an_interrupted_rebase_is_finished_by_the_next_start(db, engine, own_server, tmp_path, monkeypatch):
+    from processor import rebase
+
+    with engine.begin() as conn:
+        jobs = [outbox.create_job(conn, variants=2)[0] for _ in range(5)]
+    drain(make_settings(db))  # the checkpoint now belongs to the source cluster
+    with connect(db, application_name="writer") as conn:
+        for job in jobs:
+            conn.execute(MOVE, ["done", "iou_eval", job])  # pending at dump time
+    dump = tmp_path / "outbox.dump"
+    source = db.url.render_as_string(hide_password=False).replace("postgresql+psycopg", "postgresql")
+    subprocess.run([_pg_tool("pg_dump"), "-Fc", "-f", str(dump), "-d", source], check=True, timeout=120)
+    with connect(own_server.url, application_name="setup") as admin:
+        admin.execute("CREATE DATABASE restored2")
+    restored = DatabaseUrl(own_server.url.url.set(database="restored2"))
+    target = restored.url.render_as_string(hide_password=False).replace("postgresql+psycopg", "postgresql")
+    subprocess.run(
+        [_pg_tool("pg_restore"), "--no-owner", "--exit-on-error", "-d", target, str(dump)],
+        check=True, timeout=120, capture_output=True,
+    )  # fmt: skip
+
+    def crash(*_args: object, **_kwargs: object) -> None:
+        raise RuntimeError("crash between the rebase's two phases")
+
+    settings = make_settings(restored)
+    monkeypatch.setattr(rebase, "replay", crash)  # fault injection: the process dies after phase 1
+    with pytest.raises(RuntimeError, match="crash between"):
+        drain(settings)
+    monkeypatch.undo()
+    drain(settings)
+    with connect(restored, application_name="checker") as conn:
+        assert conn.execute("SELECT rebase_pending FROM outbox_checkpoints").fetchone()[0] is False
+        assert actual_job_states(conn) == reference_job_states(conn, STEPS)
+        assert {status for status, _ in actual_job_states(conn).values()} == {"done"}

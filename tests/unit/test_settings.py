@@ -55,3 +55,15 @@ def test_an_empty_password_is_not_shown_as_a_hidden_one():
     assert DatabaseUrl.parse("postgresql://postgres:@/postgres?host=/tmp/pg").redacted() == (
         "postgresql+psycopg://postgres@/postgres?host=%2Ftmp%2Fpg"
     )
+
+
+def test_a_password_given_as_a_query_parameter_is_hidden_too():
+    url = DatabaseUrl.parse("postgresql://app@db:5432/jobs?password=TopS3cret&sslmode=require")
+    assert url.password == "TopS3cret"
+    assert "TopS3cret" not in url.redacted() and "sslmode=require" in url.redacted()
+    assert redact("failed for TopS3cret", url) == "failed for ***"
+
+
+def test_waits_must_stay_below_the_session_timeout():
+    with pytest.raises(ConfigurationError, match="standby_interval must be less than half of session_timeout"):
+        load_settings(session_timeout=2, standby_interval=1.5)
