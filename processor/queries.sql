@@ -422,8 +422,9 @@ ORDER BY job_id
 LIMIT %(limit)s
 
 -- name: variant_resync
--- Repair: append an event carrying the variant row's current state (or its removal), under the
--- row's lock so that its version orders after every change already made to it.
+-- Repair: append an event carrying the variant row's current state, or its removal from the job
+-- the events knew when the row is gone or detached, under the row's lock so that its version
+-- orders after every change already made to it.
 WITH locked AS (
     SELECT job_variants_id, job_id, status, current_step
     FROM jobs_variants
@@ -432,9 +433,11 @@ WITH locked AS (
 )
 SELECT outbox_append_variant_event('variant_changed', job_id, job_variants_id, status, current_step)
 FROM locked
+WHERE job_id IS NOT NULL
 UNION ALL
 SELECT outbox_append_variant_event('variant_removed', %(state_job_id)s, %(variant_id)s, NULL, NULL)
-WHERE NOT EXISTS (SELECT 1 FROM locked)
+WHERE %(state_job_id)s::uuid IS NOT NULL
+  AND NOT EXISTS (SELECT 1 FROM locked WHERE job_id IS NOT NULL)
 
 -- name: dead_letters_list
 SELECT d.event_id, d.partition, d.job_id, d.variant_id, d.reason, d.parked_at, d.discarded_at,

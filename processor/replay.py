@@ -68,7 +68,8 @@ def rebuild_jobs(conn: Connection, ctx: FoldContext, job_ids: Sequence[uuid.UUID
         if cursor.target is None:
             write_jobs(conn, ctx, folded, cursor)
         else:
-            # A catch-up is in progress: fold when it completes, like the worker would.
+            # A catch-up is in progress: fold when it completes, like the worker would. What is
+            # reported is what the jobs will become then.
             store.dirty_jobs_add(conn, ctx.partition, affected)
     return changes
 

@@ -89,7 +89,7 @@ def repair(conn: Connection, ctx: FoldContext, report: VerifyReport) -> tuple[in
     events = 0
     for drift in report.variant_drift:
         with conn.transaction():
-            state_job = drift["events"]["job_id"] if drift["events"] else None
+            state_job = uuid.UUID(drift["events"]["job_id"]) if drift["events"] else None
             conn.execute(
                 QUERIES["variant_resync"], {"variant_id": uuid.UUID(drift["variant_id"]), "state_job_id": state_job}
             )

@@ -284,3 +284,23 @@ def test_replay_ignores_events_that_could_never_apply(conn, engine, settings):
     assert job_state(conn, job) == ("running", "detect")
     replay(conn, context(settings), [job], dry_run=False)
     assert job_state(conn, job) == ("running", "detect")
+
+
+def test_repair_of_a_variant_detached_behind_the_outbox_removes_it_from_its_job(conn, engine, settings):
+    with engine.begin() as sa:
+        job, (v1, v2) = outbox.create_job(sa, variants=2)
+    conn.execute(MOVE, ["done", "iou_eval", v1])
+    conn.execute(MOVE, ["failed", "detect", v2])
+    drain(settings)
+    assert job_state(conn, job) == ("failed", "detect")
+    conn.execute("ALTER TABLE jobs_variants DISABLE TRIGGER USER")
+    conn.execute("UPDATE jobs_variants SET job_id = NULL WHERE job_variants_id = %s", [v2])
+    conn.execute("ALTER TABLE jobs_variants ENABLE TRIGGER USER")
+    ctx = context(settings)
+    report = verify(conn, ctx)
+    assert [d["variant_id"] for d in report.variant_drift] == [str(v2)]
+    repair(conn, ctx, report)
+    drain(settings)
+    assert job_state(conn, job) == ("done", "iou_eval")
+    assert conn.execute("SELECT count(*) FROM outbox_dead_letters").fetchone()[0] == 0
+    assert not verify(conn, ctx).drift
