@@ -294,7 +294,18 @@ class JobStateMachine(RuleBasedStateMachine):
 
     def _caught_up(self) -> None:
         """After a complete drain: jobs hold the fold of the committed model; check everything."""
-        self.applied = self._expected_at(-1)
+        final = self._expected_at(-1)
+        live_at_end = {job_id for job_id, _, _ in self.history[-1].values()}
+        actual = self._jobs_table()
+        for job_id in final:
+            if job_id not in live_at_end:
+                # A job left with no variant keeps the state of whichever committed snapshot last
+                # folded it: any point since the last drain (a catch-up may have stopped at one).
+                possible = {self._expected_at(point).get(job_id) for point in range(len(self.history))}
+                possible.add(self.applied.get(job_id))
+                assert actual.get(job_id) in possible, (job_id, actual.get(job_id), possible)
+                final[job_id] = actual[job_id]
+        self.applied = final
         self.history = self.history[-1:]
         self.drained_once = True
         type(self).drains += 1
