@@ -8,6 +8,7 @@ import shutil
 import subprocess
 
 import pytest
+from psycopg import sql
 
 import outbox
 from processor.batch import FoldContext
@@ -28,6 +29,22 @@ def _pg_tool(name: str) -> str:
     return path
 
 
+def dump_and_restore(db: DatabaseUrl, own_server, tmp_path, name: str) -> DatabaseUrl:
+    """pg_dump ``db`` (the shared server) and pg_restore it as ``name`` into the test's own cluster."""
+    dump = tmp_path / f"{name}.dump"
+    source = db.url.render_as_string(hide_password=False).replace("postgresql+psycopg", "postgresql")
+    subprocess.run([_pg_tool("pg_dump"), "-Fc", "-f", str(dump), "-d", source], check=True, timeout=120)
+    with connect(own_server.url, application_name="setup") as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    restored = DatabaseUrl(own_server.url.url.set(database=name))
+    target = restored.url.render_as_string(hide_password=False).replace("postgresql+psycopg", "postgresql")
+    subprocess.run(
+        [_pg_tool("pg_restore"), "--no-owner", "--exit-on-error", "-d", target, str(dump)],
+        check=True, timeout=120, capture_output=True,
+    )  # fmt: skip
+    return restored
+
+
 def test_restore_into_a_fresh_cluster_neither_skips_nor_stalls(db, engine, own_server, tmp_path):
     with engine.begin() as conn:
         jobs = [outbox.create_job(conn, variants=3)[0] for _ in range(30)]
@@ -39,17 +56,7 @@ def test_restore_into_a_fresh_cluster_neither_skips_nor_stalls(db, engine, own_s
             conn.execute(MOVE, ["running", "segment", job])  # pending at dump time
         source_xmax = int(conn.execute("SELECT pg_snapshot_xmax(pg_current_snapshot())::text").fetchone()[0])
 
-    dump = tmp_path / "outbox.dump"
-    source = db.url.render_as_string(hide_password=False).replace("postgresql+psycopg", "postgresql")
-    subprocess.run([_pg_tool("pg_dump"), "-Fc", "-f", str(dump), "-d", source], check=True, timeout=120)
-    with connect(own_server.url, application_name="setup") as admin:
-        admin.execute("CREATE DATABASE restored")
-    restored = DatabaseUrl(own_server.url.url.set(database="restored"))
-    target = restored.url.render_as_string(hide_password=False).replace("postgresql+psycopg", "postgresql")
-    subprocess.run(
-        [_pg_tool("pg_restore"), "--no-owner", "--exit-on-error", "-d", target, str(dump)],
-        check=True, timeout=120, capture_output=True,
-    )  # fmt: skip
+    restored = dump_and_restore(db, own_server, tmp_path, "restored")
 
     with connect(restored, application_name="writer") as conn:
         cluster_xmax = int(conn.execute("SELECT pg_snapshot_xmax(pg_current_snapshot())::text").fetchone()[0])
@@ -83,17 +90,7 @@ def test_an_interrupted_rebase_is_finished_by_the_next_start(db, engine, own_ser
     with connect(db, application_name="writer") as conn:
         for job in jobs:
             conn.execute(MOVE, ["done", "iou_eval", job])  # pending at dump time
-    dump = tmp_path / "outbox.dump"
-    source = db.url.render_as_string(hide_password=False).replace("postgresql+psycopg", "postgresql")
-    subprocess.run([_pg_tool("pg_dump"), "-Fc", "-f", str(dump), "-d", source], check=True, timeout=120)
-    with connect(own_server.url, application_name="setup") as admin:
-        admin.execute("CREATE DATABASE restored2")
-    restored = DatabaseUrl(own_server.url.url.set(database="restored2"))
-    target = restored.url.render_as_string(hide_password=False).replace("postgresql+psycopg", "postgresql")
-    subprocess.run(
-        [_pg_tool("pg_restore"), "--no-owner", "--exit-on-error", "-d", target, str(dump)],
-        check=True, timeout=120, capture_output=True,
-    )  # fmt: skip
+    restored = dump_and_restore(db, own_server, tmp_path, "restored2")
 
     def crash(*_args: object, **_kwargs: object) -> None:
         raise RuntimeError("crash between the rebase's two phases")
