@@ -1,5 +1,5 @@
 # Shortcuts for dev.py, which needs nothing but Python 3.11+.
-.PHONY: help demo test run lint
+.PHONY: help demo test run lint bench
 
 help: ## Show the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -15,3 +15,6 @@ run: ## Run the worker
 
 lint: ## ruff and mypy
 	python3 dev.py lint
+
+bench: ## Run the benchmarks (bench/README.md)
+	python3 dev.py bench

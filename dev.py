@@ -40,7 +40,7 @@ def main(argv: list[str]) -> int:
     if sys.version_info < (3, 11):  # noqa: UP036 - this script is what tells an older Python so
         print("Python 3.11 or newer is needed", file=sys.stderr)
         return 1
-    if not argv or argv[0] not in {"demo", "test", "run", "lint"}:
+    if not argv or argv[0] not in {"demo", "test", "run", "lint", "bench"}:
         print(__doc__, file=sys.stderr)
         return 2
     ensure_venv()
@@ -48,8 +48,12 @@ def main(argv: list[str]) -> int:
     os.chdir(ROOT)
     if task == "test":
         return subprocess.run([str(BIN / "pytest"), *args]).returncode
+    if task == "bench":
+        return subprocess.run([str(BIN / "python"), "bench/run.py", *args]).returncode
     if task == "lint":
-        ruff = subprocess.run([str(BIN / "ruff"), "check", "outbox", "processor", "tests", "dev.py"]).returncode
+        ruff = subprocess.run(
+            [str(BIN / "ruff"), "check", "outbox", "processor", "tests", "bench", "dev.py"]
+        ).returncode
         return ruff or subprocess.run([str(BIN / "mypy")]).returncode
     return subprocess.run([str(BIN / "outbox"), task, *args]).returncode
 
