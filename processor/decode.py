@@ -10,7 +10,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from outbox.events import PAYLOAD_MODELS, EventType, VariantChanged
+from outbox.events import PAYLOAD_MODELS, EventType, VariantChanged, VariantStatus
 from processor.fold import VariantState
 
 
@@ -72,6 +72,9 @@ def decode_event(row: EventRow) -> Decoded:
         data = json.loads(row.payload) if isinstance(row.payload, str) else row.payload
     except (ValueError, RecursionError) as exc:
         return dead(f"payload is not readable JSON: {type(exc).__name__}")
+    fast = _variant_changed_fast(row, data)
+    if fast is not None:
+        return fast
     try:
         payload = model.model_validate(data)
     except ValidationError as exc:
@@ -84,6 +87,26 @@ def decode_event(row: EventRow) -> Decoded:
     assert isinstance(payload, VariantChanged)
     # A step missing from the pipeline is kept as is: the fold flags the job (see processor.fold).
     return Decoded(VariantState(row.variant_id, row.job_id, row.variant_version, payload.status, payload.step))
+
+
+_STATUSES = {status.value: status for status in VariantStatus}
+_STEP_MAX = 200  # as VariantChanged.step
+
+
+def _variant_changed_fast(row: EventRow, data: Any) -> Decoded | None:
+    """The common, valid ``variant_changed`` v1 payload without pydantic (a tenth of the cost).
+
+    Returns None for anything else, which then goes through the model: the result is the same.
+    """
+    if row.event_type != EventType.VARIANT_CHANGED or row.schema_version != 1 or type(data) is not dict:
+        return None
+    raw_status = data.get("status")
+    status = _STATUSES.get(raw_status) if type(raw_status) is str else None
+    step = data.get("step")
+    if status is None or not (step is None or (type(step) is str and len(step) <= _STEP_MAX)):
+        return None
+    assert row.variant_id is not None and row.job_id is not None and row.variant_version is not None
+    return Decoded(VariantState(row.variant_id, row.job_id, row.variant_version, status, step))
 
 
 def _first_error(exc: ValidationError) -> str:

@@ -84,8 +84,8 @@ SELECT (SELECT count(*) FROM pending),
 WITH incoming AS (
     SELECT *
     FROM unnest(
-        %(variant_ids)s::uuid[], %(job_ids)s::uuid[], %(versions)s::bigint[], %(statuses)s::text[],
-        %(steps)s::text[], %(removed)s::boolean[], %(problems)s::text[], %(event_ids)s::bigint[]
+        %(variant_ids)b::uuid[], %(job_ids)b::uuid[], %(versions)b::bigint[], %(statuses)b::text[],
+        %(steps)b::text[], %(removed)b::boolean[], %(problems)b::text[], %(event_ids)b::bigint[]
     ) AS t (variant_id, job_id, version, status, step, removed, problem, event_id)
 ), previous AS (
     SELECT s.job_id
@@ -154,24 +154,24 @@ WITH job_updates AS (
     SET status = t.status,
         current_step = t.current_step,
         updated_at = now()
-    FROM unnest(%(job_ids)s::uuid[], %(job_statuses)s::text[], %(job_steps)s::text[])
+    FROM unnest(%(job_ids)b::uuid[], %(job_statuses)b::text[], %(job_steps)b::text[])
         AS t (job_id, status, current_step)
     WHERE j.job_id = t.job_id
       AND (j.status, j.current_step) IS DISTINCT FROM (t.status, t.current_step)
     RETURNING j.job_id
 ), flags_cleared AS (
     DELETE FROM outbox_job_flags
-    WHERE job_id = ANY(%(folded_job_ids)s::uuid[])
+    WHERE job_id = ANY(%(folded_job_ids)b::uuid[])
 ), flags_set AS (
     INSERT INTO outbox_job_flags AS f (job_id, reason)
-    SELECT * FROM unnest(%(flag_job_ids)s::uuid[], %(flag_reasons)s::text[])
+    SELECT * FROM unnest(%(flag_job_ids)b::uuid[], %(flag_reasons)b::text[])
     ON CONFLICT (job_id) DO UPDATE SET reason = excluded.reason, flagged_at = now()
         WHERE f.reason <> excluded.reason
 ), parked AS (
     INSERT INTO outbox_dead_letters (event_id, partition, job_id, variant_id, reason)
     SELECT event_id, %(partition)s, job_id, variant_id, reason
-    FROM unnest(%(dead_event_ids)s::bigint[], %(dead_job_ids)s::uuid[], %(dead_variant_ids)s::uuid[],
-                %(dead_reasons)s::text[]) AS t (event_id, job_id, variant_id, reason)
+    FROM unnest(%(dead_event_ids)b::bigint[], %(dead_job_ids)b::uuid[], %(dead_variant_ids)b::uuid[],
+                %(dead_reasons)b::text[]) AS t (event_id, job_id, variant_id, reason)
     ON CONFLICT (event_id) DO NOTHING
     RETURNING event_id
 ), advanced AS (

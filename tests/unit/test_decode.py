@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
+import json
 import uuid
 from typing import Any
 
@@ -88,3 +90,23 @@ json_st = st.recursive(
 def test_any_payload_decodes_or_parks_without_raising(payload):
     decoded = decode_event(row(payload))
     assert decoded.state is not None or decoded.dead_letter is not None
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    payload=json_st
+    | st.fixed_dictionaries(
+        {"status": st.sampled_from(["queued", "running", "done", "failed", "Done", 3, None]), "step": json_st}
+    )
+    | st.fixed_dictionaries({"status": st.sampled_from(["done", "running"]), "step": st.text(max_size=250)})
+)
+def test_the_fast_path_decodes_exactly_as_the_payload_model(payload):
+    from processor import decode
+
+    event = row(payload)
+    fast = decode._variant_changed_fast(event, payload)
+    if fast is None:
+        return  # the model decides
+    assert decode.decode_event(dataclasses.replace(event, payload=json.dumps(payload))) == fast
+    model = decode.VariantChanged.model_validate(payload)
+    assert (fast.state.status, fast.state.step) == (model.status, model.step)
