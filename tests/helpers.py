@@ -120,3 +120,22 @@ def finish_jobs(engine: Any, count: int, *, variants: int = 2) -> None:
             _, ids = outbox.create_job(conn, variants=variants)
             for variant in ids:
                 outbox.update_variant(conn, variant, status="done", step="iou_eval")
+
+
+def assert_only_worker_applies(
+    conn: psycopg.Connection[Any], engine: Any, worker: WorkerProcess, done_jobs: int
+) -> float:
+    """Finish 20 jobs, wait until applied, check that only ``worker`` wrote job state meanwhile.
+
+    Needs JOB_WRITES_AUDIT installed. Returns the seconds from writing to applied.
+    """
+    since = conn.execute("SELECT clock_timestamp()").fetchone()[0]  # type: ignore[index]
+    written = time.monotonic()
+    finish_jobs(engine, 20, variants=3)
+    wait_for(lambda: pending_work(conn) == 0, what="the active worker to apply")
+    applied_in = time.monotonic() - written
+    writers = {row[0] for row in conn.execute("SELECT DISTINCT writer FROM job_writes WHERE at > %s", [since])}
+    assert len(writers) == 1, writers
+    assert writers.pop().endswith(f":{worker.pid}")
+    assert conn.execute("SELECT count(*) FROM jobs WHERE status = 'done'").fetchone()[0] == done_jobs  # type: ignore[index]
+    return applied_in

@@ -7,17 +7,7 @@ import time
 
 from processor.database import connect
 from tests.fix_database import subprocess_env
-from tests.helpers import JOB_WRITES_AUDIT, WorkerProcess, consumer_os_pid, finish_jobs, pending_work, wait_for
-
-
-def assert_only_worker_applies(conn, engine, worker: WorkerProcess, done_jobs: int) -> None:
-    """Finish 20 jobs, wait until applied, and check that only ``worker`` wrote job state meanwhile."""
-    since = conn.execute("SELECT clock_timestamp()").fetchone()[0]
-    finish_jobs(engine, 20, variants=3)
-    wait_for(lambda: pending_work(conn) == 0, what="the active worker to apply")
-    writers = {row[0] for row in conn.execute("SELECT DISTINCT writer FROM job_writes WHERE at > %s", [since])}
-    assert len(writers) == 1 and writers.pop().endswith(f":{worker.pid}")
-    assert conn.execute("SELECT count(*) FROM jobs WHERE status = 'done'").fetchone()[0] == done_jobs
+from tests.helpers import JOB_WRITES_AUDIT, WorkerProcess, assert_only_worker_applies, consumer_os_pid, wait_for
 
 
 def test_only_one_worker_applies_and_the_standby_takes_over_after_a_kill(db, engine, tmp_path):

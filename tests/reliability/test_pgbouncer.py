@@ -27,7 +27,14 @@ import outbox
 from processor.database import DatabaseUrl, check_direct_session, connect
 from processor.errors import ConfigurationError
 from tests.fix_database import subprocess_env
-from tests.helpers import JOB_WRITES_AUDIT, WorkerProcess, consumer_os_pid, finish_jobs, pending_work, wait_for
+from tests.helpers import (
+    JOB_WRITES_AUDIT,
+    WorkerProcess,
+    assert_only_worker_applies,
+    consumer_os_pid,
+    pending_work,
+    wait_for,
+)
 
 PGBOUNCER = shutil.which("pgbouncer") or next(
     (path for path in ("/usr/sbin/pgbouncer", "/usr/bin/pgbouncer") if os.access(path, os.X_OK)), None
@@ -258,29 +265,7 @@ def test_the_worker_refuses_to_start_through_transaction_pooling(db, pgbouncer, 
         print(f"\nrefused in {elapsed:.2f} s, exit {result.returncode}: {errors[0]}")
 
 
-def _finish_jobs(db: DatabaseUrl, count: int) -> None:
-    engine = db.create_engine()
-    try:
-        finish_jobs(engine, count, variants=3)
-    finally:
-        engine.dispose()
-
-
-def _only_worker_applies(conn: Any, db: DatabaseUrl, worker: WorkerProcess, done_jobs: int) -> float:
-    """Finish 20 jobs (written directly), wait until applied, check only ``worker`` wrote job state."""
-    since = conn.execute("SELECT clock_timestamp()").fetchone()[0]
-    written = time.monotonic()
-    _finish_jobs(db, 20)
-    wait_for(lambda: pending_work(conn) == 0, what="the active worker to apply")
-    applied_in = time.monotonic() - written
-    writers = {row[0] for row in conn.execute("SELECT DISTINCT writer FROM job_writes WHERE at > %s", [since])}
-    assert len(writers) == 1, writers
-    assert writers.pop().endswith(f":{worker.pid}")
-    assert conn.execute("SELECT count(*) FROM jobs WHERE status = 'done'").fetchone()[0] == done_jobs
-    return applied_in
-
-
-def test_session_pooling_with_the_opt_in_keeps_one_active_consumer(db, pgbouncer, tmp_path):
+def test_session_pooling_with_the_opt_in_keeps_one_active_consumer(db, engine, pgbouncer, tmp_path):
     bouncer = pgbouncer("session")
     env = subprocess_env(bouncer.url, OUTBOX_ALLOW_SESSION_PROXY="1", OUTBOX_STANDBY_INTERVAL="0.1")
     with connect(db, application_name="observer") as conn:
@@ -289,11 +274,11 @@ def test_session_pooling_with_the_opt_in_keeps_one_active_consumer(db, pgbouncer
         second = None
         try:
             wait_for(lambda: consumer_os_pid(conn) == first.pid, what="the first worker to take the lock")
-            applied_first = _only_worker_applies(conn, db, first, done_jobs=20)
+            applied_first = assert_only_worker_applies(conn, engine, first, done_jobs=20)
 
             second = WorkerProcess(env, tmp_path / "second.log")
             wait_for(lambda: "standby" in second.output(), what="the second worker to stand by")
-            _only_worker_applies(conn, db, first, done_jobs=40)
+            assert_only_worker_applies(conn, engine, first, done_jobs=40)
             assert consumer_os_pid(conn) == first.pid
 
             first.signal(signal.SIGKILL)
@@ -302,7 +287,7 @@ def test_session_pooling_with_the_opt_in_keeps_one_active_consumer(db, pgbouncer
             # PgBouncer resets the server connection with DISCARD ALL, which releases the lock.
             wait_for(lambda: consumer_os_pid(conn) == second.pid, what="the standby to take over")
             takeover = time.monotonic() - killed_at
-            applied_second = _only_worker_applies(conn, db, second, done_jobs=60)
+            applied_second = assert_only_worker_applies(conn, engine, second, done_jobs=60)
 
             print(
                 f"\nthrough pgbouncer (session): 20 jobs applied in {applied_first:.2f} s by the first worker,"
