@@ -12,9 +12,10 @@ SELECT variant_id, %(job_id)s, 'queued', %(step)s, now()
 FROM unnest(%(variant_ids)s::uuid[]) AS t (variant_id)
 
 -- name: variant_update
+-- No RETURNING: the row count says whether the variant exists, and a result set costs the server a
+-- row to send and the client (above all SQLAlchemy) a result to build (bench/README.md, "Writer path").
 UPDATE jobs_variants
 SET status = %(status)s,
     current_step = coalesce(%(step)s, current_step),
     updated_at = now()
 WHERE job_variants_id = %(variant_id)s
-RETURNING job_id

@@ -70,12 +70,12 @@ def update_variant(
     ``VariantNotFoundError`` for an unknown variant.
     """
     change = VariantChanged.model_validate({"status": status, "step": step})
-    rows = _execute(
+    updated = _execute(
         conn,
         _QUERIES["variant_update"],
         {"variant_id": _as_uuid(variant_id, "variant id"), "status": change.status.value, "step": change.step},
     )
-    if not rows:
+    if updated == 0:
         raise VariantNotFoundError(f"no variant with id {variant_id}")
 
 
@@ -88,14 +88,13 @@ def _as_uuid(value: uuid.UUID | str, what: str) -> uuid.UUID:
         raise ValueError(f"{what} must be a UUID (got {value!r})") from None
 
 
-def _execute(conn: AnyConnection, query: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
-    """Run one statement on either kind of connection and return its rows."""
+def _execute(conn: AnyConnection, query: str, params: dict[str, Any]) -> int:
+    """Run one statement (no result set) on either kind of connection; return the rows it changed."""
+    if isinstance(conn, psycopg.Connection):
+        # Checked first: the common case of a plain psycopg connection pays one isinstance.
+        return conn.execute(query, params).rowcount
     if isinstance(conn, SAConnection):
         # exec_driver_sql hands the statement to the driver as is, inside SQLAlchemy's transaction;
         # psycopg and psycopg2 both take %(name)s parameters.
-        result = conn.exec_driver_sql(query, params)
-        return [tuple(row) for row in result.fetchall()] if result.returns_rows else []
-    if isinstance(conn, psycopg.Connection):
-        cursor = conn.execute(query, params)
-        return cursor.fetchall() if cursor.description is not None else []
+        return int(conn.exec_driver_sql(query, params).rowcount)
     raise TypeError(f"expected a SQLAlchemy or psycopg Connection, got {type(conn).__name__}")

@@ -32,14 +32,19 @@ class FencedError(RuntimeError):
 
 @dataclass(frozen=True, slots=True)
 class BatchResult:
+    partition: int
     events: int
     jobs_changed: int
     dead_letters: int
     cursor: Cursor
     committed_at: dt.datetime
-    event_ids: list[int] = field(repr=False)
+    # Every event of the transactions the batch covers was applied (no more after it for now).
+    complete: bool = True
+    # The jobs were queued in outbox_dirty_jobs, to be folded once the catch-up is complete.
+    deferred: bool = False
+    event_ids: list[int] = field(default_factory=list, repr=False)
     # Seconds from each event's write to the commit of this batch (database clock).
-    latencies: list[float] = field(repr=False)
+    latencies: list[float] = field(default_factory=list, repr=False)
 
 
 def decode_batch(events: Sequence[EventRow]) -> tuple[list[tuple[VariantState, int]], list[DeadLetter]]:
@@ -98,44 +103,68 @@ def apply_batch(
     ctx: FoldContext,
     *,
     expected: Cursor,
-    new: Cursor,
-    events: Sequence[EventRow],
-    defer: bool,
+    limit: int,
+    dirty: bool = False,
     before_commit: Callable[[], None] | None = None,
 ) -> BatchResult:
-    """Apply ``events`` (the ones after ``expected``) and move the checkpoint to ``new``, atomically.
+    """Apply the next events after ``expected`` (up to ``limit``) and move the checkpoint past them, atomically.
 
-    With ``defer`` the touched jobs are only recorded, to be folded once the catch-up in progress
-    is complete. Redelivery is harmless twice over: a checkpoint that moved is refused, and
-    variant states only move to a higher version.
+    Jobs are folded at once only when the batch is a whole catch-up (every event committed so far)
+    and no jobs wait to be folded (``dirty``); otherwise they are queued in outbox_dirty_jobs and
+    folded once the catch-up is complete, so that no job shows a state between two committed
+    snapshots. Redelivery is harmless twice over: a checkpoint that moved is refused, and variant
+    states only move to a higher version.
     """
-    changes, dead = decode_batch(events)
+    partition = ctx.partition
     with conn.transaction():
-        _fence(conn, ctx.partition, expected)
-        affected = store.variant_states_upsert(conn, ctx.partition, changes, defer=defer)
-        jobs = fold_jobs(affected, store.variant_states_for_jobs(conn, affected), ctx) if affected else FoldedJobs()
+        _fence(conn, partition, expected)
+        applied = store.events_apply(conn, partition, expected, limit)
+        complete = applied.count < limit
+        if complete:
+            new = expected.caught_up_to(applied.target)
+        else:
+            assert applied.last is not None
+            new = expected.partway_to(applied.target, applied.last)
+        defer = dirty or not complete or expected.target is not None
+        # The events the statement could not read (rare): problem states and dead letters.
+        changes, dead = decode_batch(store.events_get(conn, applied.unreadable)) if applied.unreadable else ([], [])
+        affected = store.variant_states_upsert(conn, partition, changes, defer=defer)
+        if defer:
+            if applied.moved_from:
+                store.dirty_jobs_add(conn, partition, applied.moved_from)
+            if complete:
+                # The catch-up is complete: every job it touched is folded now, from its complete state.
+                store.dirty_jobs_add_applied(conn, partition, expected.done, new.done)
+            jobs = FoldedJobs()
+        else:
+            affected.update(applied.jobs)
+            jobs = fold_jobs(affected, store.variant_states_to_fold(conn, affected), ctx) if affected else FoldedJobs()
         result = store.batch_commit(
             conn,
-            ctx.partition,
+            partition,
             jobs=jobs.states,
             folded=jobs.folded,
             flags=jobs.flags,
             dead_letters=dead,
             cursor=new,
-            event_count=len(events),
-            last_event_id=events[-1].event_id if events else None,
+            event_count=applied.count,
+            last_event_id=applied.event_ids[-1] if applied.event_ids else None,
         )
         if before_commit is not None:
             before_commit()  # test hook: a crash placed here must leave no trace
     _log_outcome(dead, jobs.flags)
+    committed = result.committed_at.timestamp()
     return BatchResult(
-        events=len(events),
+        partition=partition,
+        events=applied.count,
         jobs_changed=result.jobs_changed,
         dead_letters=result.dead_letters,
         cursor=new,
         committed_at=result.committed_at,
-        event_ids=[e.event_id for e in events],
-        latencies=[(result.committed_at - e.created_at).total_seconds() for e in events],
+        complete=complete,
+        deferred=defer,
+        event_ids=applied.event_ids,
+        latencies=[committed - created for created in applied.created_at],
     )
 
 
@@ -154,7 +183,7 @@ def fold_and_write_jobs(
 ) -> store.CommitResult:
     """Fold ``job_ids`` from the stored variant states and write them (inside the caller's transaction)."""
     job_ids = list(job_ids)
-    return write_jobs(conn, ctx, fold_jobs(job_ids, store.variant_states_for_jobs(conn, job_ids), ctx), cursor)
+    return write_jobs(conn, ctx, fold_jobs(job_ids, store.variant_states_to_fold(conn, job_ids), ctx), cursor)
 
 
 def refold_dirty_jobs(conn: Connection, ctx: FoldContext, *, cursor: Cursor, limit: int) -> tuple[int, int]:

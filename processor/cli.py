@@ -27,11 +27,12 @@ from rich.table import Table
 from processor import store
 from processor.batch import FoldContext
 from processor.database import DatabaseUrl, RedactingFilter, connect, redact
-from processor.errors import OutboxError
+from processor.errors import OutboxError, PartitionMissingError
 from processor.metrics import WorkerMetrics, serve
 from processor.migrate import check_ready
 from processor.migrate import migrate as run_migrations
-from processor.settings import Settings, load_settings
+from processor.settings import Settings, Wakeup, load_settings
+from processor.wakeup import Wake
 from processor.worker import Worker, application_name
 
 app = typer.Typer(
@@ -54,6 +55,7 @@ DatabaseOption = Annotated[
 LogLevelOption = Annotated[
     str, typer.Option("--log-level", envvar="OUTBOX_LOG_LEVEL", help="DEBUG, INFO, WARNING or ERROR.")
 ]
+JsonOption = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 
 
 def _setup(database_url: str | None, log_level: str, **overrides: Any) -> tuple[Settings, DatabaseUrl, Console]:
@@ -87,10 +89,73 @@ def _migrate(db: DatabaseUrl, console: Console, *, quiet: bool = False) -> None:
 
 
 @app.command()
-def migrate(database_url: DatabaseOption = None, log_level: LogLevelOption = "WARNING") -> None:
-    """Create or adopt the jobs tables and install the outbox (idempotent)."""
-    _, db, console = _setup(database_url, log_level)
+def migrate(
+    database_url: DatabaseOption = None,
+    wakeup: Annotated[
+        Wakeup | None,
+        typer.Option(
+            envvar="OUTBOX_WAKEUP",
+            help="notify: writers of jobs_variants NOTIFY the worker when they commit (for workers run with "
+            "OUTBOX_WAKEUP=notify; costs writers a lock at commit); poll: they do not. Unset: left as it is.",
+            show_default=False,
+        ),
+    ] = None,
+    log_level: LogLevelOption = "WARNING",
+) -> None:
+    """Create or adopt the jobs tables and install the outbox (idempotent); with OUTBOX_PARTITIONS, set the count."""
+    settings, db, console = _setup(database_url, log_level)
     _migrate(db, console)
+    if settings.partitions is not None:
+        _repartition(db, console, settings.partitions, timeout=60.0, as_json=False)
+    if wakeup is not None:
+        with connect(db, application_name=application_name("migrate")) as conn:
+            # CREATE/DROP TRIGGER: writers of jobs_variants wait a moment for its lock.
+            store.wakeup_trigger_set(conn, enabled=wakeup is Wakeup.NOTIFY)
+        console.print(
+            "wake-up: writers now notify the worker when they commit (OUTBOX_WAKEUP=notify)"
+            if wakeup is Wakeup.NOTIFY
+            else "wake-up: writers do not notify; workers poll (OUTBOX_WAKEUP=poll)"
+        )
+
+
+@app.command()
+def repartition(
+    partitions: Annotated[int, typer.Argument(min=1, max=1024, help="The new partition count.", show_default=False)],
+    database_url: DatabaseOption = None,
+    timeout: Annotated[
+        float, typer.Option(min=0.1, help="Seconds to wait for the workers to drain the outbox; then change nothing.")
+    ] = 60.0,
+    as_json: JsonOption = False,
+    log_level: LogLevelOption = "WARNING",
+) -> None:
+    """Change the partition count: holds writers back, waits for a drained outbox, then switches (README)."""
+    _, db, console = _setup(database_url, log_level)
+    _repartition(db, console, partitions, timeout=timeout, as_json=as_json)
+
+
+def _repartition(db: DatabaseUrl, console: Console, partitions: int, *, timeout: float, as_json: bool) -> None:
+    from processor.repartition import repartition as run_repartition
+
+    status = Console(stderr=True)
+    with connect(db, application_name=application_name("repartition")) as conn:
+        check_ready(conn)
+        with status.status("holding writers back, waiting for the workers to drain the outbox") as spinner:
+            report = run_repartition(
+                conn, partitions, timeout=timeout, on_wait=lambda p: spinner.update(f"waiting for the workers: {p}")
+            )
+    if as_json:
+        print(json.dumps({
+            "before": report.before, "after": report.after, "events_moved": report.events_moved,
+            "writers_held_seconds": round(report.writers_held_seconds, 3),
+        }))  # fmt: skip
+    elif report.before == report.after:
+        console.print(f"the database already has {report.after} partition(s); nothing to do")
+    else:
+        console.print(
+            f"partitions: {report.before} -> {report.after}; {report.events_moved} applied events relabelled; "
+            f"writers held back for {report.writers_held_seconds:.2f} s. "
+            f"Workers follow at their next rebalance (set OUTBOX_PARTITIONS={report.after} where it is set)."
+        )
 
 
 @app.command()
@@ -103,7 +168,10 @@ def run(
         int | None, typer.Option(envvar="OUTBOX_BATCH_SIZE", help="Events per transaction.", show_default="1000")
     ] = None,
     partition: Annotated[
-        int | None, typer.Option(envvar="OUTBOX_PARTITION", help="Partition to consume.", show_default="0")
+        int | None,
+        typer.Option(
+            envvar="OUTBOX_PARTITION", help="Consume only this partition.", show_default="a fair share of all"
+        ),
     ] = None,
     metrics_port: Annotated[
         int | None,
@@ -117,7 +185,7 @@ def run(
     settings, db, console = _setup(database_url, log_level, batch_size=batch_size, partition=partition)
     if settings.database_url is None:
         _migrate(db, console, quiet=True)  # the embedded database is created and migrated on first use
-    metrics = WorkerMetrics(settings.partition) if metrics_port else None
+    metrics = WorkerMetrics() if metrics_port else None
     worker = Worker(settings, db, metrics=metrics)
     refresh_stop = threading.Event()
     if metrics is not None and metrics_port is not None:
@@ -137,6 +205,11 @@ def run(
         f"processed {stats.events} events in {stats.batches} batches: "
         f"{stats.jobs_changed} job state changes, {stats.dead_letters} dead letters"
     )
+    if settings.wakeup is Wakeup.NOTIFY:
+        wakes = worker.waiter.wakes
+        console.print(
+            f"woke up {wakes[Wake.NOTIFY]} times on a notification, {wakes[Wake.TIMEOUT]} at the poll interval"
+        )
 
 
 @app.command()
@@ -178,14 +251,11 @@ def demo(
         raise OutboxError(f"{report.jobs_stuck} jobs stuck, {report.jobs - report.jobs_done} not done")
 
 
-JsonOption = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
-
-
 @app.command()
 def backlog(
     database_url: DatabaseOption = None,
     partition: Annotated[
-        int | None, typer.Option(envvar="OUTBOX_PARTITION", help="Partition to inspect.", show_default="0")
+        int | None, typer.Option(envvar="OUTBOX_PARTITION", help="Partition to inspect.", show_default="all")
     ] = None,
     max_lag: Annotated[
         float | None,
@@ -212,19 +282,23 @@ def backlog(
 
 
 PartitionOption = Annotated[
-    int | None, typer.Option(envvar="OUTBOX_PARTITION", help="Partition to work on.", show_default="0")
+    int | None, typer.Option(envvar="OUTBOX_PARTITION", help="Partition to work on.", show_default="all")
 ]
 
 
 @contextmanager
 def _operation(
     database_url: str | None, log_level: str, partition: int | None, role: str
-) -> Iterator[tuple[Settings, Console, Any, FoldContext]]:
-    """Settings, an output console, a checked connection and the fold context, for one command."""
+) -> Iterator[tuple[Settings, Console, Any, list[FoldContext]]]:
+    """Settings, an output console, a checked connection and the fold context of each partition to act on."""
     settings, db, console = _setup(database_url, log_level, partition=partition)
     with connect(db, application_name=application_name(role)) as conn:
         check_ready(conn)
-        yield settings, console, conn, FoldContext(settings.partition, settings.pipeline, settings.failure_policy)
+        count = store.partitions_get(conn)
+        if settings.partition is not None and settings.partition >= count:
+            raise PartitionMissingError(settings.partition)
+        partitions = [settings.partition] if settings.partition is not None else list(range(count))
+        yield settings, console, conn, [FoldContext(p, settings.pipeline, settings.failure_policy) for p in partitions]
 
 
 def _progress(total: int, description: str) -> Progress:
@@ -264,17 +338,23 @@ def replay(
     from processor.replay import replay as run_replay
 
     started = _parse_since(since)
-    with _operation(database_url, log_level, partition, "replay") as (settings, console, conn, ctx):
-        if job:
-            job_ids = sorted(set(job))
-        elif started is not None:
-            job_ids = store.job_ids_with_events_since(conn, settings.partition, started)
-        else:
-            job_ids = store.job_ids_all(conn, settings.partition)
+    with _operation(database_url, log_level, partition, "replay") as (_, console, conn, contexts):
+        work = []
+        for ctx in contexts:
+            if job:
+                ids = store.job_ids_in_partition(conn, sorted(set(job)), ctx.partition)
+            elif started is not None:
+                ids = store.job_ids_with_events_since(conn, ctx.partition, started)
+            else:
+                ids = store.job_ids_all(conn, ctx.partition)
+            work.append((ctx, ids))
+        job_ids = [job_id for _, ids in work for job_id in ids]
+        changes = []
         with _progress(len(job_ids), "replaying jobs" + (" (dry run)" if dry_run else "")) as progress:
-            changes = run_replay(
-                conn, ctx, job_ids, dry_run=dry_run, on_chunk=lambda n: progress.advance(progress.task_ids[0], n)
-            )
+            for ctx, ids in work:
+                changes += run_replay(
+                    conn, ctx, ids, dry_run=dry_run, on_chunk=lambda n: progress.advance(progress.task_ids[0], n)
+                )
     if as_json:
         print(json.dumps({
             "jobs": len(job_ids), "dry_run": dry_run,
@@ -296,12 +376,17 @@ def verify(
     log_level: LogLevelOption = "WARNING",
 ) -> None:
     """Compare event-derived state with jobs_variants and jobs; exit 1 on drift."""
+    from processor.verify import VerifyReport
     from processor.verify import repair as run_repair
     from processor.verify import verify as run_verify
 
-    with _operation(database_url, log_level, partition, "verify") as (_, console, conn, ctx):
-        report = run_verify(conn, ctx)
-        repaired = run_repair(conn, ctx, report) if repair and report.drift else None
+    with _operation(database_url, log_level, partition, "verify") as (_, console, conn, contexts):
+        reports = [(ctx, run_verify(conn, ctx)) for ctx in contexts]
+        report = VerifyReport.merge([r for _, r in reports])
+        repaired = None
+        if repair and report.drift:
+            counts = [run_repair(conn, ctx, r) for ctx, r in reports if r.drift]
+            repaired = (sum(c[0] for c in counts), sum(c[1] for c in counts))
     if as_json:
         out = report.as_dict()
         if repaired is not None:
@@ -341,7 +426,7 @@ def dead_letters_list(
     """List dead letters with the reason each could not be applied."""
     from processor.dead_letters import list_dead_letters
 
-    with _operation(database_url, log_level, None, "dead-letters") as (_, console, conn, _ctx):
+    with _operation(database_url, log_level, None, "dead-letters") as (_, console, conn, _contexts):
         letters = list_dead_letters(conn, include_discarded=include_discarded)
     if as_json:
         print(json.dumps(letters, indent=2))
@@ -378,10 +463,17 @@ def _act_on_dead_letters(
         raise typer.BadParameter("give one or more event ids (or --all, for retry)")
     run_action = dead_letters.retry if action == "retry" else dead_letters.discard
     success = "applied" if action == "retry" else "discarded"
-    with _operation(database_url, log_level, partition, "dead-letters") as (_, console, conn, ctx):
+    with _operation(database_url, log_level, partition, "dead-letters") as (_, console, conn, contexts):
         if all_:
             event_ids = [letter["event_id"] for letter in dead_letters.list_dead_letters(conn, limit=1_000_000)]
-        outcomes = run_action(conn, ctx, event_ids or [])
+        by_partition = dead_letters.partitions_of(conn, event_ids or [])
+        outcomes = {}
+        for ctx in contexts:
+            # Ids that are no dead letter at all go with the first partition, to be reported as such.
+            chosen = [e for e in event_ids or [] if by_partition.get(e, contexts[0].partition) == ctx.partition]
+            outcomes.update(run_action(conn, ctx, chosen) if chosen else {})
+        for event_id in event_ids or []:
+            outcomes.setdefault(event_id, "not a dead letter of the partition given")
     for event_id, outcome in outcomes.items():
         console.print(f"event {event_id}: {outcome}")
     if any(outcome != success for outcome in outcomes.values()):
@@ -428,28 +520,37 @@ def prune(
         age = parse_duration(older_than)
     except OutboxError as exc:
         raise typer.BadParameter(str(exc), param_hint="--older-than") from None
-    with _operation(database_url, log_level, partition, "prune") as (_, console, conn, ctx):
+    with _operation(database_url, log_level, partition, "prune") as (_, console, conn, contexts):
         progress = Progress(
             TextColumn("pruning"), MofNCompleteColumn(), TimeElapsedColumn(), console=Console(stderr=True)
         )
+        deleted = baselines = 0
         with progress:
             task = progress.add_task("pruning", total=None)
-            result = run_prune(conn, ctx, age, on_chunk=lambda n: progress.advance(task, n))
-    console.print(
-        f"pruned {result.events_deleted} events older than {older_than}; "
-        f"{result.baseline_updates} variant baselines updated"
-    )
+            for ctx in contexts:
+                result = run_prune(conn, ctx, age, on_chunk=lambda n: progress.advance(task, n))
+                deleted += result.events_deleted
+                baselines += result.baseline_updates
+    console.print(f"pruned {deleted} events older than {older_than}; {baselines} variant baselines updated")
 
 
 @contextmanager
 def _stop_on_signals(worker: Worker) -> Iterator[None]:
     """SIGTERM/SIGINT: finish the batch in hand, then return; a second signal aborts it."""
 
-    def handle(signum: int, _frame: FrameType | None) -> None:
-        if worker.stopping:
-            raise KeyboardInterrupt  # the open transaction rolls back with the connection
+    requested: list[int] = []
+
+    def stop(signum: int) -> None:
         logging.getLogger("processor").info("%s: stopping after the batch in hand", signal.Signals(signum).name)
         worker.stop()
+
+    def handle(signum: int, _frame: FrameType | None) -> None:
+        if requested:
+            raise KeyboardInterrupt  # the open transaction rolls back with the connection
+        requested.append(signum)
+        # Not here: the handler runs on the main thread between two bytecodes, maybe while it holds
+        # the lock of the very Event (or logging handler) that stop() would take: a deadlock.
+        threading.Thread(target=stop, args=(signum,), name="outbox-stop", daemon=True).start()
 
     previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:

@@ -81,3 +81,9 @@ def discard(conn: Connection, ctx: FoldContext, event_ids: Sequence[int]) -> dic
 
 def _s(value: object) -> str | None:
     return None if value is None else str(value)
+
+
+def partitions_of(conn: Connection, event_ids: Sequence[int]) -> dict[int, int]:
+    """The partition of each of these dead letters (ids that are none are left out)."""
+    rows = conn.execute(QUERIES["dead_letters_partitions"], {"event_ids": list(event_ids)}).fetchall()
+    return {row[0]: row[1] for row in rows}

@@ -15,3 +15,14 @@ class SchemaError(OutboxError):
 
 class ConsumerBusyError(OutboxError):
     """Another worker holds the partition and this command will not wait for it."""
+
+
+class PartitionMissingError(SchemaError):
+    """A partition number at or beyond the database's partition count (README: "Scaling out")."""
+
+    def __init__(self, partition: int) -> None:
+        super().__init__(
+            f"partition {partition} does not exist (no checkpoint): partitions are numbered from 0 to the "
+            "count that `outbox repartition` set, see `outbox backlog`"
+        )
+        self.partition = partition

@@ -7,6 +7,7 @@ their own, so a slow count never delays the worker.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import Callable, Iterable
@@ -24,9 +25,9 @@ log = logging.getLogger(__name__)
 
 
 class WorkerMetrics:
-    def __init__(self, partition: int, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
-        self.partition = str(partition)
+        self._reported: set[int] = set()  # partitions with a pending-events value
         labels = ["partition"]
         self.events_applied = Counter(
             "outbox_events_applied", "Events applied to job state.", labels, registry=self.registry
@@ -58,15 +59,15 @@ class WorkerMetrics:
         )  # fmt: skip
 
     def on_batch(self, result: BatchResult, seconds: float) -> None:
-        p = self.partition
+        p = str(result.partition)
         self.events_applied.labels(p).inc(result.events)
         self.batches.labels(p).inc()
         self.jobs_changed.labels(p).inc(result.jobs_changed)
         self.batch_duration.labels(p).observe(seconds)
         self.lag.labels(p).set(max(result.latencies, default=0.0))
 
-    def set_active(self, active: bool) -> None:
-        self.active.labels(self.partition).set(1 if active else 0)
+    def set_active(self, partition: int, active: bool) -> None:
+        self.active.labels(str(partition)).set(1 if active else 0)
 
     def refresh_from_database(self, db: DatabaseUrl, stop: threading.Event, every: float = 5.0) -> None:
         """Keep pending events and dead letters current until ``stop`` (run in a thread)."""
@@ -75,11 +76,20 @@ class WorkerMetrics:
             try:
                 if conn is None or conn.closed:
                     conn = connect(db, application_name="outbox-metrics")
-                cursor = store.checkpoint_get(conn, int(self.partition)).cursor
-                pending = store.events_pending_summary(conn, int(self.partition), cursor, top=0).count
-                self.pending.labels(self.partition).set(pending)
-                if pending == 0:
-                    self.lag.labels(self.partition).set(0)
+                # Every partition's, not only this worker's: any worker's /metrics shows the whole backlog.
+                with store.one_snapshot(conn):
+                    counts = {
+                        p: store.work_pending(conn, p, events_only=True) for p in range(store.partitions_get(conn))
+                    }
+                for partition in self._reported - set(counts):  # removed by a repartition
+                    for gauge in (self.pending, self.lag):
+                        with contextlib.suppress(KeyError):
+                            gauge.remove(str(partition))
+                self._reported = set(counts)
+                for partition, pending in counts.items():
+                    self.pending.labels(str(partition)).set(pending)
+                    if pending == 0:
+                        self.lag.labels(str(partition)).set(0)
                 row = conn.execute(QUERIES["dead_letters_count"]).fetchone()
                 self.dead_letters.set(row[0] if row else 0)
             except Exception as exc:  # the database may be away; the worker reports that itself

@@ -15,48 +15,166 @@ FROM outbox_checkpoints
 WHERE partition = %(partition)s
 FOR UPDATE
 
--- name: events_fetch
--- The events of the transactions that committed after the done snapshot and are visible in the
--- target snapshot (this statement's own snapshot when none is given), in (txid, event_id) order.
--- Not visible in the done snapshot means: txid at or above its xmax, or in its xip list; the two
--- branches read each of those from the index. A transaction still running is in neither result,
--- and stays in the next target's xip list until it ends: a late commit is picked up, not skipped.
+-- name: events_probe
+-- Whether any event is ready after the cursor (the worker's cheap check before it opens a batch
+-- transaction). Same conditions as events_apply's read, with this statement's snapshot as target.
+WITH target AS MATERIALIZED (
+    SELECT pg_current_snapshot() AS snapshot
+)
+SELECT EXISTS (
+           SELECT 1
+           FROM outbox_events
+           WHERE partition = %(partition)s
+             AND (txid, event_id) > (%(range_txid)s::xid8, %(range_event_id)s::bigint)
+             AND txid < (SELECT pg_snapshot_xmax(snapshot) FROM target)
+             AND pg_visible_in_snapshot(txid, (SELECT snapshot FROM target))
+       )
+    OR EXISTS (
+           SELECT 1
+           FROM unnest(%(done_xip)s::xid8[]) AS xip (txid)
+           JOIN outbox_events AS o ON o.partition = %(partition)s AND o.txid = xip.txid
+           WHERE pg_visible_in_snapshot(xip.txid, (SELECT snapshot FROM target))
+       )
+
+-- name: events_apply
+-- Reads the next events after the cursor and applies the readable ones to the variant states, in
+-- one statement (one round trip, and no per-event work in Python): the heart of the drain.
+--
+-- Which events: those of the transactions that committed after the done snapshot and are visible
+-- in the target snapshot (this statement's own snapshot when none is given), in (txid, event_id)
+-- order. Not visible in the done snapshot means: txid at or above its xmax, or in its xip list; the
+-- two branches read each of those from the index. A transaction still running is in neither
+-- result, and stays in the next target's xip list until it ends: a late commit is picked up, not
+-- skipped.
+--
+-- Readable events are the common valid shapes of outbox.events (variant_changed with a known
+-- status and a short step, or null; variant_removed), decoded here exactly as processor.decode
+-- would (tests/integration/test_drain_path.py checks the two agree). Anything else is left to
+-- processor.decode, by event id, to become a problem state and a dead letter.
+--
+-- Returns the target snapshot, the events read (ids and write times, in order), the position of
+-- the last one, the unreadable ones, and the jobs to refold: those of the variants whose state
+-- moved forward, and the jobs such variants moved away from.
 WITH target AS MATERIALIZED (
     SELECT coalesce(%(target)s::pg_snapshot, pg_current_snapshot()) AS snapshot
+), batch AS MATERIALIZED (
+    SELECT e.*
+    FROM (
+        (SELECT *
+         FROM outbox_events
+         WHERE partition = %(partition)s
+           -- Starts the index range at the done snapshot's xmax (or further on, within a catch-up),
+           -- not at the first event ever written.
+           AND (txid, event_id) > (%(range_txid)s::xid8, %(range_event_id)s::bigint)
+           AND txid < (SELECT pg_snapshot_xmax(snapshot) FROM target)
+           AND pg_visible_in_snapshot(txid, (SELECT snapshot FROM target))
+         ORDER BY txid, event_id
+         LIMIT %(limit)s)
+        UNION ALL
+        -- One index read per transaction that was running at the done snapshot and is visible now,
+        -- each in event order (txid = ANY(...) on the index would read them all and sort).
+        (SELECT x.*
+         FROM unnest(%(done_xip)s::xid8[]) AS xip (txid)
+         CROSS JOIN LATERAL (
+             SELECT *
+             FROM outbox_events AS o
+             WHERE o.partition = %(partition)s
+               AND o.txid = xip.txid
+               AND (o.txid, o.event_id) > (%(after_txid)s::xid8, %(after_event_id)s::bigint)
+             ORDER BY o.event_id
+             LIMIT %(limit)s
+         ) AS x
+         WHERE pg_visible_in_snapshot(xip.txid, (SELECT snapshot FROM target))
+         ORDER BY x.txid, x.event_id
+         LIMIT %(limit)s)
+    ) AS e
+    ORDER BY e.txid, e.event_id
+    LIMIT %(limit)s
+), decoded AS MATERIALIZED (
+    SELECT event_id, job_id, variant_id, variant_version AS version,
+           event_type = 'variant_removed' AS removed,
+           CASE WHEN event_type = 'variant_changed' THEN payload ->> 'status' END AS status,
+           CASE WHEN event_type = 'variant_changed' THEN payload ->> 'step' END AS step,
+           -- coalesce: a missing key makes these tests NULL, and NULL must mean "not readable".
+           coalesce(
+               job_id IS NOT NULL AND variant_id IS NOT NULL AND variant_version IS NOT NULL
+               AND schema_version = 1
+               AND jsonb_typeof(payload) = 'object'
+               AND (event_type = 'variant_removed'
+                    OR (event_type = 'variant_changed'
+                        AND jsonb_typeof(payload -> 'status') = 'string'
+                        AND payload ->> 'status' IN ('queued', 'running', 'done', 'failed')
+                        AND (coalesce(jsonb_typeof(payload -> 'step'), 'null') = 'null'
+                             OR (jsonb_typeof(payload -> 'step') = 'string'
+                                 AND length(payload ->> 'step') <= 200)))),
+               false) AS readable
+    FROM batch
+), latest AS (
+    -- Each variant's newest readable state in the batch: by version, then as VariantState.sort_key.
+    SELECT DISTINCT ON (variant_id) *
+    FROM decoded
+    WHERE readable
+    ORDER BY variant_id, version DESC, removed DESC,
+             coalesce(status, '') COLLATE "C" DESC, coalesce(step, '') COLLATE "C" DESC
+), upserted AS MATERIALIZED (  -- evaluated exactly once: it writes
+    SELECT merged_job_id AS job_id, merged_moved_from AS moved_from
+    FROM outbox_variant_states_merge(ARRAY(
+        SELECT (variant_id, job_id, version, status, step, removed, NULL, event_id, NULL)::outbox_variant_states
+        FROM latest
+    ))
+), moved AS (
+    -- Jobs that variants left, in this partition; a job of another partition learns of the move
+    -- from the variant_removed event in its own partition.
+    SELECT moved_from
+    FROM upserted
+    WHERE moved_from IS NOT NULL AND outbox_partition_of(moved_from) = %(partition)s
 )
-SELECT e.event_id, e.txid::text, e.event_type, e.schema_version, e.job_id, e.variant_id,
-       e.variant_version, e.payload::text, e.created_at, (SELECT snapshot::text FROM target)
+SELECT (SELECT snapshot::text FROM target),
+       (SELECT count(*) FROM batch),
+       (SELECT array_agg(event_id ORDER BY txid, event_id) FROM batch),
+       (SELECT array_agg(date_part('epoch', created_at) ORDER BY txid, event_id) FROM batch),
+       (SELECT txid::text FROM batch ORDER BY txid DESC, event_id DESC LIMIT 1),
+       (SELECT count(*) FROM decoded WHERE readable),
+       (SELECT array_agg(event_id ORDER BY event_id) FROM decoded WHERE NOT readable),
+       (SELECT array_agg(DISTINCT job_id)
+        FROM (SELECT job_id FROM upserted
+              UNION ALL
+              SELECT moved_from FROM moved
+              UNION ALL
+              -- A removal can arrive after the variant's state moved on (its move to a job of
+              -- another partition was applied first): its job is refolded all the same.
+              SELECT job_id FROM decoded WHERE readable AND removed) AS t),
+       (SELECT array_agg(DISTINCT moved_from) FROM moved)
+
+-- name: events_get
+-- Events by id, in order, for processor.decode (the ones events_apply left to it).
+SELECT event_id, txid::text, event_type, schema_version, job_id, variant_id, variant_version, payload::text,
+       created_at
+FROM outbox_events
+WHERE event_id = ANY(%(event_ids)s::bigint[])
+ORDER BY txid, event_id
+
+-- name: dirty_jobs_add_applied
+-- The jobs of every event applied between two done snapshots, when a catch-up that deferred its
+-- folding completes: events not visible in the old snapshot and visible in the new one (the same
+-- two index branches as events_apply, without a limit).
+INSERT INTO outbox_dirty_jobs (partition, job_id)
+SELECT DISTINCT %(partition)s, e.job_id
 FROM (
-    (SELECT *
-     FROM outbox_events
-     WHERE partition = %(partition)s
-       -- Starts the index range at the done snapshot's xmax (or further on, within a catch-up),
-       -- not at the first event ever written.
-       AND (txid, event_id) > (%(range_txid)s::xid8, %(range_event_id)s::bigint)
-       AND txid < (SELECT pg_snapshot_xmax(snapshot) FROM target)
-       AND pg_visible_in_snapshot(txid, (SELECT snapshot FROM target))
-     ORDER BY txid, event_id
-     LIMIT %(limit)s)
+    SELECT job_id
+    FROM outbox_events
+    WHERE partition = %(partition)s
+      AND txid >= %(done_xmax)s::xid8
+      AND txid < pg_snapshot_xmax(%(new_done)s::pg_snapshot)
+      AND pg_visible_in_snapshot(txid, %(new_done)s::pg_snapshot)
     UNION ALL
-    -- One index read per transaction that was running at the done snapshot and is visible now,
-    -- each in event order (txid = ANY(...) on the index would read them all and sort).
-    (SELECT x.*
-     FROM unnest(%(done_xip)s::xid8[]) AS xip (txid)
-     CROSS JOIN LATERAL (
-         SELECT *
-         FROM outbox_events AS o
-         WHERE o.partition = %(partition)s
-           AND o.txid = xip.txid
-           AND (o.txid, o.event_id) > (%(after_txid)s::xid8, %(after_event_id)s::bigint)
-         ORDER BY o.event_id
-         LIMIT %(limit)s
-     ) AS x
-     WHERE pg_visible_in_snapshot(xip.txid, (SELECT snapshot FROM target))
-     ORDER BY x.txid, x.event_id
-     LIMIT %(limit)s)
+    SELECT o.job_id
+    FROM unnest(%(done_xip)s::xid8[]) AS xip (txid)
+    JOIN outbox_events AS o ON o.partition = %(partition)s AND o.txid = xip.txid
+    WHERE pg_visible_in_snapshot(xip.txid, %(new_done)s::pg_snapshot)
 ) AS e
-ORDER BY e.txid, e.event_id
-LIMIT %(limit)s
+WHERE e.job_id IS NOT NULL
+ON CONFLICT DO NOTHING
 
 -- name: events_pending_summary
 -- Committed events not applied yet: not visible in the done snapshot, and not among those of the
@@ -66,6 +184,9 @@ WITH pending AS (
     SELECT event_type, job_id, created_at
     FROM outbox_events
     WHERE partition = %(partition)s
+      -- Below the done snapshot's xmin every transaction is finished and visible in it: applied.
+      -- The bound lets the index skip the history kept until prune.
+      AND txid >= pg_snapshot_xmin(%(done)s::pg_snapshot)
       AND NOT outbox_event_applied(txid, event_id, %(done)s::pg_snapshot, %(target)s::pg_snapshot,
                                    %(after_txid)s::xid8, %(after_event_id)s::bigint)
 )
@@ -78,8 +199,8 @@ SELECT (SELECT count(*) FROM pending),
         FROM (SELECT job_id, count(*) AS n FROM pending GROUP BY job_id ORDER BY n DESC LIMIT %(top)s) AS t)
 
 -- name: variant_states_upsert
--- Returns the jobs to refold: the variants' jobs now, and before (a variant moved to another job);
--- all parts of one statement see the same snapshot, so "previous" is the state before the upsert.
+-- Returns the jobs to refold: the variants' jobs now, and before (a variant moved to another job:
+-- moved_from, set from the row being replaced).
 -- With defer, the jobs are kept in outbox_dirty_jobs instead, for when the catch-up is complete.
 WITH incoming AS (
     SELECT *
@@ -87,31 +208,19 @@ WITH incoming AS (
         %(variant_ids)b::uuid[], %(job_ids)b::uuid[], %(versions)b::bigint[], %(statuses)b::text[],
         %(steps)b::text[], %(removed)b::boolean[], %(problems)b::text[], %(event_ids)b::bigint[]
     ) AS t (variant_id, job_id, version, status, step, removed, problem, event_id)
-), previous AS (
-    SELECT s.job_id
-    FROM outbox_variant_states AS s
-    JOIN incoming AS i USING (variant_id)
-), upserted AS (
-    INSERT INTO outbox_variant_states AS s (variant_id, job_id, version, status, step, removed, problem, event_id)
-    SELECT variant_id, job_id, version, status, step, removed, problem, event_id
-    FROM incoming
-    ON CONFLICT (variant_id) DO UPDATE
-        SET job_id = excluded.job_id,
-            version = excluded.version,
-            status = excluded.status,
-            step = excluded.step,
-            removed = excluded.removed,
-            problem = excluded.problem,
-            event_id = excluded.event_id
-        -- Latest by version: a duplicate or an older change is a no-op.
-        -- A fixed event (dead-letters retry) replaces the problem state of its own version.
-        WHERE s.version < excluded.version
-           OR (s.version = excluded.version AND s.problem IS NOT NULL AND excluded.problem IS NULL)
-    RETURNING s.job_id
+), upserted AS MATERIALIZED (  -- evaluated exactly once: it writes
+    SELECT merged_job_id AS job_id, merged_moved_from AS moved_from
+    FROM outbox_variant_states_merge(ARRAY(
+        SELECT (variant_id, job_id, version, status, step, removed, problem, event_id, NULL)::outbox_variant_states
+        FROM incoming
+    ))
 ), affected AS (
-    SELECT job_id FROM previous
-    UNION
     SELECT job_id FROM upserted
+    UNION
+    -- Jobs that variants left, in this partition (see events_apply).
+    SELECT moved_from
+    FROM upserted
+    WHERE moved_from IS NOT NULL AND outbox_partition_of(moved_from) = %(partition)s
 ), deferred AS (
     INSERT INTO outbox_dirty_jobs (partition, job_id)
     SELECT %(partition)s, job_id FROM affected WHERE %(defer)s
@@ -119,10 +228,16 @@ WITH incoming AS (
 )
 SELECT job_id FROM affected WHERE NOT %(defer)s
 
--- name: variant_states_for_jobs
-SELECT job_id, variant_id, version, status, step, removed, problem
+-- name: variant_states_to_fold
+-- What the fold needs of each job: one row per distinct state among its variants (with one of
+-- them as example), removed variants left out. The fold depends only on which states occur, not
+-- on how many variants share one (tests/unit/test_fold.py checks it), and a job's variants mostly
+-- share a few states: far fewer rows than variants.
+SELECT job_id, (array_agg(variant_id))[1], max(version), status, step, problem
 FROM outbox_variant_states
 WHERE job_id = ANY(%(job_ids)s::uuid[])
+  AND NOT removed
+GROUP BY job_id, status, step, problem
 
 -- name: dirty_jobs_count
 SELECT count(*) FROM outbox_dirty_jobs WHERE partition = %(partition)s
@@ -369,6 +484,9 @@ WITH pending AS (
     SELECT DISTINCT variant_id
     FROM outbox_events
     WHERE partition = %(partition)s
+      -- Below the done snapshot's xmin every transaction is finished and visible in it: applied.
+      -- The bound lets the index skip the history kept until prune.
+      AND txid >= pg_snapshot_xmin(%(done)s::pg_snapshot)
       AND NOT outbox_event_applied(txid, event_id, %(done)s::pg_snapshot, %(target)s::pg_snapshot,
                                    %(after_txid)s::xid8, %(after_event_id)s::bigint)
 ), states AS (
@@ -407,6 +525,7 @@ SELECT DISTINCT job_id
 FROM outbox_events
 WHERE partition = %(partition)s
   AND job_id IS NOT NULL
+  AND txid >= pg_snapshot_xmin(%(done)s::pg_snapshot)  -- below it, everything is applied
   AND NOT outbox_event_applied(txid, event_id, %(done)s::pg_snapshot, %(target)s::pg_snapshot,
                                %(after_txid)s::xid8, %(after_event_id)s::bigint)
 UNION
@@ -561,3 +680,115 @@ WHERE c.partition = %(partition)s
 
 -- name: dead_letters_count
 SELECT count(*) FROM outbox_dead_letters WHERE discarded_at IS NULL
+
+-- name: wakeup_listen
+-- OUTBOX_WAKEUP=notify, on the active worker's session: the server delivers a notification when
+-- the session is idle, or with the reply to its next statement (psycopg keeps those for later).
+LISTEN outbox_wakeup
+
+-- name: wakeup_trigger_enabled
+-- Whether writers notify (schema/migrations/0003_notify_wakeup.sql): the trigger exists and is not
+-- disabled (ALTER TABLE ... DISABLE TRIGGER).
+SELECT EXISTS (
+    SELECT FROM pg_trigger
+    WHERE tgrelid = to_regclass('jobs_variants') AND tgname = 'outbox_wakeup_notify' AND tgenabled <> 'D'
+)
+
+-- name: wakeup_enable
+SELECT outbox_wakeup_enable()
+
+-- name: wakeup_disable
+SELECT outbox_wakeup_disable()
+
+-- name: partitions_get
+SELECT partitions FROM outbox_partitioning
+
+-- name: members_join
+-- Every worker session holds this lock in shared mode: the number of holders is the number of
+-- live workers, which each uses to take its fair share of the partitions. It goes with the session.
+SELECT pg_advisory_lock_shared(%(lock_class)s, 0)
+
+-- name: members_count
+SELECT count(*)
+FROM pg_locks
+WHERE locktype = 'advisory'
+  AND granted
+  AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+  AND classid = %(lock_class)s::int::oid
+  AND objid = 0
+  AND objsubid = 2
+
+-- name: consumer_locks_holders
+-- Each partition's consumer, if any: for `outbox backlog` and the standby log.
+SELECT l.objid::int AS partition, a.pid, a.application_name, a.backend_start
+FROM pg_locks AS l
+JOIN pg_stat_activity AS a ON a.pid = l.pid
+WHERE l.locktype = 'advisory'
+  AND l.granted
+  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+  AND l.classid = %(lock_class)s::int::oid
+  AND l.objsubid = 2
+  AND l.objid::int >= 0  -- not the migrations' lock (key -1)
+ORDER BY 1
+
+-- name: repartition_hold_writers
+-- SHARE blocks every INSERT into the outbox (and waits for the transactions that already wrote
+-- events to end), while the workers keep reading and applying: once they have applied everything,
+-- nothing new can arrive until the count has changed.
+LOCK TABLE outbox_events IN SHARE MODE
+
+-- name: repartition_pending
+-- What keeps the outbox from being drained, per partition: catch-ups in progress and jobs waiting
+-- to be folded (events not applied yet are counted by events_pending_summary).
+SELECT c.partition, c.target_snapshot IS NOT NULL,
+       (SELECT count(*) FROM outbox_dirty_jobs AS d WHERE d.partition = c.partition)
+FROM outbox_checkpoints AS c
+ORDER BY c.partition
+
+-- name: repartition_set
+SELECT outbox_partitions_set(%(partitions)s)
+
+-- name: repartition_relabel_events
+-- Applied events keep their meaning for replay, verify and prune under the new count.
+UPDATE outbox_events
+SET partition = outbox_partition_of(job_id)
+WHERE job_id IS NOT NULL
+  AND partition <> outbox_partition_of(job_id)
+
+-- name: repartition_relabel_dead_letters
+UPDATE outbox_dead_letters
+SET partition = outbox_partition_of(job_id)
+WHERE job_id IS NOT NULL
+  AND partition <> outbox_partition_of(job_id)
+
+-- name: repartition_checkpoints
+-- Every partition starts from this transaction's snapshot: every event committed before it is
+-- applied (the outbox is drained), and none can be written until this transaction ends.
+WITH removed AS (
+    DELETE FROM outbox_checkpoints WHERE partition >= %(partitions)s
+)
+INSERT INTO outbox_checkpoints AS c (partition, done_snapshot, cluster_id, updated_at)
+SELECT p, pg_current_snapshot(), (SELECT max(cluster_id) FROM outbox_checkpoints), clock_timestamp()
+FROM generate_series(0, %(partitions)s - 1) AS p
+ON CONFLICT (partition) DO UPDATE
+    SET done_snapshot = excluded.done_snapshot,
+        target_snapshot = NULL,
+        last_txid = '0',
+        last_event_id = 0,
+        updated_at = excluded.updated_at
+
+-- name: transaction_lock_timeout
+SELECT set_config('lock_timeout', %(lock_timeout)s, true)
+
+-- name: dead_letters_partitions
+SELECT event_id, partition FROM outbox_dead_letters WHERE event_id = ANY(%(event_ids)s::bigint[])
+
+-- name: jobs_in_partition
+SELECT job_id
+FROM unnest(%(job_ids)s::uuid[]) AS t (job_id)
+WHERE outbox_partition_of(job_id) = %(partition)s
+ORDER BY job_id
+
+-- name: transaction_snapshot
+-- First statement of a transaction whose statements must all see one snapshot (verify, backlog).
+SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY

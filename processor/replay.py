@@ -57,7 +57,7 @@ def rebuild_jobs(conn: Connection, ctx: FoldContext, job_ids: Sequence[uuid.UUID
         # Every job a rebuilt variant belongs (or belonged) to is folded from all of its stored
         # variants, not only the rebuilt ones: a variant may have moved to a job not being replayed.
         affected = sorted(set(job_ids) | {state.job_id for state, _ in latest.values()})
-        folded = fold_jobs(affected, store.variant_states_for_jobs(conn, affected), ctx)
+        folded = fold_jobs(affected, store.variant_states_to_fold(conn, affected), ctx)
         before = store.jobs_get(conn, affected)
         for job_id, job_state in folded.states.items():
             after = (job_state.status.value, job_state.current_step)

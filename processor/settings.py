@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -13,6 +14,13 @@ from processor.errors import ConfigurationError
 from processor.fold import FailurePolicy, Pipeline
 
 DEFAULT_PIPELINE_STEPS = ("ingest", "preprocess", "inference", "iou_eval")
+
+
+class Wakeup(StrEnum):
+    """How the worker learns that events were written (README: "Waking up")."""
+
+    POLL = "poll"  # it polls at its (adaptive) poll interval; writers pay nothing
+    NOTIFY = "notify"  # it also LISTENs; writers NOTIFY once `outbox migrate --wakeup notify` ran
 
 
 class Settings(BaseSettings):
@@ -30,9 +38,16 @@ class Settings(BaseSettings):
     # the maximum while idle.
     poll_interval_min: float = Field(default=0.005, gt=0, le=60)
     poll_interval_max: float = Field(default=0.25, gt=0, le=600)
+    # notify: the worker also wakes up on the writers' NOTIFY (the poll interval stays the safety net).
+    wakeup: Wakeup = Wakeup.POLL
     # How often a standby tries to take over the consumer lock.
     standby_interval: float = Field(default=1.0, gt=0, le=600)
-    partition: int = Field(default=0, ge=0, le=32767)
+    # The partition count the workers expect (README: "Scaling out"); None: whatever the database
+    # has (1 unless `outbox repartition` changed it). A worker whose count differs stops.
+    partitions: int | None = Field(default=None, ge=1, le=1024)
+    # One partition only (the worker consumes just this one; operations act on just this one);
+    # None: all of them (a worker takes its fair share).
+    partition: int | None = Field(default=None, ge=0, le=1023)
     # Server-side limits on the worker's session: a statement running longer, or a session idle
     # (or idle in a transaction) longer, is ended by PostgreSQL. The idle limit is what lets a
     # standby take over from a worker that is stopped but whose connection stays up (a zombie).

@@ -5,7 +5,8 @@ from __future__ import annotations
 import datetime as dt
 import uuid
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,7 +15,7 @@ import psycopg
 from outbox.events import VariantStatus
 from outbox.sqlfile import load_queries
 from processor.decode import DeadLetter, EventRow
-from processor.errors import SchemaError
+from processor.errors import PartitionMissingError
 from processor.fold import JobState, VariantState
 from processor.snapshot import Cursor, Position, Snapshot
 
@@ -26,6 +27,8 @@ QUERIES = load_queries("processor", "queries.sql")
 CONSUMER_LOCK_CLASS = 0x0B0C_5E11
 
 Connection = psycopg.Connection[Any]
+
+_STATUSES = {status.value: status for status in VariantStatus}  # a dict lookup: cheaper than VariantStatus(x)
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,26 +77,75 @@ def _cursor_params(cursor: Cursor) -> dict[str, Any]:
 def checkpoint_get(conn: Connection, partition: int) -> Checkpoint:
     row = conn.execute(QUERIES["checkpoint_get"], {"partition": partition}).fetchone()
     if row is None:
-        raise SchemaError(f"partition {partition} does not exist (no checkpoint); this database has partition 0")
+        raise PartitionMissingError(partition)
     return Checkpoint(_cursor(*row[:4]), row[4], row[5])
 
 
 def checkpoint_lock(conn: Connection, partition: int) -> Cursor:
     row = conn.execute(QUERIES["checkpoint_lock"], {"partition": partition}).fetchone()
     if row is None:
-        raise SchemaError(f"partition {partition} does not exist (no checkpoint); this database has partition 0")
+        raise PartitionMissingError(partition)
     return _cursor(*row)
 
 
-def events_fetch(
-    conn: Connection, partition: int, cursor: Cursor, limit: int
-) -> tuple[list[EventRow], Snapshot | None]:
-    """The next events after ``cursor`` and the target snapshot they belong to (None when none)."""
-    rows = conn.execute(
-        QUERIES["events_fetch"], {"partition": partition, "limit": limit, **_cursor_params(cursor)}
-    ).fetchall()
-    events = event_rows(rows)
-    return events, Snapshot.parse(rows[0][9]) if rows else None
+def events_probe(conn: Connection, partition: int, cursor: Cursor) -> bool:
+    """Whether events are ready after ``cursor`` (outside any transaction: it reads only)."""
+    row = conn.execute(QUERIES["events_probe"], {"partition": partition, **_cursor_params(cursor)}).fetchone()
+    return bool(row and row[0])
+
+
+@dataclass(frozen=True, slots=True)
+class AppliedEvents:
+    """What events_apply read and applied (see its comment in queries.sql)."""
+
+    target: Snapshot
+    count: int
+    event_ids: list[int]
+    created_at: list[float]  # epoch seconds, database clock
+    last: Position | None
+    unreadable: list[int]  # event ids left to processor.decode
+    jobs: list[uuid.UUID]  # to refold
+    moved_from: list[uuid.UUID]  # jobs that variants left (to refold too)
+
+
+def events_apply(conn: Connection, partition: int, cursor: Cursor, limit: int) -> AppliedEvents:
+    """Read up to ``limit`` events after ``cursor`` and apply the readable ones to variant states."""
+    row = conn.execute(
+        QUERIES["events_apply"], {"partition": partition, "limit": limit, **_cursor_params(cursor)}, binary=True
+    ).fetchone()
+    assert row is not None
+    target, count, event_ids, created_at, last_txid, readable, unreadable, jobs, moved_from = row
+    event_ids = event_ids or []
+    unreadable = unreadable or []
+    if readable + len(unreadable) != count:  # every event is applied here or decoded in Python: never neither
+        raise RuntimeError(f"events_apply accounted for {readable} + {len(unreadable)} of {count} events")
+    return AppliedEvents(
+        target=Snapshot.parse(target),
+        count=count,
+        event_ids=event_ids,
+        created_at=created_at or [],
+        last=Position(int(last_txid), event_ids[-1]) if count else None,
+        unreadable=unreadable,
+        jobs=jobs or [],
+        moved_from=moved_from or [],
+    )
+
+
+def events_get(conn: Connection, event_ids: Sequence[int]) -> list[EventRow]:
+    return event_rows(conn.execute(QUERIES["events_get"], {"event_ids": list(event_ids)}).fetchall())
+
+
+def dirty_jobs_add_applied(conn: Connection, partition: int, old_done: Snapshot, new_done: Snapshot) -> None:
+    """Queue the jobs of every event applied between two done snapshots, to be folded."""
+    conn.execute(
+        QUERIES["dirty_jobs_add_applied"],
+        {
+            "partition": partition,
+            "done_xmax": str(old_done.xmax),
+            "done_xip": [str(x) for x in sorted(old_done.xip)],
+            "new_done": str(new_done),
+        },
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,12 +185,14 @@ def variant_states_upsert(
     return {row[0] for row in rows}
 
 
-def variant_states_for_jobs(conn: Connection, job_ids: Iterable[uuid.UUID]) -> dict[uuid.UUID, list[VariantState]]:
-    rows = conn.execute(QUERIES["variant_states_for_jobs"], {"job_ids": list(job_ids)}).fetchall()
+def variant_states_to_fold(conn: Connection, job_ids: Iterable[uuid.UUID]) -> dict[uuid.UUID, list[VariantState]]:
+    """Each job's distinct live variant states (see the query): all that processor.fold needs."""
+    rows = conn.execute(QUERIES["variant_states_to_fold"], {"job_ids": list(job_ids)}, binary=True).fetchall()
     by_job: dict[uuid.UUID, list[VariantState]] = defaultdict(list)
-    for job_id, variant_id, version, status, step, removed, problem in rows:
+    statuses = _STATUSES
+    for job_id, variant_id, version, status, step, problem in rows:
         by_job[job_id].append(
-            VariantState(variant_id, job_id, version, VariantStatus(status) if status else None, step, removed, problem)
+            VariantState(variant_id, job_id, version, statuses[status] if status else None, step, False, problem)
         )
     return by_job
 
@@ -154,10 +208,31 @@ def dirty_jobs_count(conn: Connection, partition: int) -> int:
     return int(row[0])
 
 
-def work_pending(conn: Connection, partition: int) -> int:
-    """Events not applied yet plus jobs waiting to be folded: 0 when the worker is caught up."""
-    cursor = checkpoint_get(conn, partition).cursor
-    return events_pending_summary(conn, partition, cursor, top=0).count + dirty_jobs_count(conn, partition)
+def work_pending(conn: Connection, partition: int | None = None, *, events_only: bool = False) -> int:
+    """Events not applied yet plus jobs waiting to be folded (of every partition by default): 0 when caught up."""
+    total = 0
+    with one_snapshot(conn):  # one partition count, and checkpoints as of one moment
+        for p in [partition] if partition is not None else range(partitions_get(conn)):
+            cursor = checkpoint_get(conn, p).cursor
+            total += events_pending_summary(conn, p, cursor, top=0).count
+            if not events_only:
+                # A catch-up still open (its last batch was full) has its jobs to fold once it closes.
+                total += dirty_jobs_count(conn, p) + (cursor.target is not None)
+    return total
+
+
+@contextmanager
+def one_snapshot(conn: Connection) -> Iterator[None]:
+    """Run what is inside in one REPEATABLE READ, read-only transaction: one consistent view.
+
+    Inside a transaction the caller opened, it adds nothing (the caller chose how to read).
+    """
+    if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+        yield
+        return
+    with conn.transaction():
+        conn.execute(QUERIES["transaction_snapshot"])
+        yield
 
 
 def dirty_jobs_add_flagged(conn: Connection, partition: int) -> None:
@@ -314,3 +389,50 @@ def dirty_jobs_add(conn: Connection, partition: int, job_ids: Iterable[uuid.UUID
 def cursor_params(cursor: Cursor) -> dict[str, Any]:
     """The cursor as query parameters, for the operations' queries."""
     return _cursor_params(cursor)
+
+
+# Wake-up by NOTIFY (OUTBOX_WAKEUP=notify; processor/wakeup.py, schema/migrations/0003_notify_wakeup.sql).
+
+
+def wakeup_listen(conn: Connection) -> None:
+    conn.execute(QUERIES["wakeup_listen"])
+
+
+def wakeup_trigger_enabled(conn: Connection) -> bool:
+    row = conn.execute(QUERIES["wakeup_trigger_enabled"]).fetchone()
+    return bool(row and row[0])
+
+
+def wakeup_trigger_set(conn: Connection, *, enabled: bool) -> None:
+    """Create (or drop) the statement trigger by which writers of jobs_variants notify the worker."""
+    conn.execute(QUERIES["wakeup_enable" if enabled else "wakeup_disable"])
+
+
+# Partitions (processor/repartition.py, and the worker's share of them).
+
+MEMBER_LOCK_CLASS = CONSUMER_LOCK_CLASS + 1  # held shared by every live worker session
+
+
+def partitions_get(conn: Connection) -> int:
+    row = conn.execute(QUERIES["partitions_get"]).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def members_join(conn: Connection) -> None:
+    conn.execute(QUERIES["members_join"], {"lock_class": MEMBER_LOCK_CLASS})
+
+
+def members_count(conn: Connection) -> int:
+    row = conn.execute(QUERIES["members_count"], {"lock_class": MEMBER_LOCK_CLASS}).fetchone()
+    return int(row[0]) if row else 0
+
+
+def consumer_lock_holders(conn: Connection) -> dict[int, LockHolder]:
+    rows = conn.execute(QUERIES["consumer_locks_holders"], {"lock_class": CONSUMER_LOCK_CLASS}).fetchall()
+    return {row[0]: LockHolder(pid=row[1], application_name=row[2], since=row[3]) for row in rows}
+
+
+def job_ids_in_partition(conn: Connection, job_ids: Sequence[uuid.UUID], partition: int) -> list[uuid.UUID]:
+    rows = conn.execute(QUERIES["jobs_in_partition"], {"job_ids": list(job_ids), "partition": partition})
+    return [row[0] for row in rows]

@@ -32,12 +32,23 @@ class VerifyReport:
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "drift": self.drift}
 
+    @classmethod
+    def merge(cls, reports: list[VerifyReport]) -> VerifyReport:
+        """One report for several partitions (the flagged-jobs count is global already)."""
+        merged = cls(flagged_jobs=max((r.flagged_jobs for r in reports), default=0))
+        for report in reports:
+            merged.variant_drift += report.variant_drift
+            merged.job_drift += report.job_drift
+            merged.stuck_jobs += report.stuck_jobs
+            merged.jobs_in_flight += report.jobs_in_flight
+        return merged
+
 
 def verify(conn: Connection, ctx: FoldContext, *, limit: int = 1000, chunk_size: int = 2000) -> VerifyReport:
     """Read everything in one REPEATABLE READ snapshot, so the worker running meanwhile is no drift."""
     report = VerifyReport()
     with conn.transaction():
-        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        conn.execute(QUERIES["transaction_snapshot"])
         cursor = store.checkpoint_get(conn, ctx.partition).cursor
         params = {"partition": ctx.partition, "limit": limit, **store.cursor_params(cursor)}
         in_flight = {row[0] for row in conn.execute(QUERIES["verify_jobs_pending"], params)}
@@ -69,7 +80,7 @@ def verify(conn: Connection, ctx: FoldContext, *, limit: int = 1000, chunk_size:
                 break
             after = job_ids[-1]
             checked = [j for j in job_ids if j not in in_flight]
-            folded = fold_jobs(checked, store.variant_states_for_jobs(conn, checked), ctx)
+            folded = fold_jobs(checked, store.variant_states_to_fold(conn, checked), ctx)
             actual = store.jobs_get(conn, checked)
             for job_id, state in folded.states.items():
                 expected = (state.status.value, state.current_step)

@@ -1,9 +1,9 @@
-"""The worker loop: hold the partition's consumer lock, read events in commit-safe order, apply.
+"""The worker loop: take a fair share of the partitions, read each one's events in commit-safe order, apply.
 
 One active worker per partition, by a session advisory lock held on the connection that writes:
-if the worker dies, its connection closes, the lock goes, and a standby takes over within its
-standby interval. The checkpoint row lock (processor.batch) fences anything the advisory lock
-cannot see.
+if the worker dies, its connection closes, its locks go, and the other workers take its partitions
+within their standby interval. Any number of workers share the partitions (README: "Scaling out").
+The checkpoint row lock (processor.batch) fences anything the advisory lock cannot see.
 """
 
 from __future__ import annotations
@@ -24,15 +24,20 @@ import tenacity
 from processor import rebase, store
 from processor.batch import BatchResult, FencedError, FoldContext, apply_batch, refold_dirty_jobs
 from processor.database import DatabaseUrl, check_direct_session, connect, redact
-from processor.errors import ConsumerBusyError
+from processor.errors import ConfigurationError, ConsumerBusyError, PartitionMissingError
 from processor.metrics import WorkerMetrics
 from processor.migrate import check_ready
-from processor.settings import Settings
-from processor.snapshot import Cursor, Position
+from processor.settings import Settings, Wakeup
+from processor.snapshot import Cursor
 from processor.store import Connection
+from processor.wakeup import Waiter
 from processor.watchdog import CallWatchdog
 
 log = logging.getLogger(__name__)
+
+
+class PartitionCountError(ConfigurationError):
+    """OUTBOX_PARTITIONS differs from the database's partition count."""
 
 
 class _Outcome(Enum):
@@ -45,6 +50,7 @@ class _Outcome(Enum):
 class _LoopState:
     cursor: Cursor
     dirty: bool = False  # jobs wait in outbox_dirty_jobs to be folded
+    probe: bool = True  # check for events before opening a batch transaction
 
 
 @dataclass
@@ -77,13 +83,18 @@ class Worker:
         self.stats = WorkerStats()
         self._stopping = threading.Event()
         self._failures = 0  # connection failures in a row, for the reconnect backoff
-        self.active = threading.Event()  # set while this worker holds the consumer lock
+        self.active = threading.Event()  # set while this worker holds at least one partition
         self.connected = threading.Event()  # set while a session is up (the health endpoint)
         self.metrics = metrics
+        self.waiter = Waiter(self._stopping)  # the wait between polls (processor/wakeup.py)
+        self._owned: dict[int, _LoopState] = {}  # the partitions this worker holds, and where each is
+        self._claim_offset = random.randrange(1 << 16)
+        self._announced = False  # the standby message was logged
 
     def stop(self) -> None:
         """Ask the loop to finish the batch in hand and return."""
         self._stopping.set()
+        self.waiter.wake()
 
     @property
     def stopping(self) -> bool:
@@ -110,6 +121,8 @@ class Worker:
                     self._session(until_idle)
         except tenacity.RetryError:
             pass  # stopped while waiting to reconnect
+        finally:
+            self.waiter.close()
         return self.stats
 
     def _backoff(self, _state: tenacity.RetryCallState) -> float:
@@ -127,7 +140,7 @@ class Worker:
         log.warning("database unavailable (%s); reconnecting in %.1f s", message, wait)
 
     def _session(self, until_idle: bool) -> None:
-        """One connection's life: check, become the active consumer, then process."""
+        """One connection's life: check, take a share of the partitions, process them."""
         settings = self.settings
         # A call that gets no answer for this long is on a dead (half-open) connection.
         watchdog = CallWatchdog(settings.statement_timeout + 5)
@@ -140,51 +153,126 @@ class Worker:
                         conn, statement_timeout=settings.statement_timeout, session_timeout=settings.session_timeout
                     )
                     check_ready(conn)
-                    store.checkpoint_get(conn, settings.partition)  # the partition exists
+                    self._partition_count(conn)  # the settings match the database
+                    store.members_join(conn)
+                    if settings.wakeup is Wakeup.NOTIFY:
+                        self.waiter.listen(conn)  # before the first batch: what commits after it notifies
                 self.connected.set()
-                if not self._acquire(conn, until_idle, watchdog):
-                    return
                 try:
-                    self._process(conn, until_idle, watchdog)
+                    self._serve(conn, until_idle, watchdog)
                     # Released here rather than left to the server when the connection closes: a
-                    # worker started right after this one must not find the lock still held.
+                    # worker started right after this one must not find the locks still held.
                     with watchdog.guard(conn):
-                        store.consumer_lock_release(conn, settings.partition)
+                        for partition in list(self._owned):
+                            self._release(conn, partition)
                 finally:
-                    self.active.clear()
-                    if self.metrics is not None:
-                        self.metrics.set_active(False)
+                    for partition in list(self._owned):
+                        self._forget(partition)
         finally:
             self.connected.clear()
             watchdog.stop()
 
-    def _acquire(self, conn: Connection, until_idle: bool, watchdog: CallWatchdog) -> bool:
-        partition = self.settings.partition
-        announced = False
-        while not self._stopping.is_set():
-            with watchdog.guard(conn):
-                if store.consumer_lock_try(conn, partition):
-                    log.info("active consumer of partition %s (pid %s)", partition, os.getpid())
-                    self._failures = 0
-                    self.active.set()
-                    if self.metrics is not None:
-                        self.metrics.set_active(True)
-                    return True
-                holder = store.consumer_lock_holder(conn, partition)
-            who = f"pid {holder.pid} ({holder.application_name})" if holder else "another session"
-            if until_idle:
-                raise ConsumerBusyError(f"partition {partition} is being processed by {who}; not waiting")
-            if not announced:
-                log.info("standby: partition %s is held by %s", partition, who)
-                announced = True
-            self._stopping.wait(self.settings.standby_interval)
-        return False
+    def _partition_count(self, conn: Connection) -> int:
+        """The database's partition count, checked against OUTBOX_PARTITIONS and OUTBOX_PARTITION."""
+        count = store.partitions_get(conn)
+        expected = self.settings.partitions
+        if expected is not None and expected != count:
+            raise PartitionCountError(
+                f"the database has {count} partition{'s' if count != 1 else ''} but OUTBOX_PARTITIONS is {expected}: "
+                f"run `outbox repartition {expected}` or set OUTBOX_PARTITIONS={count}"
+            )
+        pinned = self.settings.partition
+        if pinned is not None and pinned >= count:
+            raise PartitionMissingError(pinned)
+        return count
 
-    def _process(self, conn: Connection, until_idle: bool, watchdog: CallWatchdog) -> None:
-        """The loop: one step at a time (each watched for a dead connection), waiting between them."""
+    def _serve(self, conn: Connection, until_idle: bool, watchdog: CallWatchdog) -> None:
+        """The loop: rebalance now and then, one step per owned partition, wait when idle."""
         settings = self.settings
-        partition = settings.partition
-        ctx = FoldContext(partition, settings.pipeline, settings.failure_policy)
+        next_rebalance = 0.0
+        interval = settings.poll_interval_min
+        while not self._stopping.is_set():
+            if time.monotonic() >= next_rebalance:
+                self._rebalance(conn, until_idle, watchdog)
+                next_rebalance = time.monotonic() + settings.standby_interval
+            outcomes = {self._step_partition(conn, watchdog, p) for p in sorted(self._owned) if not self.stopping}
+            if _Outcome.MORE in outcomes:
+                interval = settings.poll_interval_min
+                continue  # more work may be waiting: go on at once
+            if outcomes == {_Outcome.IDLE}:
+                if until_idle:
+                    return
+                interval = min(interval * 2, settings.poll_interval_max)
+            elif outcomes:
+                interval = settings.poll_interval_min
+            # Owning nothing (a standby), it waits for the next rebalance.
+            wait = interval if outcomes else settings.standby_interval
+            self.waiter.wait(max(0.0, min(wait, next_rebalance - time.monotonic())))
+
+    def _rebalance(self, conn: Connection, until_idle: bool, watchdog: CallWatchdog) -> None:
+        """Claim this worker's fair share of the partitions, or release what is beyond it.
+
+        The share is ceil(partitions / live workers), the workers being the sessions that hold the
+        membership lock: a worker that joins makes the others release partitions, one that dies
+        (its session ends) leaves its partitions to be claimed, each within a standby interval.
+        With ``until_idle`` (a one-off run) it claims every partition free now.
+        """
+        settings = self.settings
+        with watchdog.guard(conn):
+            count = self._partition_count(conn)
+            for partition in [p for p in self._owned if p >= count]:
+                log.info("partition %s no longer exists (repartitioned); released", partition)
+                self._release(conn, partition)
+            if settings.partition is not None:
+                candidates, share = [settings.partition], 1
+            else:
+                candidates = list(range(count))
+                share = count if until_idle else -(-count // max(1, store.members_count(conn)))
+            for partition in sorted(self._owned)[share:]:
+                log.info("releasing partition %s to a worker that joined (share: %s)", partition, share)
+                self._release(conn, partition)
+            claimed: list[int] = []
+            # Each worker tries the partitions from its own starting point, so that workers starting
+            # together do not all race for the same ones.
+            start = self._claim_offset % len(candidates)
+            for partition in candidates[start:] + candidates[:start]:
+                if len(self._owned) + len(claimed) >= share:
+                    break
+                if partition not in self._owned and store.consumer_lock_try(conn, partition):
+                    claimed.append(partition)
+        for partition in claimed:
+            try:
+                self._owned[partition] = self._prepare(conn, partition, watchdog)
+            except PartitionMissingError:  # removed by a repartition since the count was read
+                with watchdog.guard(conn):
+                    store.consumer_lock_release(conn, partition)
+                continue
+            log.info("active consumer of partition %s (pid %s)", partition, os.getpid())
+            self._failures = 0
+            self.active.set()
+            if self.metrics is not None:
+                self.metrics.set_active(partition, True)
+        if not self._owned:
+            self._announce_standby(conn, until_idle, watchdog)
+
+    def _announce_standby(self, conn: Connection, until_idle: bool, watchdog: CallWatchdog) -> None:
+        with watchdog.guard(conn):
+            holders = store.consumer_lock_holders(conn)
+        held = ", ".join(f"{p} by pid {h.pid} ({h.application_name})" for p, h in sorted(holders.items()))
+        if until_idle:
+            pinned = self.settings.partition
+            if pinned is not None:
+                holder = holders.get(pinned)
+                who = f"pid {holder.pid} ({holder.application_name})" if holder else "another session"
+                raise ConsumerBusyError(f"partition {pinned} is being processed by {who}; not waiting")
+            raise ConsumerBusyError(f"every partition is being processed by other workers ({held}); not waiting")
+        if not self._announced:
+            log.info("standby: no partition free (held: %s)", held or "none")
+            self._announced = True
+
+    def _prepare(self, conn: Connection, partition: int, watchdog: CallWatchdog) -> _LoopState:
+        """A partition just claimed: resume from its checkpoint (rebasing it after a restore)."""
+        ctx = self._context(partition)
         with watchdog.guard(conn):
             cursor = store.checkpoint_get(conn, partition).cursor
             from_elsewhere, rebuild_pending = rebase.check(conn, partition, cursor)
@@ -195,37 +283,51 @@ class Worker:
         elif rebuild_pending:
             rebase.rebuild(conn, ctx)  # an interrupted rebase
         with watchdog.guard(conn):
-            state = _LoopState(store.checkpoint_get(conn, partition).cursor)
-            # Flagged jobs are folded again at start-up (the pipeline setting may have been fixed).
+            # Flagged jobs are folded again when a partition is taken (the pipeline may have been fixed).
             store.dirty_jobs_add_flagged(conn, partition)
-            state.dirty = store.dirty_jobs_exist(conn, partition)
-        interval = settings.poll_interval_min
-        while not self._stopping.is_set():
-            try:
-                with watchdog.guard(conn):
-                    outcome = self._step(conn, ctx, state)
-            except FencedError as exc:
-                # Another consumer got past the advisory lock (a pooler?): back off, then resume
-                # from where it left the checkpoint.
-                log.warning("%s; reloading it", exc)
-                self._stopping.wait(settings.poll_interval_max)
-                with watchdog.guard(conn):
-                    state = _LoopState(store.checkpoint_get(conn, partition).cursor)
-                    state.dirty = store.dirty_jobs_exist(conn, partition)
-                continue
-            if outcome is _Outcome.IDLE:
-                if until_idle:
-                    return
-                interval = min(interval * 2, settings.poll_interval_max)
-                self._stopping.wait(interval)
-            elif outcome is _Outcome.CAUGHT_UP:
-                interval = settings.poll_interval_min
-                self._stopping.wait(interval)
-            else:  # more work may be waiting: go on at once
-                interval = settings.poll_interval_min
+            return self._load_state(conn, partition)
+
+    def _load_state(self, conn: Connection, partition: int) -> _LoopState:
+        state = _LoopState(store.checkpoint_get(conn, partition).cursor)
+        state.dirty = store.dirty_jobs_exist(conn, partition)
+        return state
+
+    def _release(self, conn: Connection, partition: int) -> None:
+        store.consumer_lock_release(conn, partition)
+        self._forget(partition)
+
+    def _forget(self, partition: int) -> None:
+        self._owned.pop(partition, None)
+        if self.metrics is not None:
+            self.metrics.set_active(partition, False)
+        if not self._owned:
+            self.active.clear()
+            self._announced = False
+
+    def _context(self, partition: int) -> FoldContext:
+        return FoldContext(partition, self.settings.pipeline, self.settings.failure_policy)
+
+    def _step_partition(self, conn: Connection, watchdog: CallWatchdog, partition: int) -> _Outcome:
+        """One step for one partition, each watched for a dead connection."""
+        try:
+            with watchdog.guard(conn):
+                return self._step(conn, self._context(partition), self._owned[partition])
+        except FencedError as exc:
+            # Another consumer got past the advisory lock (a pooler?), or `outbox repartition`
+            # moved the checkpoint: back off, then resume from where the checkpoint is now.
+            log.warning("%s; reloading it", exc)
+            self._stopping.wait(self.settings.poll_interval_max)
+            with watchdog.guard(conn):
+                self._owned[partition] = self._load_state(conn, partition)
+            return _Outcome.MORE
+        except PartitionMissingError:
+            log.info("partition %s no longer exists (repartitioned); released", partition)
+            with watchdog.guard(conn):
+                self._release(conn, partition)
+            return _Outcome.MORE
 
     def _step(self, conn: Connection, ctx: FoldContext, state: _LoopState) -> _Outcome:
-        """Fold dirty jobs when caught up, else fetch and apply the next batch."""
+        """Fold dirty jobs when caught up, else apply the next batch."""
         batch_size = self.settings.batch_size
         cursor = state.cursor
         if state.dirty and cursor.target is None:
@@ -233,35 +335,21 @@ class Worker:
             self.stats.jobs_changed += changed
             state.dirty = taken == batch_size
             return _Outcome.MORE
-        # Read outside the batch transaction: what a committed transaction wrote never changes,
-        # and apply_batch re-checks the checkpoint under its row lock.
+        # When idle, a read-only check first: a batch transaction locks the checkpoint row.
+        if state.probe and cursor.target is None and not store.events_probe(conn, ctx.partition, cursor):
+            return _Outcome.IDLE
         started = time.monotonic()
-        events, target = store.events_fetch(conn, ctx.partition, cursor, batch_size)
-        if not events:
-            if cursor.target is None:
-                return _Outcome.IDLE
-            # A multi-batch catch-up ended exactly at a batch boundary: close it.
-            new = cursor.caught_up_to(cursor.target)
-            apply_batch(conn, ctx, expected=cursor, new=new, events=[], defer=True)
-            state.cursor = new
-            state.dirty = state.dirty or store.dirty_jobs_exist(conn, ctx.partition)
-            return _Outcome.MORE
-        assert target is not None
-        complete = len(events) < batch_size
-        if complete and cursor.target is not None and not state.dirty:
-            # Closing a multi-batch catch-up: replay or retry may have queued jobs meanwhile.
-            state.dirty = store.dirty_jobs_exist(conn, ctx.partition)
-        new = cursor.caught_up_to(target) if complete else cursor.partway_to(target, Position.of(events[-1]))
-        # Jobs are folded at once only when this batch is a whole catch-up; otherwise once it is
-        # complete, so that no job shows a state between two committed snapshots.
-        defer = state.dirty or not complete
         result = apply_batch(
-            conn, ctx, expected=cursor, new=new, events=events, defer=defer, before_commit=self.before_commit
+            conn, ctx, expected=cursor, limit=batch_size, dirty=state.dirty, before_commit=self.before_commit
         )
         state.cursor = result.cursor
-        state.dirty = defer
-        self._record(result, time.monotonic() - started)
-        return _Outcome.CAUGHT_UP if complete and not defer else _Outcome.MORE
+        state.dirty = result.deferred
+        state.probe = result.complete  # after a full batch, more is surely waiting
+        if result.events:
+            self._record(result, time.monotonic() - started)
+        if not result.complete or result.deferred:
+            return _Outcome.MORE
+        return _Outcome.CAUGHT_UP if result.events else _Outcome.IDLE
 
     def _record(self, result: BatchResult, seconds: float) -> None:
         self.stats.events += result.events

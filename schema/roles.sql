@@ -52,12 +52,18 @@
 --   outbox_job_flags, outbox_variant_states, outbox_dead_letters, outbox_throughput
 --                               -                                       SELECT, INSERT, UPDATE, DELETE
 --   outbox_variant_baseline     -                                       SELECT, INSERT, UPDATE
---   outbox_schema_migrations    -                                       SELECT
---   outbox_partition_of, outbox_append_variant_event
+--   outbox_schema_migrations, outbox_partitioning
+--                               -                                       SELECT
+--   outbox_partition_of, outbox_partition_hash, outbox_append_variant_event
 --                               EXECUTE                                 EXECUTE
---   outbox_event_applied        -                                       EXECUTE
---   outbox_capture_variant_change  nobody (a trigger function's EXECUTE is checked when the
+--   outbox_event_applied, outbox_variant_states_merge
+--                               -                                       EXECUTE
+--   outbox_capture_variant_change, outbox_wakeup_notify
+--                               nobody (a trigger function's EXECUTE is checked when the
 --                               trigger is created, by `outbox migrate`, not when it fires)
+--   outbox_partitions_set, outbox_wakeup_enable, outbox_wakeup_disable
+--                               nobody: DDL, for the owner (`outbox repartition`, `outbox migrate
+--                               --wakeup`)
 --
 --   (*) `outbox verify --repair` reads a variant row FOR UPDATE (its lock orders the resync event
 --   after every change of the variant), and PostgreSQL requires UPDATE on at least one column for
@@ -90,14 +96,21 @@ $$;
 REVOKE ALL ON TABLE jobs, jobs_variants FROM outbox_writer, outbox_processor;
 REVOKE ALL ON TABLE
     outbox_events, outbox_checkpoints, outbox_dirty_jobs, outbox_job_flags, outbox_variant_states,
-    outbox_dead_letters, outbox_throughput, outbox_variant_baseline, outbox_schema_migrations
+    outbox_dead_letters, outbox_throughput, outbox_variant_baseline, outbox_schema_migrations,
+    outbox_partitioning
     FROM PUBLIC, outbox_writer, outbox_processor;
 REVOKE ALL ON SEQUENCE outbox_variant_versions FROM PUBLIC, outbox_writer, outbox_processor;
 REVOKE ALL ON FUNCTION
     outbox_partition_of(uuid),
     outbox_append_variant_event(text, uuid, uuid, text, text),
     outbox_capture_variant_change(),
-    outbox_event_applied(xid8, bigint, pg_snapshot, pg_snapshot, xid8, bigint)
+    outbox_event_applied(xid8, bigint, pg_snapshot, pg_snapshot, xid8, bigint),
+    outbox_variant_states_merge(outbox_variant_states[]),
+    outbox_partition_hash(uuid, integer),
+    outbox_partitions_set(integer),
+    outbox_wakeup_notify(),
+    outbox_wakeup_enable(),
+    outbox_wakeup_disable()
     FROM PUBLIC, outbox_writer, outbox_processor;
 
 -- Connecting to this database and resolving the names in its schema (PUBLIC usually has both;
@@ -118,7 +131,10 @@ GRANT SELECT, INSERT, UPDATE, DELETE ON jobs_variants TO outbox_writer;
 GRANT INSERT (partition, event_type, schema_version, job_id, variant_id, variant_version, payload)
     ON outbox_events TO outbox_writer;
 GRANT USAGE ON SEQUENCE outbox_variant_versions TO outbox_writer;
-GRANT EXECUTE ON FUNCTION outbox_partition_of(uuid), outbox_append_variant_event(text, uuid, uuid, text, text)
+GRANT EXECUTE ON FUNCTION
+    outbox_partition_of(uuid),
+    outbox_partition_hash(uuid, integer),
+    outbox_append_variant_event(text, uuid, uuid, text, text)
     TO outbox_writer;
 
 -- An adopted jobs table may have columns of the application's own: writers keep updating those.
@@ -151,9 +167,11 @@ GRANT SELECT, INSERT, DELETE ON outbox_dirty_jobs TO outbox_processor;
 GRANT SELECT, INSERT, UPDATE, DELETE
     ON outbox_job_flags, outbox_variant_states, outbox_dead_letters, outbox_throughput TO outbox_processor;
 GRANT SELECT, INSERT, UPDATE ON outbox_variant_baseline TO outbox_processor;
-GRANT SELECT ON outbox_schema_migrations TO outbox_processor;
+GRANT SELECT ON outbox_schema_migrations, outbox_partitioning TO outbox_processor;
 GRANT EXECUTE ON FUNCTION
     outbox_partition_of(uuid),
+    outbox_partition_hash(uuid, integer),
     outbox_append_variant_event(text, uuid, uuid, text, text),
-    outbox_event_applied(xid8, bigint, pg_snapshot, pg_snapshot, xid8, bigint)
+    outbox_event_applied(xid8, bigint, pg_snapshot, pg_snapshot, xid8, bigint),
+    outbox_variant_states_merge(outbox_variant_states[])
     TO outbox_processor;

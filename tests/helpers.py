@@ -83,8 +83,8 @@ class WorkerProcess:
         self.wait()
 
 
-def pending_work(conn: psycopg.Connection[Any], partition: int = 0) -> int:
-    """Events not applied plus jobs not folded yet: 0 once the worker has caught up."""
+def pending_work(conn: psycopg.Connection[Any], partition: int | None = None) -> int:
+    """Events not applied plus jobs not folded yet (of every partition by default): 0 once caught up."""
     from processor import store
 
     return store.work_pending(conn, partition)
@@ -139,3 +139,15 @@ def assert_only_worker_applies(
     assert writers.pop().endswith(f":{worker.pid}")
     assert conn.execute("SELECT count(*) FROM jobs WHERE status = 'done'").fetchone()[0] == done_jobs  # type: ignore[index]
     return applied_in
+
+
+def make_jobs(engine: Any, count: int, rng: Any) -> dict[Any, list[Any]]:
+    """Create ``count`` queued jobs of 2 to 6 variants (``rng``: a random.Random); their variant ids by job."""
+    import outbox
+
+    jobs = {}
+    with engine.begin() as conn:
+        for _ in range(count):
+            job_id, variants = outbox.create_job(conn, variants=rng.randint(2, 6))
+            jobs[job_id] = variants
+    return jobs

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import random
 import threading
-import uuid
 
 import outbox
 from processor.backlog import collect_backlog
@@ -16,7 +15,7 @@ from processor.replay import replay
 from processor.store import job_ids_all
 from processor.verify import repair, verify
 from processor.worker import Worker
-from tests.helpers import drain, job_state
+from tests.helpers import drain, job_state, make_jobs
 from tests.reference import actual_job_states, reference_job_states
 
 STEPS = ("ingest", "detect", "segment", "iou_eval")
@@ -24,16 +23,7 @@ MOVE = "UPDATE jobs_variants SET status = %s, current_step = %s WHERE job_varian
 
 
 def context(settings) -> FoldContext:
-    return FoldContext(settings.partition, settings.pipeline, settings.failure_policy)
-
-
-def make_jobs(engine, count: int, rng: random.Random) -> dict[uuid.UUID, list[uuid.UUID]]:
-    jobs = {}
-    with engine.begin() as conn:
-        for _ in range(count):
-            job, variants = outbox.create_job(conn, variants=rng.randint(2, 6))
-            jobs[job] = variants
-    return jobs
+    return FoldContext(0, settings.pipeline, settings.failure_policy)
 
 
 def random_moves(conn, jobs, rng: random.Random, count: int) -> int:

@@ -60,6 +60,7 @@ TABLES: dict[str, dict[str, str]] = {
     "outbox_throughput": {WRITER: "", PROCESSOR: "SELECT INSERT UPDATE DELETE"},
     "outbox_variant_baseline": {WRITER: "", PROCESSOR: "SELECT INSERT UPDATE"},
     "outbox_schema_migrations": {WRITER: "", PROCESSOR: "SELECT"},
+    "outbox_partitioning": {WRITER: "", PROCESSOR: "SELECT"},
 }
 # Column-level privileges, for the tables where they differ from the table-level ones; elsewhere a
 # column has exactly the table's SELECT/INSERT/UPDATE/REFERENCES.
@@ -97,10 +98,17 @@ SEQUENCES: dict[str, dict[str, str]] = {
 }
 FUNCTIONS: dict[str, dict[str, bool]] = {
     "outbox_partition_of(uuid)": {WRITER: True, PROCESSOR: True},
+    "outbox_partition_hash(uuid,integer)": {WRITER: True, PROCESSOR: True},
     "outbox_append_variant_event(text,uuid,uuid,text,text)": {WRITER: True, PROCESSOR: True},
     "outbox_event_applied(xid8,bigint,pg_snapshot,pg_snapshot,xid8,bigint)": {WRITER: False, PROCESSOR: True},
+    "outbox_variant_states_merge(outbox_variant_states[])": {WRITER: False, PROCESSOR: True},
     # Checked when the trigger is created (by migrate), not when it fires.
     "outbox_capture_variant_change()": {WRITER: False, PROCESSOR: False},
+    "outbox_wakeup_notify()": {WRITER: False, PROCESSOR: False},
+    # DDL, for the owner only (outbox repartition, outbox migrate --wakeup).
+    "outbox_partitions_set(integer)": {WRITER: False, PROCESSOR: False},
+    "outbox_wakeup_enable()": {WRITER: False, PROCESSOR: False},
+    "outbox_wakeup_disable()": {WRITER: False, PROCESSOR: False},
 }
 
 
@@ -269,7 +277,7 @@ def test_roles_sql_is_idempotent_and_resets_extra_grants(logins: Logins, admin: 
 
 
 def _context(settings: Settings) -> FoldContext:
-    return FoldContext(settings.partition, settings.pipeline, settings.failure_policy)
+    return FoldContext(0, settings.pipeline, settings.failure_policy)
 
 
 def _write_jobs(logins: Logins, rng: random.Random, count: int) -> dict[uuid.UUID, list[uuid.UUID]]:

@@ -9,7 +9,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from outbox.events import VariantStatus
-from processor.fold import FailurePolicy, JobState, Pipeline, UnknownStepError, VariantState, fold_job
+from processor.fold import (
+    FailurePolicy,
+    JobState,
+    Pipeline,
+    UnfoldableJobError,
+    UnknownStepError,
+    VariantState,
+    fold_job,
+    latest_by_variant,
+)
 
 STEPS = ("ingest", "detect", "segment", "iou_eval")
 PIPELINE = Pipeline(STEPS)
@@ -149,3 +158,38 @@ def test_an_unknown_step_is_an_error_not_a_guess():
 def test_invalid_pipelines_are_refused(steps, message):
     with pytest.raises(ValueError, match=message):
         Pipeline(steps)
+
+
+def one_per_distinct_state(states: list[VariantState]) -> list[VariantState]:
+    """What processor/queries.sql's variant_states_to_fold gives the fold: one live variant per state."""
+    chosen: dict[tuple[object, ...], VariantState] = {}
+    for state in latest_by_variant(states).values():
+        if not state.removed:
+            chosen.setdefault((state.status, state.step, state.problem), state)
+    return list(chosen.values())
+
+
+def fold_outcome(states: list[VariantState], policy: FailurePolicy) -> object:
+    try:
+        return fold_job(states, PIPELINE, policy)
+    except UnfoldableJobError as exc:
+        return type(exc)
+
+
+state_st = st.tuples(
+    status_st,
+    st.one_of(step_st, st.just("not_a_step")),
+    st.one_of(st.none(), st.just("event 7 is a dead letter: bad")),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(latest=st.lists(st.tuples(state_st, st.booleans()), max_size=12), policy=st.sampled_from(list(FailurePolicy)))
+def test_the_fold_depends_only_on_which_states_occur(latest, policy):
+    # The processor folds from one example variant per distinct state (variant_states_to_fold):
+    # the result must be the one from every variant.
+    states = [
+        VariantState(uuid.UUID(int=100 + i), JOB, 1, VariantStatus(status), step, removed=removed, problem=problem)
+        for i, ((status, step, problem), removed) in enumerate(latest)
+    ]
+    assert fold_outcome(one_per_distinct_state(states), policy) == fold_outcome(states, policy)
