@@ -7,7 +7,7 @@
 Groups (--only, comma-separated; all by default):
   drain    events/s applied by one worker from a 200k-event backlog (the size the target is stated on)
   growth   the same at 10k, 100k and 1M events: how the cost grows with the backlog
-  memory   the worker's peak RSS draining 10k and 1M events, at batch sizes 1,000 and 10,000
+  memory   the worker's peak RSS draining 10k and 1M events, at batch sizes 1,000, 5,000 (the default) and 10,000
   writers  writer throughput with capture (trigger path, Python API path) over without, 4 writers
   latency  bench/latency.py, when present (write-to-job-state latency at fixed offered loads)
   legacy   bench/legacy.py, when present (against the legacy trigger: throughput, stuck jobs)
@@ -51,6 +51,7 @@ from rich.table import Table
 import outbox
 from processor.database import DatabaseUrl, connect
 from processor.migrate import migrate
+from processor.settings import Settings
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -98,6 +99,7 @@ WRITERS = 4
 # In the names of this process's scratch databases, so that two benchmark runs on one server (or a
 # run and the smoke test) never drop each other's databases.
 RUN_TAG = os.getpid()
+DRAIN_BATCH = Settings.model_fields["batch_size"].default  # the drain figures use the default batch size
 
 
 @dataclass(frozen=True)
@@ -115,7 +117,8 @@ class Plan:
 
     @classmethod
     def full(cls) -> Plan:
-        return cls((200_000,), (10_000, 100_000, 1_000_000), (10_000, 1_000_000), (1000, 10_000), 10.0, 5, 2.0, 20.0)
+        sizes = (10_000, 100_000, 1_000_000)
+        return cls((200_000,), sizes, (10_000, 1_000_000), (1000, DRAIN_BATCH, 10_000), 10.0, 5, 2.0, 20.0)
 
     @classmethod
     def quick(cls) -> Plan:
@@ -290,7 +293,7 @@ def drain_figure(size: int, runs: list[dict[str, Any]], group: str) -> Figure:
     target = TARGET_DRAIN if size >= TARGET_DRAIN_MIN_BACKLOG else None
     return Figure(
         key=f"drain_events_per_second_{size}",
-        label=f"drain, {_size(size)} backlog, batch 1,000",
+        label=f"drain, {_size(size)} backlog, batch {DRAIN_BATCH:,} (the default)",
         value=value,
         unit="events/s",
         target=f">= {TARGET_DRAIN:,}" if target else None,
@@ -302,7 +305,7 @@ def drain_figure(size: int, runs: list[dict[str, Any]], group: str) -> Figure:
 
 def drain_group(drains: Drains, results: Results, sizes: Sequence[int], runs: int, group: str) -> None:
     for size in sizes:
-        results.add(drain_figure(size, drains.measure(size, 1000, runs), group))
+        results.add(drain_figure(size, drains.measure(size, DRAIN_BATCH, runs), group))
     if group == "growth" and len(sizes) > 1:
         small, large = min(sizes), max(sizes)
         ratio = results.figures[f"drain_events_per_second_{large}"].value / max(

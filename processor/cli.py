@@ -165,7 +165,7 @@ def run(
         bool, typer.Option("--until-idle", help="Exit 0 once nothing more can be processed right now.")
     ] = False,
     batch_size: Annotated[
-        int | None, typer.Option(envvar="OUTBOX_BATCH_SIZE", help="Events per transaction.", show_default="1000")
+        int | None, typer.Option(envvar="OUTBOX_BATCH_SIZE", help="Events per transaction.", show_default="5000")
     ] = None,
     partition: Annotated[
         int | None,

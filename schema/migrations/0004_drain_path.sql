@@ -8,7 +8,7 @@ ALTER TABLE outbox_variant_states ADD COLUMN moved_from uuid;
 -- Free space on each page lets an update of a variant's state (or of the checkpoint row, once
 -- per batch) stay on its page without new index entries (a HOT update): job_id and variant_id do
 -- not change on the common update, so no index needs touching.
-ALTER TABLE outbox_variant_states SET (fillfactor = 70);
+ALTER TABLE outbox_variant_states SET (fillfactor = 50);
 ALTER TABLE outbox_checkpoints SET (fillfactor = 50);
 
 -- The one place where the rule "a variant's state only moves to a newer version" lives: the
