@@ -91,24 +91,27 @@ WITH target AS MATERIALIZED (
     ORDER BY e.txid, e.event_id
     LIMIT %(limit)s
 ), decoded AS MATERIALIZED (
-    SELECT event_id, job_id, variant_id, variant_version AS version,
-           event_type = 'variant_removed' AS removed,
-           CASE WHEN event_type = 'variant_changed' THEN payload ->> 'status' END AS status,
-           CASE WHEN event_type = 'variant_changed' THEN payload ->> 'step' END AS step,
+    SELECT b.event_id, b.txid, b.created_at, b.job_id, b.variant_id, b.variant_version AS version,
+           b.event_type = 'variant_removed' AS removed,
+           CASE WHEN b.event_type = 'variant_changed' THEN p.status #>> '{}' END AS status,
+           CASE WHEN b.event_type = 'variant_changed' THEN p.step #>> '{}' END AS step,
            -- coalesce: a missing key makes these tests NULL, and NULL must mean "not readable".
            coalesce(
-               job_id IS NOT NULL AND variant_id IS NOT NULL AND variant_version IS NOT NULL
-               AND schema_version = 1
-               AND jsonb_typeof(payload) = 'object'
-               AND (event_type = 'variant_removed'
-                    OR (event_type = 'variant_changed'
-                        AND jsonb_typeof(payload -> 'status') = 'string'
-                        AND payload ->> 'status' IN ('queued', 'running', 'done', 'failed')
-                        AND (coalesce(jsonb_typeof(payload -> 'step'), 'null') = 'null'
-                             OR (jsonb_typeof(payload -> 'step') = 'string'
-                                 AND length(payload ->> 'step') <= 200)))),
+               b.job_id IS NOT NULL AND b.variant_id IS NOT NULL AND b.variant_version IS NOT NULL
+               AND b.schema_version = 1
+               AND jsonb_typeof(b.payload) = 'object'
+               AND (b.event_type = 'variant_removed'
+                    OR (b.event_type = 'variant_changed'
+                        -- A JSON string with a known status (jsonb equality checks the type too).
+                        AND p.status IN ('"queued"'::jsonb, '"running"'::jsonb, '"done"'::jsonb, '"failed"'::jsonb)
+                        AND (p.step IS NULL
+                             OR p.step = 'null'::jsonb
+                             OR (jsonb_typeof(p.step) = 'string' AND length(p.step #>> '{}') <= 200)))),
                false) AS readable
-    FROM batch
+    FROM batch AS b
+    -- Each key looked up once per event (OFFSET 0 keeps the planner from copying the lookups
+    -- into every expression that uses them).
+    CROSS JOIN LATERAL (SELECT b.payload -> 'status' AS status, b.payload -> 'step' AS step OFFSET 0) AS p
 ), latest AS (
     -- Each variant's newest readable state in the batch: by version, then as VariantState.sort_key.
     SELECT DISTINCT ON (variant_id) *
@@ -128,14 +131,18 @@ WITH target AS MATERIALIZED (
     SELECT moved_from
     FROM upserted
     WHERE moved_from IS NOT NULL AND outbox_partition_of(moved_from) = %(partition)s
+), summary AS (
+    -- One pass over the batch. The last event in (txid, event_id) order has the highest txid.
+    SELECT count(*) AS events,
+           array_agg(event_id ORDER BY txid, event_id) AS event_ids,
+           array_agg(date_part('epoch', created_at) ORDER BY txid, event_id) AS created_at,
+           max(txid)::text AS last_txid,
+           count(*) FILTER (WHERE readable) AS readable,
+           array_agg(event_id ORDER BY event_id) FILTER (WHERE NOT readable) AS unreadable
+    FROM decoded
 )
 SELECT (SELECT snapshot::text FROM target),
-       (SELECT count(*) FROM batch),
-       (SELECT array_agg(event_id ORDER BY txid, event_id) FROM batch),
-       (SELECT array_agg(date_part('epoch', created_at) ORDER BY txid, event_id) FROM batch),
-       (SELECT txid::text FROM batch ORDER BY txid DESC, event_id DESC LIMIT 1),
-       (SELECT count(*) FROM decoded WHERE readable),
-       (SELECT array_agg(event_id ORDER BY event_id) FROM decoded WHERE NOT readable),
+       s.events, s.event_ids, s.created_at, s.last_txid, s.readable, s.unreadable,
        (SELECT array_agg(DISTINCT job_id)
         FROM (SELECT job_id FROM upserted
               UNION ALL
@@ -145,6 +152,7 @@ SELECT (SELECT snapshot::text FROM target),
               -- another partition was applied first): its job is refolded all the same.
               SELECT job_id FROM decoded WHERE readable AND removed) AS t),
        (SELECT array_agg(DISTINCT moved_from) FROM moved)
+FROM summary AS s
 
 -- name: events_get
 -- Events by id, in order, for processor.decode (the ones events_apply left to it).
