@@ -208,16 +208,15 @@ def dirty_jobs_count(conn: Connection, partition: int) -> int:
     return int(row[0])
 
 
-def work_pending(conn: Connection, partition: int | None = None, *, events_only: bool = False) -> int:
+def work_pending(conn: Connection, partition: int | None = None) -> int:
     """Events not applied yet plus jobs waiting to be folded (of every partition by default): 0 when caught up."""
     total = 0
     with one_snapshot(conn):  # one partition count, and checkpoints as of one moment
         for p in [partition] if partition is not None else range(partitions_get(conn)):
             cursor = checkpoint_get(conn, p).cursor
-            total += events_pending_summary(conn, p, cursor, top=0).count
-            if not events_only:
-                # A catch-up still open (its last batch was full) has its jobs to fold once it closes.
-                total += dirty_jobs_count(conn, p) + (cursor.target is not None)
+            total += events_pending_summary(conn, p, cursor, top=0).count + dirty_jobs_count(conn, p)
+            # A catch-up still open (its last batch was full) has its jobs to fold once it closes.
+            total += cursor.target is not None
     return total
 
 

@@ -90,6 +90,7 @@ class Worker:
         self._owned: dict[int, _LoopState] = {}  # the partitions this worker holds, and where each is
         self._claim_offset = random.randrange(1 << 16)
         self._announced = False  # the standby message was logged
+        self._pipeline = settings.pipeline  # validated once, not at every step
 
     def stop(self) -> None:
         """Ask the loop to finish the batch in hand and return."""
@@ -305,7 +306,7 @@ class Worker:
             self._announced = False
 
     def _context(self, partition: int) -> FoldContext:
-        return FoldContext(partition, self.settings.pipeline, self.settings.failure_policy)
+        return FoldContext(partition, self._pipeline, self.settings.failure_policy)
 
     def _step_partition(self, conn: Connection, watchdog: CallWatchdog, partition: int) -> _Outcome:
         """One step for one partition, each watched for a dead connection."""
