@@ -25,8 +25,11 @@ class EventRow:
     job_id: uuid.UUID | None
     variant_id: uuid.UUID | None
     variant_version: int | None
-    payload: Any
+    payload: Any  # None: over PAYLOAD_MAX_BYTES, left unread (outbox_event_payload in migration 0007)
     created_at: dt.datetime
+
+
+PAYLOAD_MAX_BYTES = 65_536  # as outbox_event_payload
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +69,8 @@ def decode_event(row: EventRow) -> Decoded:
     model = PAYLOAD_MODELS.get((row.event_type, row.schema_version))
     if model is None:
         return dead(f"unknown event type {row.event_type!r} at schema version {row.schema_version}")
+    if row.payload is None:
+        return dead(f"payload is over {PAYLOAD_MAX_BYTES:,} bytes (not read)")
     try:
         # Payloads arrive as text and are parsed here, one at a time, so that a hostile one (nested
         # deeper than Python's parser allows, say) becomes this event's dead letter, not a crash.

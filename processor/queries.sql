@@ -100,6 +100,8 @@ WITH target AS MATERIALIZED (
                b.job_id IS NOT NULL AND b.variant_id IS NOT NULL AND b.variant_version IS NOT NULL
                AND b.schema_version = 1
                AND jsonb_typeof(b.payload) = 'object'
+               -- Over the bound, a dead letter (processor.decode): the same test as outbox_event_payload's.
+               AND outbox_payload_fits(b.payload)
                AND (b.event_type = 'variant_removed'
                     OR (b.event_type = 'variant_changed'
                         -- A JSON string with a known status (jsonb equality checks the type too).
@@ -156,8 +158,8 @@ FROM summary AS s
 
 -- name: events_get
 -- Events by id, in order, for processor.decode (the ones events_apply left to it).
-SELECT event_id, txid::text, event_type, schema_version, job_id, variant_id, variant_version, payload::text,
-       created_at
+SELECT event_id, txid::text, event_type, schema_version, job_id, variant_id, variant_version,
+       outbox_event_payload(payload), created_at
 FROM outbox_events
 WHERE event_id = ANY(%(event_ids)s::bigint[])
 ORDER BY txid, event_id
@@ -446,7 +448,7 @@ SELECT job_variants_id FROM jobs_variants WHERE job_id = ANY(%(job_ids)s::uuid[]
 -- letters left out.
 SELECT DISTINCT ON (e.variant_id)
        e.event_id, e.txid::text, e.event_type, e.schema_version, e.job_id, e.variant_id,
-       e.variant_version, e.payload::text, e.created_at
+       e.variant_version, outbox_event_payload(e.payload), e.created_at
 FROM outbox_events AS e
 WHERE e.variant_id = ANY(%(variant_ids)s::uuid[])
   AND e.partition = %(partition)s
@@ -577,7 +579,7 @@ LIMIT %(limit)s
 
 -- name: dead_letter_event_get
 SELECT e.event_id, e.txid::text, e.event_type, e.schema_version, e.job_id, e.variant_id,
-       e.variant_version, e.payload::text, e.created_at, d.discarded_at
+       e.variant_version, outbox_event_payload(e.payload), e.created_at, d.discarded_at
 FROM outbox_dead_letters AS d
 JOIN outbox_events AS e USING (event_id)
 WHERE d.event_id = %(event_id)s AND d.partition = %(partition)s
@@ -614,8 +616,8 @@ WITH doomed AS (
     WHERE variant_id IS NOT NULL AND NOT discarded
     ORDER BY variant_id, variant_version DESC
 )
-SELECT event_id, txid::text, event_type, schema_version, job_id, variant_id, variant_version, payload::text,
-       created_at, event_id IN (SELECT event_id FROM newest) AS newest_of_variant
+SELECT event_id, txid::text, event_type, schema_version, job_id, variant_id, variant_version,
+       outbox_event_payload(payload), created_at, event_id IN (SELECT event_id FROM newest) AS newest_of_variant
 FROM doomed
 
 -- name: variant_baseline_upsert

@@ -56,9 +56,11 @@
 --                               -                                       SELECT
 --   outbox_partition_of, outbox_partition_hash, outbox_append_variant_event
 --                               EXECUTE                                 EXECUTE
---   outbox_event_applied, outbox_variant_states_merge
+--   outbox_refuse_variant       EXECUTE (capture calls it to refuse     -
+--                               a bad status or step)
+--   outbox_event_applied, outbox_variant_states_merge, outbox_event_payload, outbox_payload_fits
 --                               -                                       EXECUTE
---   outbox_capture_variant_change, outbox_wakeup_notify
+--   outbox_capture_variant_change, outbox_capture_variant_update, outbox_wakeup_notify
 --                               nobody (a trigger function's EXECUTE is checked when the
 --                               trigger is created, by `outbox migrate`, not when it fires)
 --   outbox_partitions_set, outbox_wakeup_enable, outbox_wakeup_disable
@@ -104,6 +106,10 @@ REVOKE ALL ON FUNCTION
     outbox_partition_of(uuid),
     outbox_append_variant_event(text, uuid, uuid, text, text),
     outbox_capture_variant_change(),
+    outbox_capture_variant_update(),
+    outbox_refuse_variant(text, text),
+    outbox_event_payload(jsonb),
+    outbox_payload_fits(jsonb),
     outbox_event_applied(xid8, bigint, pg_snapshot, pg_snapshot, xid8, bigint),
     outbox_variant_states_merge(outbox_variant_states[]),
     outbox_partition_hash(uuid, integer),
@@ -134,7 +140,8 @@ GRANT USAGE ON SEQUENCE outbox_variant_versions TO outbox_writer;
 GRANT EXECUTE ON FUNCTION
     outbox_partition_of(uuid),
     outbox_partition_hash(uuid, integer),
-    outbox_append_variant_event(text, uuid, uuid, text, text)
+    outbox_append_variant_event(text, uuid, uuid, text, text),
+    outbox_refuse_variant(text, text)
     TO outbox_writer;
 
 -- An adopted jobs table may have columns of the application's own: writers keep updating those.
@@ -173,5 +180,7 @@ GRANT EXECUTE ON FUNCTION
     outbox_partition_hash(uuid, integer),
     outbox_append_variant_event(text, uuid, uuid, text, text),
     outbox_event_applied(xid8, bigint, pg_snapshot, pg_snapshot, xid8, bigint),
-    outbox_variant_states_merge(outbox_variant_states[])
+    outbox_variant_states_merge(outbox_variant_states[]),
+    outbox_event_payload(jsonb),
+    outbox_payload_fits(jsonb)
     TO outbox_processor;

@@ -82,7 +82,48 @@ def test_invalid_writes_are_refused_with_a_clear_error(conn, engine):
         outbox.update_variant(conn, uuid.uuid4(), status="done")
     with pytest.raises(ValueError, match="must be a UUID"):
         outbox.update_variant(conn, "not-a-uuid", status="done")
+    # A step longer than an event may carry (200 characters, as VariantChanged.step), by update or insert.
+    with pytest.raises(psycopg.errors.CheckViolation, match="current_step is 201 characters long; a step may have"):
+        conn.execute("UPDATE jobs_variants SET current_step = %s WHERE job_variants_id = %s", ["s" * 201, variant])
+    job = conn.execute("SELECT job_id FROM jobs_variants WHERE job_variants_id = %s", [variant]).fetchone()[0]
+    with pytest.raises(psycopg.errors.CheckViolation, match="current_step is 300 characters long"):
+        conn.execute(
+            "INSERT INTO jobs_variants (job_variants_id, job_id, status, current_step) VALUES (%s, %s, 'queued', %s)",
+            [uuid.uuid4(), job, "é" * 300],
+        )
     assert len(events(conn, variant)) == 1
+    conn.execute("UPDATE jobs_variants SET current_step = %s WHERE job_variants_id = %s", ["é" * 200, variant])
+    assert events(conn, variant)[-1] == ("variant_changed", {"status": "queued", "step": "é" * 200})
+
+
+def test_the_update_trigger_writes_the_row_the_append_function_writes(conn, engine):
+    """Migration 0007 writes the update's event in the trigger itself: the same row as
+    outbox_append_variant_event (the backfill's and verify --repair's), for every shape of step
+    and with a partition count other than 1."""
+    with engine.begin() as sa_conn:
+        job, (variant,) = outbox.create_job(sa_conn, variants=1)
+    columns = "event_type, schema_version, partition, job_id, variant_id, payload"
+    with conn.transaction(force_rollback=True):
+        conn.execute("SELECT outbox_partitions_set(3)")  # rolled back with the transaction
+        (partition,) = conn.execute("SELECT outbox_partition_hash(%s, 3)", [job]).fetchone()
+        steps = [("running", None), ("done", 'it\'s "quoted" \\ é ✓'), ("failed", ""), ("queued", "x" * 200)]
+        for status, step in steps:
+            conn.execute(
+                "UPDATE jobs_variants SET status = %s, current_step = %s WHERE job_variants_id = %s",
+                [status, step, variant],
+            )
+            conn.execute(
+                "SELECT outbox_append_variant_event('variant_changed', %s, %s, %s, %s)", [job, variant, status, step]
+            )
+            by_trigger, by_function = conn.execute(
+                f"SELECT {columns}, variant_version FROM outbox_events WHERE variant_id = %s "
+                "ORDER BY event_id DESC LIMIT 2",
+                [variant],
+            ).fetchall()[::-1]
+            assert by_trigger[:-1] == by_function[:-1]
+            assert by_trigger[2] == partition
+            assert by_trigger[-1] < by_function[-1]  # versions from the same sequence
+            assert by_trigger[5] == {"status": status, "step": step}
 
 
 def test_every_payload_the_database_writes_validates_against_its_model(conn, engine, settings):

@@ -4,6 +4,7 @@ never a crash, never blocking other jobs."""
 from __future__ import annotations
 
 import json
+import secrets
 
 import psycopg
 import pytest
@@ -21,19 +22,36 @@ INSERT_EVENT = (
 )
 
 
-def test_oversized_payloads_and_nul_characters_are_refused_at_write_time(conn, engine):
+def test_nul_characters_bad_json_and_bad_variants_are_refused_at_write_time(conn, engine):
     with engine.begin() as sa:
         job, (variant,) = outbox.create_job(sa, variants=1)
-    huge = json.dumps({"status": "done", "blob": "x" * 200_000})
-    with pytest.raises(psycopg.errors.CheckViolation, match="outbox_events_payload_size"):
-        conn.execute(INSERT_EVENT, ["variant_changed", 1, job, variant, huge])
     with pytest.raises(psycopg.errors.UntranslatableCharacter):
         conn.execute(INSERT_EVENT, ["variant_changed", 1, job, variant, '{"status": "done\\u0000"}'])
     with pytest.raises(psycopg.errors.InvalidTextRepresentation):
         conn.execute(INSERT_EVENT, ["variant_changed", 1, job, variant, '{"status": '])
     with pytest.raises(psycopg.errors.CheckViolation, match="status must be one of"):
         conn.execute("UPDATE jobs_variants SET status = 'done\\u0000x' WHERE job_variants_id = %s", [variant])
-    print("\nrefused at write time: a 200 kB payload, a NUL character, malformed JSON, an invalid status")
+    with pytest.raises(psycopg.errors.CheckViolation, match="current_step is 200000 characters long"):
+        conn.execute("UPDATE jobs_variants SET current_step = %s WHERE job_variants_id = %s", ["x" * 200_000, variant])
+    print("\nrefused at write time: a NUL character, malformed JSON, an invalid status, a 200,000-character step")
+
+
+def test_an_oversized_event_written_around_capture_is_a_dead_letter_never_read(conn, engine, settings):
+    """Capture cannot write a payload over 300 bytes; one appended directly, stored in over 65,536
+    bytes, is parked without its payload ever reaching the worker (outbox_payload_fits), even though
+    its status and step are valid, and the job is flagged rather than folded without it."""
+    with engine.begin() as sa:
+        job, (variant, other) = outbox.create_job(sa, variants=2)
+    # Incompressible, so that it is also stored in over 65,536 bytes (the bound is on the stored size).
+    huge = json.dumps({"status": "done", "step": "ingest", "blob": secrets.token_urlsafe(150_000)})
+    conn.execute(INSERT_EVENT, ["variant_changed", 1, job, variant, huge])
+    conn.execute("UPDATE jobs_variants SET status = 'done' WHERE job_variants_id = %s", [other])
+    stats = drain(settings)
+    assert stats.dead_letters == 1
+    (reason,) = conn.execute("SELECT reason FROM outbox_dead_letters").fetchone()
+    assert reason == "payload is over 65,536 bytes (not read)"
+    assert conn.execute("SELECT job_id FROM outbox_job_flags").fetchall() == [(job,)]
+    print(f"\na 200 kB payload written around capture: dead letter ({reason}), job flagged")
 
 
 def test_deeply_nested_and_odd_payloads_become_dead_letters_and_other_jobs_flow(conn, engine, settings):

@@ -102,8 +102,13 @@ FUNCTIONS: dict[str, dict[str, bool]] = {
     "outbox_append_variant_event(text,uuid,uuid,text,text)": {WRITER: True, PROCESSOR: True},
     "outbox_event_applied(xid8,bigint,pg_snapshot,pg_snapshot,xid8,bigint)": {WRITER: False, PROCESSOR: True},
     "outbox_variant_states_merge(outbox_variant_states[])": {WRITER: False, PROCESSOR: True},
+    "outbox_event_payload(jsonb)": {WRITER: False, PROCESSOR: True},
+    "outbox_payload_fits(jsonb)": {WRITER: False, PROCESSOR: True},
+    # Capture calls it, with the writer's rights, to refuse a bad status or step.
+    "outbox_refuse_variant(text,text)": {WRITER: True, PROCESSOR: False},
     # Checked when the trigger is created (by migrate), not when it fires.
     "outbox_capture_variant_change()": {WRITER: False, PROCESSOR: False},
+    "outbox_capture_variant_update()": {WRITER: False, PROCESSOR: False},
     "outbox_wakeup_notify()": {WRITER: False, PROCESSOR: False},
     # DDL, for the owner only (outbox repartition, outbox migrate --wakeup).
     "outbox_partitions_set(integer)": {WRITER: False, PROCESSOR: False},

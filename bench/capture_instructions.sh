@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# What capture costs the server per writer transaction, in instructions (valgrind's callgrind):
+# unlike transactions per second, the count is the same from run to run and whatever else the
+# machine is doing, so it shows the effect of a change to the capture path (bench/README.md,
+# "Writer path"). Runs a scratch cluster of its own, on a port of its own; needs the PostgreSQL
+# server binaries and valgrind (Debian: postgresql-15, valgrind).
+#
+#     bash bench/capture_instructions.sh [PG_BINDIR]      # default /usr/lib/postgresql/15/bin
+#
+# Method: the schema as `outbox migrate` installs it, 1,000 jobs of 10 variants; then a
+# single-user backend runs N single-variant update transactions under callgrind (prepared, status
+# flipped, so each is captured), with the capture triggers enabled and then disabled. The
+# difference between N = 2,500 and N = 500 leaves out start-up; divided by 2,000 it is the cost
+# of one transaction; enabled minus disabled is what capture adds.
+set -euo pipefail
+
+BIN=${1:-/usr/lib/postgresql/15/bin}
+HERE=$(cd "$(dirname "$0")/.." && pwd)
+WORK=$(mktemp -d /tmp/outbox-capture-instructions.XXXXXX)
+PORT=54991
+AS=()
+if [ "$(id -u)" = 0 ]; then
+    chown postgres "$WORK"
+    AS=(runuser -u postgres --)
+fi
+cleanup() { "${AS[@]}" "$BIN/pg_ctl" -D "$WORK/data" stop -m fast >/dev/null 2>&1 || true; rm -rf "$WORK"; }
+trap cleanup EXIT
+
+"${AS[@]}" "$BIN/initdb" -D "$WORK/data" -A trust -U postgres >/dev/null
+"${AS[@]}" "$BIN/pg_ctl" -D "$WORK/data" -o "-p $PORT -k $WORK -c listen_addresses=127.0.0.1" -l "$WORK/log" -w start >/dev/null
+URL="postgresql://postgres@127.0.0.1:$PORT/postgres"
+(cd "$HERE" && OUTBOX_DATABASE_URL=$URL python3 -m processor.cli migrate >/dev/null)
+psql -q "$URL" <<'SQL'
+INSERT INTO jobs (job_id, status) SELECT gen_random_uuid(), 'queued' FROM generate_series(1, 1000);
+INSERT INTO jobs_variants (job_variants_id, job_id, status)
+    SELECT gen_random_uuid(), job_id, 'queued' FROM jobs, generate_series(1, 10);
+CREATE TABLE bench_variants AS SELECT row_number() OVER () AS i, job_variants_id AS id FROM jobs_variants;
+ALTER TABLE bench_variants ADD PRIMARY KEY (i);
+VACUUM ANALYZE;
+SQL
+"${AS[@]}" "$BIN/pg_ctl" -D "$WORK/data" -w stop >/dev/null
+
+for n in 500 2500; do
+    python3 - "$n" > "$WORK/updates.$n.sql" <<'PY'
+import random, sys
+n = int(sys.argv[1])
+rng = random.Random(n)
+print("PREPARE u(bigint) AS UPDATE jobs_variants SET status = CASE WHEN status = 'running' THEN 'done' "
+      "ELSE 'running' END, current_step = 'detect' WHERE job_variants_id = (SELECT id FROM bench_variants WHERE i = $1);")
+for _ in range(n):
+    print(f"EXECUTE u({rng.randint(1, 10000)});")
+PY
+done
+[ ${#AS[@]} -eq 0 ] || chown -R postgres "$WORK"
+
+single() {  # single-user backend on the scratch database, statements on stdin
+    "${AS[@]}" "$BIN/postgres" --single -D "$WORK/data" -c synchronous_commit=off "$@" postgres
+}
+
+per_transaction() {  # $1: ENABLE or DISABLE
+    local counts=()
+    for n in 500 2500; do
+        echo "ALTER TABLE jobs_variants $1 TRIGGER USER;" | single >/dev/null 2>&1
+        "${AS[@]}" valgrind --tool=callgrind --callgrind-out-file="$WORK/callgrind.$n" \
+            "$BIN/postgres" --single -D "$WORK/data" -c synchronous_commit=off postgres \
+            < "$WORK/updates.$n.sql" > /dev/null 2> "$WORK/valgrind.$n"
+        counts+=("$(grep -oP 'Collected : \K[0-9]+' "$WORK/valgrind.$n")")
+    done
+    echo $(( (counts[1] - counts[0]) / 2000 ))
+}
+
+with=$(per_transaction ENABLE)
+without=$(per_transaction DISABLE)
+echo "machine: $(nproc) cores, $("$BIN/postgres" --version), valgrind $(valgrind --version)"
+echo "command: bash bench/capture_instructions.sh $BIN"
+printf 'single-variant update transaction, server instructions: without capture %d, with capture %d, capture adds %d\n' \
+    "$without" "$with" "$((with - without))"
