@@ -61,7 +61,8 @@ BEGIN
 END
 $$;
 
--- Capture of inserts and deletes (0001 and 0006 explain why an AFTER ROW trigger).
+-- Capture of inserts and deletes, by the trigger outbox_capture_variant_insert_delete (0001); updates
+-- have their own function below. 0001 and 0006 explain why an AFTER ROW trigger.
 CREATE OR REPLACE FUNCTION outbox_capture_variant_change() RETURNS trigger
 LANGUAGE plpgsql
 AS $$
@@ -92,8 +93,10 @@ CREATE FUNCTION outbox_capture_variant_update() RETURNS trigger
 LANGUAGE plpgsql
 AS $$
 BEGIN
-    IF NEW.status IS NOT DISTINCT FROM OLD.status AND NEW.current_step IS NOT DISTINCT FROM OLD.current_step
-       AND NEW.job_id IS NOT DISTINCT FROM OLD.job_id AND NEW.job_variants_id IS NOT DISTINCT FROM OLD.job_variants_id THEN
+    IF NEW.status IS NOT DISTINCT FROM OLD.status
+       AND NEW.current_step IS NOT DISTINCT FROM OLD.current_step
+       AND NEW.job_id IS NOT DISTINCT FROM OLD.job_id
+       AND NEW.job_variants_id IS NOT DISTINCT FROM OLD.job_variants_id THEN
         RETURN NULL;  -- updated_at or another column: nothing the processor folds
     END IF;
     IF NEW.status IS NULL OR NEW.status NOT IN ('queued', 'running', 'done', 'failed')
