@@ -2,8 +2,9 @@
 
 An event row has an envelope (``event_type``, ``schema_version``, ids, the variant's version) in
 columns and a JSON ``payload`` described by the models below. The SQL that writes payloads
-(``outbox_append_variant_event`` in ``schema/``) and the processor that reads them both follow
-these models; a test checks that every payload the database writes validates against them.
+(``outbox_append_variant_event`` and the update trigger ``outbox_capture_variant_update`` in
+``schema/migrations``) and the processor that reads them both follow these models; tests check that
+every payload the database writes validates against them, and that both write the same row.
 """
 
 from __future__ import annotations

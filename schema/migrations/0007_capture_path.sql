@@ -1,49 +1,64 @@
 -- 0007: a cheaper capture (bench/README.md, "Writer path", has the measurements behind it). What
--- capture adds to a single-variant update transaction went from about 215,000 to about 114,000
+-- capture adds to a single-variant update transaction went from about 215,000 to about 130,000
 -- server instructions (bench/capture_instructions.sh; the update alone is about 144,000). What is
--- captured, and when, is unchanged. The figures below are each change's share, from callgrind.
+-- captured, and when, is unchanged, but for one new refusal: a step over 65,000 bytes, which the
+-- payload-size CHECK this replaces refused already (2). The figures below are each change's
+-- share, from callgrind.
 --
 -- 1. No WHEN clause on the update trigger. PostgreSQL reads a trigger's WHEN clause from its stored
 --    node tree and compiles it again for every statement that fires it: about 50,000 instructions
 --    per writer transaction. The same test in the trigger function costs a few thousand, and an
 --    update that changes nothing the processor folds still appends nothing.
 -- 2. No CHECK constraint on outbox_events: its expression is likewise read and compiled again for
---    every INSERT statement (about 19,000 instructions). Its purpose, bounded events, is kept:
---    capture refuses a step longer than an event may carry (200 characters, as the payload model
---    and the drain statement), so a captured payload stays under 300 bytes; an event written
---    around capture with a payload stored in over 65,536 bytes becomes a dead letter, and the
---    processor never loads its payload (outbox_payload_fits below).
+--    every INSERT statement (about 19,000 instructions). What it bounded is still bounded, at no
+--    cost on the common path: capture refuses a step over 65,000 bytes when it would write it into
+--    an event (the CHECK refused a payload over 65,536 bytes), and an event appended around capture
+--    whose payload is over 64 kB becomes a dead letter whose payload the worker never receives
+--    (outbox_payload_fits below).
 -- 3. The trigger writes its INSERT itself rather than through outbox_append_variant_event: a nested
 --    PL/pgSQL call costs about 19,000 instructions. The function stays, for the adoption backfill
 --    and `verify --repair`; tests/integration/test_capture.py checks that both write the same row.
 -- 4. The trigger builds the payload with jsonb_object(text[]), which takes text as it is, rather
 --    than jsonb_build_object, which looks up each argument's type and output function on every
 --    call (about 4,000 instructions). The same jsonb value (the test above checks it).
--- 5. No index on outbox_events.variant_id: every event paid an index insert (about 10,000
---    instructions) for the sake of `outbox replay`, which now reads the events of the variants it
---    replays in one pass over the outbox (kept short by `outbox prune`).
+--
+-- The trade-off of 1: an UPDATE of other columns only (updated_at, say) used to be skipped by the
+-- WHEN clause, evaluated per row after a per-statement compile; now every updated row queues the
+-- trigger and calls the function, which returns at once. That is cheaper for the common
+-- single-row update (a heartbeat) and dearer for a bulk update of other columns.
+--
+-- Measured and not done: dropping the variant_id index (about 10,000 instructions) would leave
+-- `outbox replay` reading the whole outbox for each chunk of jobs, under the checkpoint lock.
 
 DROP TRIGGER outbox_capture_variant_update ON jobs_variants;
 ALTER TABLE outbox_events DROP CONSTRAINT outbox_events_payload_size;
-DROP INDEX outbox_events_variant_id_idx;
 
--- The bound on what the processor reads of an event: its payload as stored (after compression)
--- takes at most 65,536 bytes. An event over it becomes a dead letter (processor.decode), decided
--- alike by the drain statement and by processor.decode, and its payload is never sent to the
--- worker, so no batch of oversized events (which only a writer going around capture can append)
--- fills the worker's memory. Both functions are inlined by the planner: STABLE, as pg_column_size is
--- (declared IMMUTABLE, a body calling a STABLE function is not inlined, but called per row).
+-- The bound on what the processor reads of an event: its payload as JSON text takes at most 65,536
+-- bytes. Decided alike by the drain statement and by processor.decode (an event over it is a dead
+-- letter, whose payload is never sent to the worker, so no batch of oversized events, which only a
+-- writer going around capture can append, fills the worker's memory), and the same however the
+-- value happens to be stored (compressed or not, pglz or lz4). The first test is the cheap one,
+-- and settles every event capture writes: an uncompressed jsonb of at most 10,000 bytes is at most
+-- 6 times that as text (\u escapes); a larger or compressed one is measured as text. Both
+-- functions are STABLE, as pg_column_size is, so the planner inlines them (declared IMMUTABLE, a
+-- body calling a STABLE function is not inlined but called per row: 8% of the drain).
+-- Known limit: a number in JSON is stored in a few bytes however many digits it prints as, so a
+-- small payload written around capture with numbers of thousands of digits passes the first test.
 CREATE FUNCTION outbox_payload_fits(p_payload jsonb) RETURNS boolean
 LANGUAGE sql STABLE PARALLEL SAFE
-AS $$ SELECT pg_column_size(p_payload) <= 65536 $$;
+AS $$
+    SELECT (pg_column_size(p_payload) <= 10000 AND pg_column_compression(p_payload) IS NULL)
+           OR octet_length(p_payload::text) <= 65536
+$$;
 
 -- An event's payload as the processor reads it for decoding: NULL when it does not fit.
 CREATE FUNCTION outbox_event_payload(p_payload jsonb) RETURNS text
 LANGUAGE sql STABLE PARALLEL SAFE
 AS $$ SELECT CASE WHEN outbox_payload_fits(p_payload) THEN p_payload::text END $$;
 
--- Refuses at write time what the processor could never fold, so nothing wrong is recorded: called
--- by capture only when a status or step is not acceptable, so the common path pays one test.
+-- Refuses at write time what the processor could never fold (a status) or that an event must not
+-- carry (a step over 65,000 bytes), so nothing wrong is recorded: called by capture only when one
+-- of them is not acceptable, so the common path pays one test.
 CREATE FUNCTION outbox_refuse_variant(p_status text, p_step text) RETURNS void
 LANGUAGE plpgsql
 AS $$
@@ -53,9 +68,9 @@ BEGIN
             coalesce(quote_literal(p_status), 'NULL')
             USING ERRCODE = 'check_violation';
     END IF;
-    IF length(p_step) > 200 THEN
-        RAISE EXCEPTION 'jobs_variants.current_step is % characters long; a step may have at most 200',
-            length(p_step)
+    IF octet_length(p_step) > 65000 THEN
+        RAISE EXCEPTION 'jobs_variants.current_step is % bytes long; an event may carry a step of at most 65,000 bytes',
+            octet_length(p_step)
             USING ERRCODE = 'check_violation';
     END IF;
 END
@@ -73,8 +88,9 @@ BEGIN
         END IF;
         RETURN NULL;
     END IF;
+    -- The status always (as 0001), the step's size only when it is written into an event.
     IF NEW.status IS NULL OR NEW.status NOT IN ('queued', 'running', 'done', 'failed')
-       OR length(NEW.current_step::text) > 200 THEN
+       OR (NEW.job_id IS NOT NULL AND octet_length(NEW.current_step::text) > 65000) THEN
         PERFORM outbox_refuse_variant(NEW.status::text, NEW.current_step::text);
     END IF;
     -- A variant without a job has nothing to fold; it is captured once it gets one.
@@ -99,8 +115,9 @@ BEGIN
        AND NEW.job_variants_id IS NOT DISTINCT FROM OLD.job_variants_id THEN
         RETURN NULL;  -- updated_at or another column: nothing the processor folds
     END IF;
+    -- The status always (as 0001), the step's size only when it is written into an event.
     IF NEW.status IS NULL OR NEW.status NOT IN ('queued', 'running', 'done', 'failed')
-       OR length(NEW.current_step::text) > 200 THEN
+       OR (NEW.job_id IS NOT NULL AND octet_length(NEW.current_step::text) > 65000) THEN
         PERFORM outbox_refuse_variant(NEW.status::text, NEW.current_step::text);
     END IF;
     -- The variant leaves its job: given another id, detached, or moved to another job (0006).

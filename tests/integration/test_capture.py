@@ -82,18 +82,26 @@ def test_invalid_writes_are_refused_with_a_clear_error(conn, engine):
         outbox.update_variant(conn, uuid.uuid4(), status="done")
     with pytest.raises(ValueError, match="must be a UUID"):
         outbox.update_variant(conn, "not-a-uuid", status="done")
-    # A step longer than an event may carry (200 characters, as VariantChanged.step), by update or insert.
-    with pytest.raises(psycopg.errors.CheckViolation, match="current_step is 201 characters long; a step may have"):
-        conn.execute("UPDATE jobs_variants SET current_step = %s WHERE job_variants_id = %s", ["s" * 201, variant])
+    # A step too large for an event (the payload-size CHECK refused it before 0007), by update or
+    # insert; refused only when it would be written into an event (not for a variant without a job).
+    with pytest.raises(psycopg.errors.CheckViolation, match="current_step is 70000 bytes long; an event may carry"):
+        conn.execute("UPDATE jobs_variants SET current_step = %s WHERE job_variants_id = %s", ["s" * 70_000, variant])
     job = conn.execute("SELECT job_id FROM jobs_variants WHERE job_variants_id = %s", [variant]).fetchone()[0]
-    with pytest.raises(psycopg.errors.CheckViolation, match="current_step is 300 characters long"):
+    with pytest.raises(psycopg.errors.CheckViolation, match="current_step is 70000 bytes long"):
         conn.execute(
             "INSERT INTO jobs_variants (job_variants_id, job_id, status, current_step) VALUES (%s, %s, 'queued', %s)",
-            [uuid.uuid4(), job, "é" * 300],
+            [uuid.uuid4(), job, "é" * 35_000],
         )
     assert len(events(conn, variant)) == 1
-    conn.execute("UPDATE jobs_variants SET current_step = %s WHERE job_variants_id = %s", ["é" * 200, variant])
-    assert events(conn, variant)[-1] == ("variant_changed", {"status": "queued", "step": "é" * 200})
+    detached = uuid.uuid4()
+    conn.execute(
+        "INSERT INTO jobs_variants (job_variants_id, status, current_step) VALUES (%s, 'queued', %s)",
+        [detached, "s" * 70_000],
+    )
+    assert events(conn, detached) == []
+    # A long step that fits is captured as before (the processor parks it: steps have at most 200 characters).
+    conn.execute("UPDATE jobs_variants SET current_step = %s WHERE job_variants_id = %s", ["é" * 300, variant])
+    assert events(conn, variant)[-1] == ("variant_changed", {"status": "queued", "step": "é" * 300})
 
 
 def test_the_update_trigger_writes_the_row_the_append_function_writes(conn, engine):

@@ -31,27 +31,35 @@ def test_nul_characters_bad_json_and_bad_variants_are_refused_at_write_time(conn
         conn.execute(INSERT_EVENT, ["variant_changed", 1, job, variant, '{"status": '])
     with pytest.raises(psycopg.errors.CheckViolation, match="status must be one of"):
         conn.execute("UPDATE jobs_variants SET status = 'done\\u0000x' WHERE job_variants_id = %s", [variant])
-    with pytest.raises(psycopg.errors.CheckViolation, match="current_step is 200000 characters long"):
+    with pytest.raises(psycopg.errors.CheckViolation, match="current_step is 200000 bytes long"):
         conn.execute("UPDATE jobs_variants SET current_step = %s WHERE job_variants_id = %s", ["x" * 200_000, variant])
     print("\nrefused at write time: a NUL character, malformed JSON, an invalid status, a 200,000-character step")
 
 
 def test_an_oversized_event_written_around_capture_is_a_dead_letter_never_read(conn, engine, settings):
-    """Capture cannot write a payload over 300 bytes; one appended directly, stored in over 65,536
-    bytes, is parked without its payload ever reaching the worker (outbox_payload_fits), even though
-    its status and step are valid, and the job is flagged rather than folded without it."""
+    """Capture cannot write a payload over 65,536 bytes; one appended directly is parked without its
+    payload ever reaching the worker (outbox_payload_fits), even though its status and step are
+    valid, and the job is flagged rather than folded without it. Both kinds of storage: compressed
+    (repetitive) and not (random), the bound is on the JSON text either way."""
     with engine.begin() as sa:
         job, (variant, other) = outbox.create_job(sa, variants=2)
-    # Incompressible, so that it is also stored in over 65,536 bytes (the bound is on the stored size).
-    huge = json.dumps({"status": "done", "step": "ingest", "blob": secrets.token_urlsafe(150_000)})
-    conn.execute(INSERT_EVENT, ["variant_changed", 1, job, variant, huge])
+    compressible = json.dumps({"status": "done", "step": "ingest", "blob": "x" * 200_000})
+    incompressible = json.dumps({"status": "done", "step": "ingest", "blob": secrets.token_urlsafe(150_000)})
+    conn.execute(INSERT_EVENT, ["variant_changed", 1, job, variant, compressible])
+    conn.execute(INSERT_EVENT, ["variant_changed", 1, job, variant, incompressible])
+    stored = conn.execute(
+        "SELECT pg_column_compression(payload) IS NOT NULL FROM outbox_events WHERE variant_id = %s ORDER BY event_id",
+        [variant],
+    ).fetchall()
+    assert [r[0] for r in stored][-2:] == [True, False]
     conn.execute("UPDATE jobs_variants SET status = 'done' WHERE job_variants_id = %s", [other])
     stats = drain(settings)
-    assert stats.dead_letters == 1
-    (reason,) = conn.execute("SELECT reason FROM outbox_dead_letters").fetchone()
-    assert reason == "payload is over 65,536 bytes (not read)"
+    assert stats.dead_letters == 2
+    reasons = {r[0] for r in conn.execute("SELECT reason FROM outbox_dead_letters")}
+    assert reasons == {"payload is over 65,536 bytes (not read)"}
+    (reason,) = reasons
     assert conn.execute("SELECT job_id FROM outbox_job_flags").fetchall() == [(job,)]
-    print(f"\na 200 kB payload written around capture: dead letter ({reason}), job flagged")
+    print(f"\n200 kB payloads written around capture, compressed and not: dead letters ({reason}), job flagged")
 
 
 def test_deeply_nested_and_odd_payloads_become_dead_letters_and_other_jobs_flow(conn, engine, settings):

@@ -343,6 +343,17 @@ def test_whole_flow_under_the_writer_and_processor_roles(logins: Logins, admin: 
     ctx = _context(settings)
     jobs = _write_jobs(logins, rng, 24)
     _move_variants(logins, jobs, rng, 150)
+    # Capture's refusals reach the writer as such, not as a missing privilege (outbox_refuse_variant).
+    some_variant = jobs[next(iter(jobs))][0]
+    with connect(logins.writer, application_name="writer") as conn:
+        for column, value, message in [
+            ("status", "exploded", "status must be one of"),
+            ("current_step", "s" * 70_000, "an event may carry"),
+        ]:
+            with pytest.raises(psycopg.errors.CheckViolation, match=message):
+                conn.execute(
+                    f"UPDATE jobs_variants SET {column} = %s WHERE job_variants_id = %s", [value, some_variant]
+                )
 
     with connect(logins.processor, application_name="outbox-ops") as ops:
         assert collect_backlog(ops, 0)["pending_events"] > 0
