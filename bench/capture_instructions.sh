@@ -53,16 +53,14 @@ PY
 done
 [ ${#AS[@]} -eq 0 ] || chown -R postgres "$WORK"
 
-single() {  # single-user backend on the scratch database, statements on stdin
-    "${AS[@]}" "$BIN/postgres" --single -D "$WORK/data" -c synchronous_commit=off "$@" postgres
-}
+# A single-user backend on the scratch database, statements on stdin.
+SINGLE=("$BIN/postgres" --single -D "$WORK/data" -c synchronous_commit=off postgres)
 
 per_transaction() {  # $1: ENABLE or DISABLE
     local counts=()
     for n in 500 2500; do
-        echo "ALTER TABLE jobs_variants $1 TRIGGER USER;" | single >/dev/null 2>&1
-        "${AS[@]}" valgrind --tool=callgrind --callgrind-out-file="$WORK/callgrind.$n" \
-            "$BIN/postgres" --single -D "$WORK/data" -c synchronous_commit=off postgres \
+        echo "ALTER TABLE jobs_variants $1 TRIGGER USER;" | "${AS[@]}" "${SINGLE[@]}" >/dev/null 2>&1
+        "${AS[@]}" valgrind --tool=callgrind --callgrind-out-file="$WORK/callgrind.$n" "${SINGLE[@]}" \
             < "$WORK/updates.$n.sql" > /dev/null 2> "$WORK/valgrind.$n"
         counts+=("$(grep -oP 'Collected : \K[0-9]+' "$WORK/valgrind.$n")")
     done
