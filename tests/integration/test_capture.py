@@ -173,3 +173,69 @@ def test_a_variant_detached_from_its_job_no_longer_counts_for_it(conn, engine, s
     drain(settings)
     assert job_state(conn, job) == ("done", "iou_eval")
     assert conn.execute("SELECT count(*) FROM outbox_dead_letters").fetchone()[0] == 0
+
+
+def expected_update_events(old, new):
+    """The capture rules for an UPDATE, as (event_type, job, variant, payload), written out
+    independently of the trigger: nothing when no captured column changed; a variant leaving its
+    job (given another id, moved or detached) leaves a variant_removed in that job; a variant with a
+    job gets a variant_changed."""
+    if old == new:
+        return []
+    (old_job, old_id, _, _), (new_job, new_id, status, step) = old, new
+    appended = []
+    if (new_job, new_id) != (old_job, old_id) and old_job is not None:
+        appended.append(("variant_removed", old_job, old_id, {}))
+    if new_job is not None:
+        appended.append(("variant_changed", new_job, new_id, {"status": status, "step": step}))
+    return appended
+
+
+def test_every_shape_of_update_appends_the_events_the_rules_give(conn):
+    """Migration 0008 captures the common update (same job and id, valid, a new status or step)
+    with one test and every other shape on a second path: each shape, from several starting rows,
+    against the rules written out in Python."""
+    jobs = [uuid.uuid4(), uuid.uuid4()]
+    for job in jobs:
+        conn.execute("INSERT INTO jobs (job_id, status) VALUES (%s, 'queued')", [job])
+    starts = [(jobs[0], "queued", None), (jobs[0], "running", "ingest"), (None, "running", "detect")]
+    changes = [
+        {"status": "running"},  # the status only, no step: the common path
+        {"status": "done", "current_step": "iou_eval"},
+        {"current_step": "detect"},
+        {"current_step": "ingest", "status": "running"},  # possibly the same values: no event
+        {"current_step": None},
+        {"updated_at": "2026-01-01"},  # nothing captured
+        {"job_id": jobs[1]},  # a move
+        {"job_id": jobs[1], "status": "failed"},
+        {"job_id": None},  # detached
+        {"job_id": jobs[0]},  # attached, or unchanged
+        {"job_variants_id": "new"},  # another id
+        {"job_variants_id": "new", "job_id": jobs[1], "current_step": "é" * 300},
+    ]
+    for job, status, step in starts:
+        for change in changes:
+            variant = uuid.uuid4()
+            conn.execute(
+                "INSERT INTO jobs_variants (job_variants_id, job_id, status, current_step) VALUES (%s, %s, %s, %s)",
+                [variant, job, status, step],
+            )
+            change = {column: uuid.uuid4() if value == "new" else value for column, value in change.items()}
+            (before,) = conn.execute("SELECT coalesce(max(event_id), 0) FROM outbox_events").fetchone()
+            assignments = ", ".join(f"{column} = %s" for column in change)
+            conn.execute(
+                f"UPDATE jobs_variants SET {assignments} WHERE job_variants_id = %s", [*change.values(), variant]
+            )
+            old = (job, variant, status, step)
+            new = (
+                change.get("job_id", job),
+                change.get("job_variants_id", variant),
+                change.get("status", status),
+                change.get("current_step", step),
+            )
+            appended = conn.execute(
+                "SELECT event_type, job_id, variant_id, payload FROM outbox_events "
+                "WHERE event_id > %s ORDER BY event_id",
+                [before],
+            ).fetchall()
+            assert appended == expected_update_events(old, new), (old, change)
