@@ -9,9 +9,10 @@
 #
 # Method: the schema as `outbox migrate` installs it, 1,000 jobs of 10 variants; then a
 # single-user backend runs N single-variant update transactions under callgrind (prepared, status
-# flipped, so each is captured), with the capture triggers enabled and then disabled. The
-# difference between N = 2,500 and N = 500 leaves out start-up; divided by 2,000 it is the cost
-# of one transaction; enabled minus disabled is what capture adds.
+# flipped, so each is captured), with the capture triggers enabled, with no trigger, and with each
+# of the two floors of bench/capture_floors.sql (what any capture by a PL/pgSQL row trigger costs).
+# The difference between N = 2,500 and N = 500 leaves out start-up; divided by 2,000 it is the
+# cost of one transaction; a configuration minus no trigger is what it adds.
 set -euo pipefail
 
 BIN=${1:-/usr/lib/postgresql/15/bin}
@@ -30,6 +31,7 @@ trap cleanup EXIT
 "${AS[@]}" "$BIN/pg_ctl" -D "$WORK/data" -o "-p $PORT -k $WORK -c listen_addresses=127.0.0.1" -l "$WORK/log" -w start >/dev/null
 URL="postgresql://postgres@127.0.0.1:$PORT/postgres"
 (cd "$HERE" && OUTBOX_DATABASE_URL=$URL python3 -m processor.cli migrate >/dev/null)
+psql -q -v ON_ERROR_STOP=1 "$URL" -f "$HERE/bench/capture_floors.sql"
 psql -q "$URL" <<'SQL'
 INSERT INTO jobs (job_id, status) SELECT gen_random_uuid(), 'queued' FROM generate_series(1, 1000);
 INSERT INTO jobs_variants (job_variants_id, job_id, status)
@@ -56,10 +58,16 @@ done
 # A single-user backend on the scratch database, statements on stdin.
 SINGLE=("$BIN/postgres" --single -D "$WORK/data" -c synchronous_commit=off postgres)
 
-per_transaction() {  # $1: ENABLE or DISABLE
+# Which triggers each configuration enables: a statement per line, as the single-user backend reads them.
+only() {
+    echo "ALTER TABLE jobs_variants DISABLE TRIGGER USER;"
+    for name in "$@"; do echo "ALTER TABLE jobs_variants ENABLE TRIGGER $name;"; done
+}
+
+per_transaction() {  # $@: the triggers to enable
     local counts=()
     for n in 500 2500; do
-        echo "ALTER TABLE jobs_variants $1 TRIGGER USER;" | "${AS[@]}" "${SINGLE[@]}" >/dev/null 2>&1
+        only "$@" | "${AS[@]}" "${SINGLE[@]}" >/dev/null 2>&1
         "${AS[@]}" valgrind --tool=callgrind --callgrind-out-file="$WORK/callgrind.$n" "${SINGLE[@]}" \
             < "$WORK/updates.$n.sql" > /dev/null 2> "$WORK/valgrind.$n"
         counts+=("$(grep -oP 'Collected : \K[0-9]+' "$WORK/valgrind.$n")")
@@ -67,9 +75,13 @@ per_transaction() {  # $1: ENABLE or DISABLE
     echo $(( (counts[1] - counts[0]) / 2000 ))
 }
 
-with=$(per_transaction ENABLE)
-without=$(per_transaction DISABLE)
+with=$(per_transaction outbox_capture_variant_insert_delete outbox_capture_variant_update)
+without=$(per_transaction)
+empty=$(per_transaction bench_floor_empty_trigger)
+bare=$(per_transaction bench_floor_bare_insert)
 echo "machine: $(nproc) cores, $("$BIN/postgres" --version), valgrind $(valgrind --version)"
 echo "command: bash bench/capture_instructions.sh $BIN"
 printf 'single-variant update transaction, server instructions: without capture %d, with capture %d, capture adds %d\n' \
     "$without" "$with" "$((with - without))"
+printf 'the floors (bench/capture_floors.sql): an empty trigger adds %d, a bare-insert trigger adds %d\n' \
+    "$((empty - without))" "$((bare - without))"

@@ -8,7 +8,8 @@ Groups (--only, comma-separated; all by default):
   drain    events/s applied by one worker from a 200k-event backlog (the size the target is stated on)
   growth   the same at 10k, 100k and 1M events: how the cost grows with the backlog
   memory   the worker's peak RSS draining 10k and 1M events, at batch sizes 1,000, 5,000 (the default) and 10,000
-  writers  writer throughput with capture (trigger path, Python API path) over without, 4 writers
+  writers  writer throughput with capture (trigger path, Python API path) over without, 4 writers; and two
+           floors (bench/capture_floors.sql) that bound what any capture by a PL/pgSQL trigger can reach
   latency  bench/latency.py, when present (write-to-job-state latency at fixed offered loads)
   legacy   bench/legacy.py, when present (against the legacy trigger: throughput, stuck jobs)
   scale    bench/scale.py, when present (drain rate with 1, 2 and 4 workers on partitions)
@@ -362,31 +363,10 @@ WRITER_LABELS = {
     "floor_bare_insert": "floor, a bare-insert trigger",
 }
 CAPTURE_TRIGGERS = ("outbox_capture_variant_insert_delete", "outbox_capture_variant_update")
-# The floors: what any capture by a PL/pgSQL row trigger costs these writers, whatever it writes.
-# An AFTER UPDATE row trigger whose function only returns, and one that inserts the least an event
-# could hold (job, variant, payload) into a table with no index, no default and no constraint. They
-# run in the same interleaved rounds as the product's paths, so their ratios say what the target
-# leaves to the event row itself (bench/README.md, "Writer path").
-FLOOR_SQL = """
-CREATE TABLE bench_floor_events (job_id uuid, variant_id uuid, payload jsonb);
-CREATE FUNCTION bench_floor_empty() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    RETURN NULL;
-END
-$$;
-CREATE FUNCTION bench_floor_insert() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    INSERT INTO bench_floor_events
-    VALUES (NEW.job_id, NEW.job_variants_id,
-            jsonb_object(ARRAY['status', NEW.status::text, 'step', NEW.current_step::text]));
-    RETURN NULL;
-END
-$$;
-CREATE TRIGGER bench_floor_empty_trigger AFTER UPDATE ON jobs_variants
-    FOR EACH ROW EXECUTE FUNCTION bench_floor_empty();
-CREATE TRIGGER bench_floor_bare_insert AFTER UPDATE ON jobs_variants
-    FOR EACH ROW EXECUTE FUNCTION bench_floor_insert();
-"""
+# The floors (bench/capture_floors.sql): what any capture by a PL/pgSQL row trigger costs these
+# writers, whatever it writes. They run in the same interleaved rounds as the product's paths, so
+# their ratios say what the target leaves to the event row itself (bench/README.md, "Writer path").
+FLOOR_SQL = Path(__file__).with_name("capture_floors.sql")
 MODE_TRIGGERS = {
     "none": (),
     "trigger": CAPTURE_TRIGGERS,
@@ -530,7 +510,7 @@ def writer_database(admin_url: DatabaseUrl) -> Iterator[tuple[DatabaseUrl, list[
     try:
         with connect(db, application_name="outbox-bench") as conn:
             conn.execute(BACKLOG_SQL.replace("%(jobs)s", "1000").encode())
-            conn.execute(FLOOR_SQL.encode())
+            conn.execute(FLOOR_SQL.read_bytes())
             enable_triggers(db, CAPTURE_TRIGGERS)
             conn.execute("VACUUM ANALYZE")
             variants = [row[0] for row in conn.execute("SELECT job_variants_id FROM jobs_variants ORDER BY 1")]

@@ -13,6 +13,11 @@
 -- rarer branches append through outbox_append_variant_event (the same row, checked by
 -- tests/integration/test_capture.py).
 --
+-- The trade-off: the rarer shapes pay a little more than under 0007. An update that changes
+-- nothing captured (updated_at only) evaluates two expressions instead of one, a few thousand
+-- instructions more; a move, an attach or a new id appends its variant_changed through
+-- outbox_append_variant_event, a nested PL/pgSQL call (about 19,000 more, 0007).
+--
 -- Measured and not done (bench/README.md, "Writer path"): dropping the variant_id index (about
 -- 15,000 instructions; `outbox replay` reads by it) and the event_id primary key (about 11,000
 -- more; dead letters, `events` and `prune` look events up by it).

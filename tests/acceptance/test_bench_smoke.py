@@ -43,3 +43,36 @@ def test_quick_drain_and_memory_run_writes_results(server_url: DatabaseUrl, tmp_
             assert figures[f"worker_peak_rss_mb_{size}_batch_{batch}"]["value"] > 0
     assert figures["worker_baseline_rss_mb"]["value"] > 0
     assert "| figure | value | target |" in (tmp_path / "latest.md").read_text()
+
+
+def test_quick_writers_run_measures_every_mode_and_the_floors(server_url: DatabaseUrl, tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OUTBOX_")}
+    env["OUTBOX_BENCH_DATABASE_URL"] = server_url.url.render_as_string(hide_password=False)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "bench/run.py",
+            "--quick",
+            "--only",
+            "writers",
+            "--writer-seconds",
+            "1",
+            "--results",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    figures = json.loads((tmp_path / "latest.json").read_text())["figures"]
+    for mode in ("none", "trigger", "python_api", "floor_empty_trigger", "floor_bare_insert"):
+        assert figures[f"writer_tx_per_second_{mode}"]["value"] > 0
+    for mode in ("trigger", "python_api"):  # the product's paths are held to the target
+        assert figures[f"writer_overhead_ratio_{mode}"]["target"] == ">= 0.85"
+    for mode in ("floor_empty_trigger", "floor_bare_insert"):  # the floors are references only
+        assert figures[f"writer_overhead_ratio_{mode}"]["target"] is None
+        assert figures[f"writer_overhead_ratio_{mode}"]["value"] > 0

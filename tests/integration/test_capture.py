@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 
 import psycopg
@@ -175,30 +176,49 @@ def test_a_variant_detached_from_its_job_no_longer_counts_for_it(conn, engine, s
     assert conn.execute("SELECT count(*) FROM outbox_dead_letters").fetchone()[0] == 0
 
 
-def expected_update_events(old, new):
-    """The capture rules for an UPDATE, as (event_type, job, variant, payload), written out
-    independently of the trigger: nothing when no captured column changed; a variant leaving its
-    job (given another id, moved or detached) leaves a variant_removed in that job; a variant with a
-    job gets a variant_changed."""
+VALID_STATUSES = {"queued", "running", "done", "failed"}
+
+
+def expected_update_events(old, new, partitions):
+    """The capture rules for an UPDATE, written out independently of the trigger: the events it
+    appends as (event_type, partition, job, variant, payload), or the start of the error it raises.
+
+    Nothing when no captured column changed; else a status outside the four is refused, and so is
+    a step over 65,000 bytes going into an event; a variant leaving its job (given another id,
+    moved or detached) leaves a variant_removed in that job's partition; a variant with a job gets
+    a variant_changed."""
     if old == new:
         return []
     (old_job, old_id, _, _), (new_job, new_id, status, step) = old, new
+    if status not in VALID_STATUSES:
+        return "jobs_variants.status must be one of"
+    if new_job is not None and step is not None and len(step.encode()) > 65_000:
+        return f"jobs_variants.current_step is {len(step.encode())} bytes long"
+
+    def partition(job):  # outbox_partition_hash: the first 32 bits of md5(job_id::text)
+        return int(hashlib.md5(str(job).encode()).hexdigest()[:8], 16) % partitions
+
     appended = []
     if (new_job, new_id) != (old_job, old_id) and old_job is not None:
-        appended.append(("variant_removed", old_job, old_id, {}))
+        appended.append(("variant_removed", partition(old_job), old_job, old_id, {}))
     if new_job is not None:
-        appended.append(("variant_changed", new_job, new_id, {"status": status, "step": step}))
+        appended.append(("variant_changed", partition(new_job), new_job, new_id, {"status": status, "step": step}))
     return appended
 
 
 def test_every_shape_of_update_appends_the_events_the_rules_give(conn):
     """Migration 0008 captures the common update (same job and id, valid, a new status or step)
-    with one test and every other shape on a second path: each shape, from several starting rows,
-    against the rules written out in Python."""
+    with one test and every other shape on a second path: each shape, from ordinary and legacy
+    starting rows (a status capture would refuse, written before it was installed), against the
+    rules written out in Python, with 3 partitions."""
     jobs = [uuid.uuid4(), uuid.uuid4()]
-    for job in jobs:
-        conn.execute("INSERT INTO jobs (job_id, status) VALUES (%s, 'queued')", [job])
-    starts = [(jobs[0], "queued", None), (jobs[0], "running", "ingest"), (None, "running", "detect")]
+    starts = [
+        (jobs[0], "queued", None),
+        (jobs[0], "running", "ingest"),
+        (None, "running", "detect"),
+        (jobs[0], None, None),  # legacy rows
+        (jobs[1], "exploded", "ingest"),
+    ]
     changes = [
         {"status": "running"},  # the status only, no step: the common path
         {"status": "done", "current_step": "iou_eval"},
@@ -206,6 +226,13 @@ def test_every_shape_of_update_appends_the_events_the_rules_give(conn):
         {"current_step": "ingest", "status": "running"},  # possibly the same values: no event
         {"current_step": None},
         {"updated_at": "2026-01-01"},  # nothing captured
+        {"status": None},
+        {"status": "exploded"},
+        {"current_step": "é" * 32_500},  # 65,000 bytes: the largest step an event carries
+        {"current_step": "é" * 32_501},
+        {"current_step": "s" * 65_000},
+        {"current_step": "s" * 65_001},
+        {"job_id": None, "current_step": "s" * 70_000},  # detached: the step goes into no event
         {"job_id": jobs[1]},  # a move
         {"job_id": jobs[1], "status": "failed"},
         {"job_id": None},  # detached
@@ -213,29 +240,45 @@ def test_every_shape_of_update_appends_the_events_the_rules_give(conn):
         {"job_variants_id": "new"},  # another id
         {"job_variants_id": "new", "job_id": jobs[1], "current_step": "é" * 300},
     ]
-    for job, status, step in starts:
-        for change in changes:
-            variant = uuid.uuid4()
-            conn.execute(
-                "INSERT INTO jobs_variants (job_variants_id, job_id, status, current_step) VALUES (%s, %s, %s, %s)",
-                [variant, job, status, step],
-            )
-            change = {column: uuid.uuid4() if value == "new" else value for column, value in change.items()}
-            (before,) = conn.execute("SELECT coalesce(max(event_id), 0) FROM outbox_events").fetchone()
-            assignments = ", ".join(f"{column} = %s" for column in change)
-            conn.execute(
-                f"UPDATE jobs_variants SET {assignments} WHERE job_variants_id = %s", [*change.values(), variant]
-            )
-            old = (job, variant, status, step)
-            new = (
-                change.get("job_id", job),
-                change.get("job_variants_id", variant),
-                change.get("status", status),
-                change.get("current_step", step),
-            )
-            appended = conn.execute(
-                "SELECT event_type, job_id, variant_id, payload FROM outbox_events "
-                "WHERE event_id > %s ORDER BY event_id",
-                [before],
-            ).fetchall()
-            assert appended == expected_update_events(old, new), (old, change)
+    with conn.transaction(force_rollback=True):
+        conn.execute("SELECT outbox_partitions_set(3)")  # rolled back with the transaction
+        for job in jobs:
+            conn.execute("INSERT INTO jobs (job_id, status) VALUES (%s, 'queued')", [job])
+        for job, status, step in starts:
+            for change in changes:
+                variant = uuid.uuid4()
+                legacy = status not in VALID_STATUSES
+                if legacy:
+                    conn.execute("ALTER TABLE jobs_variants DISABLE TRIGGER outbox_capture_variant_insert_delete")
+                conn.execute(
+                    "INSERT INTO jobs_variants (job_variants_id, job_id, status, current_step) VALUES (%s, %s, %s, %s)",
+                    [variant, job, status, step],
+                )
+                if legacy:
+                    conn.execute("ALTER TABLE jobs_variants ENABLE TRIGGER outbox_capture_variant_insert_delete")
+                change = {column: uuid.uuid4() if value == "new" else value for column, value in change.items()}
+                old = (job, variant, status, step)
+                new = (
+                    change.get("job_id", job),
+                    change.get("job_variants_id", variant),
+                    change.get("status", status),
+                    change.get("current_step", step),
+                )
+                expected = expected_update_events(old, new, partitions=3)
+                (before,) = conn.execute("SELECT coalesce(max(event_id), 0) FROM outbox_events").fetchone()
+                assignments = ", ".join(f"{column} = %s" for column in change)
+                update = f"UPDATE jobs_variants SET {assignments} WHERE job_variants_id = %s"
+                if isinstance(expected, str):
+                    with pytest.raises(psycopg.errors.CheckViolation, match=expected), conn.transaction():
+                        conn.execute(update, [*change.values(), variant])
+                    continue
+                conn.execute(update, [*change.values(), variant])
+                appended = conn.execute(
+                    "SELECT event_type, partition, job_id, variant_id, payload, schema_version, variant_version"
+                    " FROM outbox_events WHERE event_id > %s ORDER BY event_id",
+                    [before],
+                ).fetchall()
+                assert [row[:5] for row in appended] == expected, (old, change)
+                assert all(row[5] == 1 for row in appended)
+                versions = [row[6] for row in appended]
+                assert versions == sorted(set(versions))

@@ -326,6 +326,11 @@ def _move_variants(logins: Logins, jobs: dict[uuid.UUID, list[uuid.UUID]], rng: 
                 )
         first_job = next(iter(jobs))
         conn.execute("DELETE FROM jobs_variants WHERE job_variants_id = %s", [jobs[first_job].pop()])
+        # A variant moved to another job: capture's rarer path (outbox_append_variant_event, twice).
+        source = next(j for j in list(jobs)[1:] if len(jobs[j]) > 1)
+        moved = jobs[source].pop()
+        conn.execute("UPDATE jobs_variants SET job_id = %s WHERE job_variants_id = %s", [first_job, moved])
+        jobs[first_job].append(moved)
         # Most jobs finish, so that done is reached too.
         finished = [j for j in jobs if rng.random() < 0.6]
         conn.execute(
