@@ -11,18 +11,20 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from processor.database import DatabaseUrl
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_quick_drain_and_memory_run_writes_results(server_url: DatabaseUrl, tmp_path: Path) -> None:
+def run_quick_bench(server_url: DatabaseUrl, results: Path, *args: str) -> dict[str, Any]:
+    """``bench/run.py --quick *args`` against the test server; its latest.json."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("OUTBOX_")}
     env["OUTBOX_BENCH_DATABASE_URL"] = server_url.url.render_as_string(hide_password=False)
     done = subprocess.run(
         # --results: the test's own folder, so that bench/results/latest.* keep the last real run
-        [sys.executable, "bench/run.py", "--quick", "--only", "drain,memory", "--results", str(tmp_path)],
+        [sys.executable, "bench/run.py", "--quick", *args, "--results", str(results)],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -30,8 +32,11 @@ def test_quick_drain_and_memory_run_writes_results(server_url: DatabaseUrl, tmp_
         timeout=120,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return json.loads((results / "latest.json").read_text())
 
-    data = json.loads((tmp_path / "latest.json").read_text())
+
+def test_quick_drain_and_memory_run_writes_results(server_url: DatabaseUrl, tmp_path: Path) -> None:
+    data = run_quick_bench(server_url, tmp_path, "--only", "drain,memory")
     assert {"command", "machine", "figures", "options"} <= set(data)
     assert {"cores", "postgresql", "python", "psycopg"} <= set(data["machine"])
     assert "bench/run.py --quick --only drain,memory" in data["command"]
@@ -46,29 +51,7 @@ def test_quick_drain_and_memory_run_writes_results(server_url: DatabaseUrl, tmp_
 
 
 def test_quick_writers_run_measures_every_mode_and_the_floors(server_url: DatabaseUrl, tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OUTBOX_")}
-    env["OUTBOX_BENCH_DATABASE_URL"] = server_url.url.render_as_string(hide_password=False)
-    done = subprocess.run(
-        [
-            sys.executable,
-            "bench/run.py",
-            "--quick",
-            "--only",
-            "writers",
-            "--writer-seconds",
-            "1",
-            "--results",
-            str(tmp_path),
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-
-    figures = json.loads((tmp_path / "latest.json").read_text())["figures"]
+    figures = run_quick_bench(server_url, tmp_path, "--only", "writers", "--writer-seconds", "1")["figures"]
     for mode in ("none", "trigger", "python_api", "floor_empty_trigger", "floor_bare_insert"):
         assert figures[f"writer_tx_per_second_{mode}"]["value"] > 0
     for mode in ("trigger", "python_api"):  # the product's paths are held to the target
