@@ -229,8 +229,11 @@ def latency_run(
 ) -> LoadRun:
     """One window of ``seconds`` at ``rate`` updates/s with the worker in ``mode``, after ``warmup`` s."""
     total = math.ceil(rate * (warmup + seconds))
-    db = _run_module().fresh_database(admin_url, DATABASE)
-    with connect(db, application_name="outbox-bench") as conn:
+    run = _run_module()
+    with (
+        run.scratch_database(admin_url, f"{DATABASE}_{run.RUN_TAG}") as db,
+        connect(db, application_name="outbox-bench") as conn,
+    ):
         conn.execute(JOBS_SQL.replace("%(jobs)s", str(total)).encode())
         store.wakeup_trigger_set(conn, enabled=mode == "notify")
         rows = conn.execute("SELECT job_variants_id, job_id FROM jobs_variants").fetchall()
@@ -304,9 +307,12 @@ def writer_rate(db: DatabaseUrl, variants: Sequence[uuid.UUID], *, seconds: floa
 
 def notify_cost_run(admin_url: DatabaseUrl, *, run: int, seconds: float, writers: int) -> dict[str, float]:
     """Writer tx/s with the capture triggers and the notify trigger disabled, then enabled (order alternates)."""
-    db = _run_module().fresh_database(admin_url, f"{DATABASE}_writers")
+    run_module = _run_module()
     rates: dict[str, float] = {}
-    with connect(db, application_name="outbox-bench") as conn:
+    with (
+        run_module.scratch_database(admin_url, f"{DATABASE}_writers_{run_module.RUN_TAG}") as db,
+        connect(db, application_name="outbox-bench") as conn,
+    ):
         conn.execute(WRITERS_SQL.encode())
         conn.execute("VACUUM ANALYZE")
         variants = [row[0] for row in conn.execute("SELECT job_variants_id FROM jobs_variants")]

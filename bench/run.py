@@ -177,6 +177,15 @@ def drop_database(admin_url: DatabaseUrl, name: str) -> None:
         admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
+@contextmanager
+def scratch_database(admin_url: DatabaseUrl, name: str) -> Iterator[DatabaseUrl]:
+    """A fresh, migrated database ``name`` for one measurement, dropped on the way out, failed or not."""
+    try:
+        yield fresh_database(admin_url, name)
+    finally:
+        drop_database(admin_url, name)
+
+
 def fresh_database(admin_url: DatabaseUrl, name: str, template: str | None = None) -> DatabaseUrl:
     """A new database ``name``: migrated, or a copy of ``template``."""
     drop_database(admin_url, name)
@@ -506,8 +515,7 @@ def backend_cpu_seconds(pids: Sequence[int]) -> float | None:
 
 @contextmanager
 def writer_database(admin_url: DatabaseUrl) -> Iterator[tuple[DatabaseUrl, list[Any]]]:
-    db = fresh_database(admin_url, f"outbox_bench_writers_{RUN_TAG}")
-    try:
+    with scratch_database(admin_url, f"outbox_bench_writers_{RUN_TAG}") as db:
         with connect(db, application_name="outbox-bench") as conn:
             conn.execute(BACKLOG_SQL.replace("%(jobs)s", "1000").encode())
             conn.execute(FLOOR_SQL.read_bytes())
@@ -515,8 +523,6 @@ def writer_database(admin_url: DatabaseUrl) -> Iterator[tuple[DatabaseUrl, list[
             conn.execute("VACUUM ANALYZE")
             variants = [row[0] for row in conn.execute("SELECT job_variants_id FROM jobs_variants ORDER BY 1")]
         yield db, variants
-    finally:
-        drop_database(admin_url, f"outbox_bench_writers_{RUN_TAG}")
 
 
 def writer_overhead(
