@@ -54,9 +54,11 @@ class WorkerMetrics:
             "outbox_dead_letters", "Dead letters waiting for retry or discard.", registry=self.registry
         )
         self.active = Gauge(
-            "outbox_active_consumer", "1 while this worker holds the partition's consumer lock.", labels,
+            "outbox_active_consumer",
+            "1 while this worker is the partition's consumer (lock held, checks done).",
+            labels,
             registry=self.registry,
-        )  # fmt: skip
+        )
 
     def on_batch(self, result: BatchResult, seconds: float) -> None:
         p = str(result.partition)

@@ -39,8 +39,14 @@ def test_metrics_move_with_the_work_and_health_answers(db, engine, tmp_path):
             wait_for(lambda: consumer_os_pid(conn) == worker.pid, what="the worker to start")
             health = urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5)
             assert health.status == 200
-            before, _ = scrape(port)
-            assert before["outbox_active_consumer"] == 1
+
+            # The gauge is set once the worker has checked the partition it locked, a moment after
+            # the lock shows in the database.
+            def consuming() -> tuple[dict[str, float], str] | None:
+                metrics = scrape(port)
+                return metrics if metrics[0].get("outbox_active_consumer") == 1 else None
+
+            before, _ = wait_for(consuming, what="the active-consumer gauge")
             finish_jobs(engine, 10)  # 10 jobs x 2 variants x 2 events
             wait_for(lambda: pending_work(conn) == 0, what="the worker to apply")
 
