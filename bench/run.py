@@ -362,7 +362,6 @@ def memory_group(drains: Drains, results: Results, sizes: Sequence[int], batches
 # Writer overhead
 
 
-WRITER_MODES = ("none", "trigger", "python_api", "floor_empty_trigger", "floor_bare_insert")
 CAPTURED_MODES = ("trigger", "python_api")  # the product's paths, held to TARGET_WRITER_RATIO
 WRITER_LABELS = {
     "none": "no capture",
@@ -376,6 +375,7 @@ CAPTURE_TRIGGERS = ("outbox_capture_variant_insert_delete", "outbox_capture_vari
 # writers, whatever it writes. They run in the same interleaved rounds as the product's paths, so
 # their ratios say what the target leaves to the event row itself (bench/README.md, "Writer path").
 FLOOR_SQL = Path(__file__).with_name("capture_floors.sql")
+# Each mode, in the order a round takes them, and the triggers on jobs_variants it runs with.
 MODE_TRIGGERS = {
     "none": (),
     "trigger": CAPTURE_TRIGGERS,
@@ -383,6 +383,7 @@ MODE_TRIGGERS = {
     "floor_empty_trigger": ("bench_floor_empty_trigger",),
     "floor_bare_insert": ("bench_floor_bare_insert",),
 }
+WRITER_MODES = tuple(MODE_TRIGGERS)
 UPDATE_SQL = "UPDATE jobs_variants SET status = %s, current_step = %s WHERE job_variants_id = %s"
 
 
@@ -518,8 +519,7 @@ def writer_database(admin_url: DatabaseUrl) -> Iterator[tuple[DatabaseUrl, list[
     with scratch_database(admin_url, f"outbox_bench_writers_{RUN_TAG}") as db:
         with connect(db, application_name="outbox-bench") as conn:
             conn.execute(BACKLOG_SQL.replace("%(jobs)s", "1000").encode())
-            conn.execute(FLOOR_SQL.read_bytes())
-            enable_triggers(db, CAPTURE_TRIGGERS)
+            conn.execute(FLOOR_SQL.read_bytes())  # installed disabled
             conn.execute("VACUUM ANALYZE")
             variants = [row[0] for row in conn.execute("SELECT job_variants_id FROM jobs_variants ORDER BY 1")]
         yield db, variants
@@ -570,14 +570,13 @@ def writer_overhead(
 
 def writers_group(results: Results, measured: dict[str, Any]) -> None:
     rounds: list[dict[str, dict[str, float | None]]] = measured["rounds"]
-    labels = WRITER_LABELS
     window = f"{WRITERS} writers, {measured['window_seconds']:g} s per mode and round"
     for mode in WRITER_MODES:
         rates = [float(r[mode]["tx_per_second"] or 0) for r in rounds]
         results.add(
             Figure(
                 key=f"writer_tx_per_second_{mode}",
-                label=f"writers, {labels[mode]} ({window})",
+                label=f"writers, {WRITER_LABELS[mode]} ({window})",
                 value=round(statistics.median(rates)),
                 unit="tx/s",
                 group="writers",
@@ -591,7 +590,7 @@ def writers_group(results: Results, measured: dict[str, Any]) -> None:
         results.add(
             Figure(
                 key=f"writer_overhead_ratio_{mode}",
-                label=f"writer ratio, {labels[mode]} / no capture (median of per-round ratios)",
+                label=f"writer ratio, {WRITER_LABELS[mode]} / no capture (median of per-round ratios)",
                 value=value,
                 target=f">= {TARGET_WRITER_RATIO}" if held else None,
                 met=value >= TARGET_WRITER_RATIO if held else None,
@@ -607,7 +606,7 @@ def writers_group(results: Results, measured: dict[str, Any]) -> None:
             results.add(
                 Figure(
                     key=f"writer_{side}_cpu_us_per_tx_{mode}",
-                    label=f"writers, {labels[mode]}: {what} per transaction",
+                    label=f"writers, {WRITER_LABELS[mode]}: {what} per transaction",
                     value=round(statistics.median(float(v) for v in values if v is not None), 1),
                     unit="us",
                     group="writers",

@@ -158,28 +158,21 @@ def run_demo(settings: Settings, db: DatabaseUrl, options: DemoOptions, console:
             t_events = progress.add_task("events applied", total=total_updates + len(walks))
             t_done = progress.add_task("jobs done", total=len(job_ids))
             final = steps[-1]
-
-            def jobs_summary() -> tuple[int, int, int]:
-                """(done, stuck, total) of the demo's jobs, as of now."""
-                row = watch.execute(QUERIES["demo_jobs_summary"], {"final_step": final, "job_ids": job_ids}).fetchone()
-                assert row is not None
-                return row[0], row[1], row[2]
-
             deadline: float | None = None
             while True:
-                summary = jobs_summary()
+                writers_busy = any(t.is_alive() for t in writers)
+                # Known before the summary is read, so that the last summary follows the last batch.
+                drained = not writers_busy and store.work_pending(watch, settings.partition) == 0
+                summary = watch.execute(
+                    QUERIES["demo_jobs_summary"], {"final_step": final, "job_ids": job_ids}
+                ).fetchone()
+                assert summary is not None
                 progress.update(t_updates, completed=written[0])
                 progress.update(t_events, completed=applied[0])
                 progress.update(t_done, completed=summary[0])
-                writers_busy = any(t.is_alive() for t in writers)
+                if drained:
+                    break
                 if not writers_busy:
-                    if store.work_pending(watch, settings.partition) == 0:
-                        # Read again: the summary above may predate the worker's last batch, whose
-                        # jobs it would report as stuck (the drain is only known complete now).
-                        summary = jobs_summary()
-                        progress.update(t_events, completed=applied[0])
-                        progress.update(t_done, completed=summary[0])
-                        break
                     # The worker drains in well under a second here; give up loudly if it does not.
                     deadline = deadline or time.monotonic() + 120
                     if worker_errors:

@@ -1,11 +1,12 @@
-"""An independent reference for job state, computed in SQL from jobs_variants.
+"""Independent references: job state, computed in SQL from jobs_variants, and an event's partition.
 
-Written apart from processor.fold (different language, different shape) so that a shared mistake
-is unlikely; tests compare what the processor wrote into jobs with this.
+Written apart from processor.fold and the schema's functions (different language, different shape)
+so that a shared mistake is unlikely; tests compare what the product wrote with these.
 """
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from typing import Any
 
@@ -44,3 +45,8 @@ def actual_job_states(conn: psycopg.Connection[Any]) -> dict[uuid.UUID, tuple[st
         "SELECT job_id, status, current_step FROM jobs WHERE job_id IN (SELECT job_id FROM jobs_variants)"
     ).fetchall()
     return {row[0]: (row[1], row[2]) for row in rows}
+
+
+def partition_of(job_id: uuid.UUID, partitions: int) -> int:
+    """The documented hash (schema/migrations/0006_partitions.sql), computed apart from the database."""
+    return int(hashlib.md5(str(job_id).encode()).hexdigest()[:8], 16) % partitions

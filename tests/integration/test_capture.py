@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import uuid
 
 import psycopg
@@ -12,6 +11,7 @@ from pydantic import ValidationError
 import outbox
 from outbox.events import PAYLOAD_MODELS
 from tests.helpers import drain, job_state
+from tests.reference import partition_of
 
 
 def events(conn, variant_id):
@@ -195,14 +195,13 @@ def expected_update_events(old, new, partitions):
     if new_job is not None and step is not None and len(step.encode()) > 65_000:
         return f"jobs_variants.current_step is {len(step.encode())} bytes long"
 
-    def partition(job):  # outbox_partition_hash: the first 32 bits of md5(job_id::text)
-        return int(hashlib.md5(str(job).encode()).hexdigest()[:8], 16) % partitions
-
     appended = []
     if (new_job, new_id) != (old_job, old_id) and old_job is not None:
-        appended.append(("variant_removed", partition(old_job), old_job, old_id, {}))
+        appended.append(("variant_removed", partition_of(old_job, partitions), old_job, old_id, {}))
     if new_job is not None:
-        appended.append(("variant_changed", partition(new_job), new_job, new_id, {"status": status, "step": step}))
+        appended.append(
+            ("variant_changed", partition_of(new_job, partitions), new_job, new_id, {"status": status, "step": step})
+        )
     return appended
 
 

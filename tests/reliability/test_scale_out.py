@@ -12,7 +12,6 @@ locks, so that they happen every time rather than once in a while.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import signal
@@ -41,7 +40,7 @@ from processor.repartition import repartition
 from processor.worker import application_name
 from tests.fix_database import make_settings, subprocess_env
 from tests.helpers import WorkerProcess, drain, make_jobs, pending_work, wait_for, waiting_on_lock
-from tests.reference import actual_job_states, reference_job_states
+from tests.reference import actual_job_states, partition_of, reference_job_states
 
 STEPS = ("ingest", "detect", "segment", "iou_eval")
 STATUSES = ("queued", "running", "done", "failed")
@@ -115,11 +114,6 @@ CREATE TRIGGER audit_job_state_write AFTER UPDATE ON jobs
         lock_class=store.CONSUMER_LOCK_CLASS, partition=sql.SQL("outbox_partition_of(NEW.job_id)")
     )
 )
-
-
-def partition_of(job_id: uuid.UUID, partitions: int) -> int:
-    """The documented hash (schema/migrations/0006_partitions.sql), computed apart from the database."""
-    return int(hashlib.md5(str(job_id).encode()).hexdigest()[:8], 16) % partitions
 
 
 def repartition_now(db: DatabaseUrl, partitions: int) -> None:
