@@ -51,6 +51,7 @@ from rich.table import Table
 
 import outbox
 from processor.database import DatabaseUrl, connect
+from processor.fold import Pipeline
 from processor.migrate import migrate
 from processor.settings import Settings
 
@@ -200,7 +201,7 @@ def fresh_database(admin_url: DatabaseUrl, name: str, template: str | None = Non
     db = DatabaseUrl(admin_url.url.set(database=name))
     if template is None:
         with connect(db, application_name="outbox-bench") as conn:
-            migrate(conn)
+            migrate(conn, pipeline=Pipeline(tuple(STEPS.split(","))))
     return db
 
 

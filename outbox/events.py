@@ -14,6 +14,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+# The longest step name an event carries (characters). Capture refuses far longer ones at write time
+# (65,000 bytes, what a payload can hold); a pipeline may not name a longer step, and an event with
+# one is a dead letter. The drain's SQL decoding (outbox_event_decode) uses the same number.
+STEP_MAX_CHARS = 200
+
 
 class VariantStatus(StrEnum):
     """The statuses a variant can have; anything else is refused at write time."""
@@ -44,7 +49,7 @@ class VariantChanged(BaseModel):
     status: VariantStatus
     # Step names are short identifiers from OUTBOX_PIPELINE_STEPS; the cap keeps a hostile payload
     # from carrying megabytes through the fold.
-    step: str | None = Field(default=None, max_length=200)
+    step: str | None = Field(default=None, max_length=STEP_MAX_CHARS)
 
 
 class VariantRemoved(BaseModel):

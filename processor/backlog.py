@@ -95,7 +95,7 @@ def _partition_backlog(
     conn: Connection, partition: int, holder: store.LockHolder | None, workers: list[Any]
 ) -> dict[str, Any]:
     checkpoint = store.checkpoint_get(conn, partition)
-    pending = store.events_pending_summary(conn, partition, checkpoint.cursor)
+    pending = store.events_pending_summary(conn, partition)
     counts = conn.execute(QUERIES["backlog_counts"], {"partition": partition}).fetchone()
     assert counts is not None
     consumer = None
@@ -128,7 +128,7 @@ def _partition_backlog(
         "consumer": consumer,
         "dead_letters": counts[0],
         "flagged_jobs": counts[1],
-        "jobs_awaiting_fold": counts[2],
+        "jobs_awaiting_fold": pending.jobs_waiting,
         "outbox": {"bytes": counts[3], "rows_estimate": counts[4]},
         "pending_by_event_type": pending.by_event_type,
         "pending_top_jobs": pending.top_jobs,

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
+import psycopg
+
 from processor import store
 from processor.decode import DeadLetter, EventRow, decode_event
 from processor.fold import FailurePolicy, JobState, Pipeline, UnfoldableJobError, VariantState, fold_job
+from processor.fold_config import FoldConfig
 from processor.snapshot import Cursor
 from processor.store import Connection
 
@@ -19,15 +23,26 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class FoldContext:
-    """What every batch of one worker shares: its partition and how it folds."""
+    """What every batch of one worker shares: its partition and how it folds (the database's configuration)."""
 
     partition: int
-    pipeline: Pipeline
-    policy: FailurePolicy
+    config: FoldConfig
+
+    @property
+    def pipeline(self) -> Pipeline:
+        return self.config.pipeline
+
+    @property
+    def policy(self) -> FailurePolicy:
+        return self.config.policy
 
 
 class FencedError(RuntimeError):
     """The checkpoint moved under this worker: another consumer applied events; apply nothing."""
+
+
+class FoldConfigChangedError(FencedError):
+    """`outbox pipeline set` changed the fold configuration: reload it, then go on (nothing applied)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,20 +63,16 @@ class BatchResult:
 
 
 def decode_batch(events: Sequence[EventRow]) -> tuple[list[tuple[VariantState, int]], list[DeadLetter]]:
-    """Decode a batch: each variant's newest state (with its event id), and the dead letters."""
-    latest: dict[uuid.UUID, tuple[VariantState, int]] = {}
+    """Decode events into states (with their event ids; the merge keeps each variant's newest) and dead letters."""
+    states: list[tuple[VariantState, int]] = []
     dead: list[DeadLetter] = []
     for event in events:
         decoded = decode_event(event)
         if decoded.dead_letter is not None:
             dead.append(decoded.dead_letter)
-        state = decoded.state
-        if state is None:
-            continue
-        known = latest.get(state.variant_id)
-        if known is None or state.sort_key() > known[0].sort_key():
-            latest[state.variant_id] = (state, event.event_id)
-    return list(latest.values()), dead
+        if decoded.state is not None:
+            states.append((decoded.state, event.event_id))
+    return states, dead
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,13 +85,13 @@ class FoldedJobs:
 
 
 def fold_jobs(
-    job_ids: Iterable[uuid.UUID], states_by_job: dict[uuid.UUID, list[VariantState]], ctx: FoldContext
+    job_ids: Iterable[uuid.UUID], states_by_job: dict[uuid.UUID, list[VariantState]], config: FoldConfig
 ) -> FoldedJobs:
     """Fold each job; a job that cannot be folded is flagged with the reason instead."""
     result = FoldedJobs()
     for job_id in job_ids:
         try:
-            state = fold_job(states_by_job.get(job_id, []), ctx.pipeline, ctx.policy)
+            state = fold_job(states_by_job.get(job_id, []), config.pipeline, config.policy)
         except UnfoldableJobError as exc:
             result.flags[job_id] = str(exc)
             continue
@@ -90,12 +101,17 @@ def fold_jobs(
     return result
 
 
-def _fence(conn: Connection, partition: int, expected: Cursor) -> None:
+def _fence(conn: Connection, ctx: FoldContext, expected: Cursor) -> None:
     # The row lock on the checkpoint fences every other consumer of this partition until commit;
-    # the comparison refuses to apply anything if another consumer moved it meanwhile.
-    current = store.checkpoint_lock(conn, partition)
-    if current != expected:
-        raise FencedError(f"checkpoint of partition {partition} moved under this worker (now {current})")
+    # the comparison refuses to apply anything if another consumer moved it meanwhile, or if the
+    # fold configuration changed (stamped on the row by `outbox pipeline set`, under its lock).
+    locked = store.checkpoint_lock(conn, ctx.partition)
+    if locked.fold_config_version != ctx.config.version:
+        raise FoldConfigChangedError(
+            f"the fold configuration changed (version {ctx.config.version} -> {locked.fold_config_version})"
+        )
+    if locked.cursor != expected:
+        raise FencedError(f"checkpoint of partition {ctx.partition} moved under this worker (now {locked.cursor})")
 
 
 def apply_batch(
@@ -117,7 +133,7 @@ def apply_batch(
     """
     partition = ctx.partition
     with conn.transaction():
-        _fence(conn, partition, expected)
+        _fence(conn, ctx, expected)
         applied = store.events_apply(conn, partition, expected, limit)
         complete = applied.count < limit
         if complete:
@@ -138,13 +154,19 @@ def apply_batch(
             jobs = FoldedJobs()
         else:
             affected.update(applied.jobs)
-            jobs = fold_jobs(affected, store.variant_states_to_fold(conn, affected), ctx) if affected else FoldedJobs()
+            jobs = (
+                fold_jobs(affected, store.variant_states_to_fold(conn, affected), ctx.config)
+                if affected
+                else FoldedJobs()
+            )
+        written = (
+            store.jobs_write(conn, jobs=jobs.states, flags=jobs.flags, folded=jobs.folded)
+            if jobs.folded or jobs.flags
+            else store.JobsWritten(0, 0, [])
+        )
         result = store.batch_commit(
             conn,
             partition,
-            jobs=jobs.states,
-            folded=jobs.folded,
-            flags=jobs.flags,
             dead_letters=dead,
             cursor=new,
             event_count=applied.count,
@@ -152,51 +174,94 @@ def apply_batch(
         )
         if before_commit is not None:
             before_commit()  # test hook: a crash placed here must leave no trace
-    _log_outcome(dead, jobs.flags)
+    _log_outcome(dead, jobs.flags, written.jobs_blocked, conn)
     committed = result.committed_at.timestamp()
     return BatchResult(
         partition=partition,
         events=applied.count,
-        jobs_changed=result.jobs_changed,
+        jobs_changed=written.jobs_changed,
         dead_letters=result.dead_letters,
         cursor=new,
         committed_at=result.committed_at,
         complete=complete,
-        deferred=defer,
+        deferred=defer or bool(written.jobs_blocked),
         event_ids=applied.event_ids,
         latencies=[committed - created for created in applied.created_at],
     )
 
 
-def write_jobs(conn: Connection, ctx: FoldContext, jobs: FoldedJobs, cursor: Cursor) -> store.CommitResult:
-    """Write folded job states and flags, leaving the checkpoint where it is (``cursor``)."""
-    result = store.batch_commit(
-        conn, ctx.partition, jobs=jobs.states, folded=jobs.folded, flags=jobs.flags,
-        dead_letters=[], cursor=cursor, event_count=0,
-    )  # fmt: skip
-    _log_outcome([], jobs.flags)
-    return result
+def write_jobs(conn: Connection, jobs: FoldedJobs, *, deferred_partitions: Iterable[int] = ()) -> store.JobsWritten:
+    """Write folded job states and flags outside a batch (jobs of ``deferred_partitions`` wait for their catch-up)."""
+    written = store.jobs_write(
+        conn, jobs=jobs.states, flags=jobs.flags, folded=jobs.folded, deferred_partitions=deferred_partitions
+    )
+    _log_outcome([], jobs.flags, written.jobs_blocked, conn)
+    return written
 
 
 def fold_and_write_jobs(
-    conn: Connection, ctx: FoldContext, job_ids: Iterable[uuid.UUID], cursor: Cursor
-) -> store.CommitResult:
+    conn: Connection, config: FoldConfig, job_ids: Iterable[uuid.UUID], *, deferred_partitions: Iterable[int] = ()
+) -> store.JobsWritten:
     """Fold ``job_ids`` from the stored variant states and write them (inside the caller's transaction)."""
     job_ids = list(job_ids)
-    return write_jobs(conn, ctx, fold_jobs(job_ids, store.variant_states_to_fold(conn, job_ids), ctx), cursor)
+    folded = fold_jobs(job_ids, store.variant_states_to_fold(conn, job_ids), config)
+    return write_jobs(conn, folded, deferred_partitions=deferred_partitions)
 
 
-def refold_dirty_jobs(conn: Connection, ctx: FoldContext, *, cursor: Cursor, limit: int) -> tuple[int, int]:
-    """Fold up to ``limit`` jobs left by a completed catch-up; return (jobs taken, jobs changed)."""
+@dataclass(frozen=True, slots=True)
+class Refolded:
+    taken: int
+    jobs_changed: int
+    next_retry_in: float | None  # seconds until a job whose row was locked is due again
+
+
+def refold_dirty_jobs(conn: Connection, ctx: FoldContext, *, cursor: Cursor, limit: int) -> Refolded:
+    """Fold up to ``limit`` jobs waiting in outbox_dirty_jobs (a closed catch-up's, or ones whose row was locked)."""
     with conn.transaction():
-        _fence(conn, ctx.partition, cursor)
-        job_ids = store.dirty_jobs_take(conn, ctx.partition, limit)
-        result = fold_and_write_jobs(conn, ctx, job_ids, cursor)
-    return len(job_ids), result.jobs_changed
+        _fence(conn, ctx, cursor)
+        job_ids, next_retry_in = store.dirty_jobs_take(conn, ctx.partition, limit)
+        written = fold_and_write_jobs(conn, ctx.config, job_ids)
+    return Refolded(len(job_ids), written.jobs_changed, next_retry_in if not written.jobs_blocked else 1.0)
 
 
-def _log_outcome(dead: Sequence[DeadLetter], flags: dict[uuid.UUID, str]) -> None:
+def _log_outcome(
+    dead: Sequence[DeadLetter], flags: dict[uuid.UUID, str], blocked: Sequence[uuid.UUID], conn: Connection
+) -> None:
     for letter in dead:
         log.warning("event %s parked as a dead letter (job %s): %s", letter.event_id, letter.job_id, letter.reason)
     for job_id, reason in flags.items():
         log.error("job %s flagged, its state left unchanged: %s", job_id, reason)
+    if blocked:
+        _log_blocked(conn, blocked)
+
+
+_BLOCKED_LOG_EVERY = 30.0  # seconds: a job that stays locked is named again this often
+_blocked_logged: dict[uuid.UUID, float] = {}
+
+
+def _log_blocked(conn: Connection, blocked: Sequence[uuid.UUID]) -> None:
+    """Name each locked job and who holds its row (again every 30 s while it stays locked)."""
+    now = time.monotonic()
+    for job, at in list(_blocked_logged.items()):
+        if now - at > _BLOCKED_LOG_EVERY:
+            del _blocked_logged[job]
+    fresh = [job for job in blocked if job not in _blocked_logged]
+    _blocked_logged.update(dict.fromkeys(fresh, now))
+    if not fresh:
+        return
+    try:
+        with conn.transaction():  # a savepoint inside an operation's transaction
+            holders = store.jobs_lock_holders(conn, fresh[:20])
+    except psycopg.Error:  # the description is best effort; the job is retried whatever happens here
+        holders = []
+    for holder in holders:
+        log.warning(
+            "job %s: its row in jobs is locked by %s; its state is written once the lock is released, "
+            "the other jobs go on",
+            holder.job_id,
+            holder.describe(),
+        )
+    if len(fresh) > len(holders):
+        log.warning(
+            "%s more job rows locked by other transactions; tried again every second", len(fresh) - len(holders)
+        )

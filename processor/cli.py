@@ -24,10 +24,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from processor import store
-from processor.batch import FoldContext
+from processor import fold_config, store
 from processor.database import DatabaseUrl, RedactingFilter, connect, redact
 from processor.errors import OutboxError, PartitionMissingError
+from processor.fold import FailurePolicy, Pipeline
 from processor.metrics import WorkerMetrics, serve
 from processor.migrate import check_ready
 from processor.migrate import migrate as run_migrations
@@ -43,6 +43,24 @@ app = typer.Typer(
     add_completion=False,
 )
 
+
+def _show_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        print(f"outbox (pg-outbox-processor) {version('pg-outbox-processor')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    show_version: Annotated[
+        bool, typer.Option("--version", callback=_show_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Transactional-outbox processor: keeps each job's state in step with its variants."""
+
+
 DatabaseOption = Annotated[
     str | None,
     typer.Option(
@@ -56,6 +74,31 @@ LogLevelOption = Annotated[
     str, typer.Option("--log-level", envvar="OUTBOX_LOG_LEVEL", help="DEBUG, INFO, WARNING or ERROR.")
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+PipelineOption = Annotated[
+    str | None,
+    typer.Option(
+        "--pipeline-steps",
+        envvar="OUTBOX_PIPELINE_STEPS",
+        help="Comma-separated steps, the last one final. The database keeps the pipeline (`outbox pipeline "
+        "show`); given here, it must match it (`outbox migrate` sets it the first time).",
+        show_default="the database's",
+    ),
+]
+PolicyOption = Annotated[
+    FailurePolicy | None,
+    typer.Option(
+        "--failure-policy",
+        envvar="OUTBOX_FAILURE_POLICY",
+        help="When a job is failed: settled (once every variant is finished) or immediate. Kept in the database, "
+        "like the pipeline.",
+        show_default="the database's",
+    ),
+]
+# Partition numbers as the schema allows them (outbox_partitioning: 1 to 1024 partitions).
+PartitionOption = Annotated[
+    int | None,
+    typer.Option(envvar="OUTBOX_PARTITION", min=0, max=1023, help="Partition to work on.", show_default="all"),
+]
 
 
 def _setup(database_url: str | None, log_level: str, **overrides: Any) -> tuple[Settings, DatabaseUrl, Console]:
@@ -72,9 +115,9 @@ def _setup(database_url: str | None, log_level: str, **overrides: Any) -> tuple[
     return settings, db, console
 
 
-def _migrate(db: DatabaseUrl, console: Console, *, quiet: bool = False) -> None:
+def _migrate(db: DatabaseUrl, console: Console, settings: Settings, *, quiet: bool = False) -> None:
     with connect(db, application_name=application_name("migrate")) as conn:
-        report = run_migrations(conn)
+        report = run_migrations(conn, pipeline=settings.pipeline, policy=settings.failure_policy)
     for trigger, function in report.removed_triggers:
         console.print(
             f"removed legacy trigger {trigger} on jobs_variants (function {function} is kept): it wrote job "
@@ -86,11 +129,15 @@ def _migrate(db: DatabaseUrl, console: Console, *, quiet: bool = False) -> None:
         console.print(f"migrated {db.redacted()}: applied {names}")
     elif not quiet:
         console.print(f"{db.redacted()} is up to date (schema version {report.already_applied})")
+    if report.config_set is not None and not quiet:
+        console.print(f"fold configuration set: {report.config_set.describe()} (change it with `outbox pipeline set`)")
 
 
 @app.command()
 def migrate(
     database_url: DatabaseOption = None,
+    pipeline_steps: PipelineOption = None,
+    failure_policy: PolicyOption = None,
     wakeup: Annotated[
         Wakeup | None,
         typer.Option(
@@ -102,9 +149,15 @@ def migrate(
     ] = None,
     log_level: LogLevelOption = "WARNING",
 ) -> None:
-    """Create or adopt the jobs tables and install the outbox (idempotent); with OUTBOX_PARTITIONS, set the count."""
-    settings, db, console = _setup(database_url, log_level)
-    _migrate(db, console)
+    """Create or adopt the jobs tables and install the outbox (idempotent); with OUTBOX_PARTITIONS, set the count.
+
+    The first migrate also sets the pipeline (OUTBOX_PIPELINE_STEPS; the default one only if every
+    step jobs_variants uses is in it).
+    """
+    settings, db, console = _setup(
+        database_url, log_level, pipeline_steps=pipeline_steps, failure_policy=failure_policy
+    )
+    _migrate(db, console, settings)
     if settings.partitions is not None:
         _repartition(db, console, settings.partitions, timeout=60.0, as_json=False)
     if wakeup is not None:
@@ -165,14 +218,23 @@ def run(
         bool, typer.Option("--until-idle", help="Exit 0 once nothing more can be processed right now.")
     ] = False,
     batch_size: Annotated[
-        int | None, typer.Option(envvar="OUTBOX_BATCH_SIZE", help="Events per transaction.", show_default="5000")
+        int | None,
+        typer.Option(
+            envvar="OUTBOX_BATCH_SIZE", min=1, max=100_000, help="Events per transaction.", show_default="5000"
+        ),
     ] = None,
     partition: Annotated[
         int | None,
         typer.Option(
-            envvar="OUTBOX_PARTITION", help="Consume only this partition.", show_default="a fair share of all"
+            envvar="OUTBOX_PARTITION",
+            min=0,
+            max=1023,
+            help="Consume only this partition.",
+            show_default="a fair share of all",
         ),
     ] = None,
+    pipeline_steps: PipelineOption = None,
+    failure_policy: PolicyOption = None,
     metrics_port: Annotated[
         int | None,
         typer.Option(
@@ -182,9 +244,12 @@ def run(
     log_level: LogLevelOption = "INFO",
 ) -> None:
     """Run the worker: apply outbox events to job state, one active worker per partition."""
-    settings, db, console = _setup(database_url, log_level, batch_size=batch_size, partition=partition)
+    settings, db, console = _setup(
+        database_url, log_level, batch_size=batch_size, partition=partition, pipeline_steps=pipeline_steps,
+        failure_policy=failure_policy,
+    )  # fmt: skip
     if settings.database_url is None:
-        _migrate(db, console, quiet=True)  # the embedded database is created and migrated on first use
+        _migrate(db, console, settings, quiet=True)  # the embedded database is created and migrated on first use
     metrics = WorkerMetrics() if metrics_port else None
     worker = Worker(settings, db, metrics=metrics)
     refresh_stop = threading.Event()
@@ -236,13 +301,15 @@ def demo(
         raise typer.BadParameter("must not exceed --max-variants", param_hint="--min-variants")
     settings, db, console = _setup(database_url, log_level)
     progress = Console(stderr=True, soft_wrap=True)  # stdout stays for the summary
-    _migrate(db, progress, quiet=True)
+    _migrate(db, progress, settings, quiet=True)
+    with connect(db, application_name=application_name("demo")) as conn:
+        config = fold_config.load(conn)
     progress.print(
         f"demo on {db.redacted()}: {jobs} jobs x {min_variants}-{max_variants} variants, {writers} writers, "
-        f"pipeline {' -> '.join(settings.pipeline_steps)}"
+        f"pipeline {' -> '.join(config.pipeline.steps)}"
     )
     options = DemoOptions(jobs, min_variants, max_variants, writers, fail_rate, seed)
-    report = run_demo(settings, db, options, progress)
+    report = run_demo(settings, db, config.pipeline.steps, options, progress)
     if as_json:
         print(json.dumps(report.summary(), indent=2))
     else:
@@ -254,9 +321,7 @@ def demo(
 @app.command()
 def backlog(
     database_url: DatabaseOption = None,
-    partition: Annotated[
-        int | None, typer.Option(envvar="OUTBOX_PARTITION", help="Partition to inspect.", show_default="all")
-    ] = None,
+    partition: PartitionOption = None,
     max_lag: Annotated[
         float | None,
         typer.Option(min=0, help="Exit 3 when the oldest pending event is older than this many seconds."),
@@ -281,24 +346,23 @@ def backlog(
         raise SystemExit(3)
 
 
-PartitionOption = Annotated[
-    int | None, typer.Option(envvar="OUTBOX_PARTITION", help="Partition to work on.", show_default="all")
-]
-
-
 @contextmanager
 def _operation(
     database_url: str | None, log_level: str, partition: int | None, role: str
-) -> Iterator[tuple[Settings, Console, Any, list[FoldContext]]]:
-    """Settings, an output console, a checked connection and the fold context of each partition to act on."""
+) -> Iterator[tuple[Settings, Console, Any, list[int]]]:
+    """Settings, an output console, a checked connection and the partitions to act on.
+
+    The fold configuration is the database's; a process whose own setting differs stops here.
+    """
     settings, db, console = _setup(database_url, log_level, partition=partition)
     with connect(db, application_name=application_name(role)) as conn:
         check_ready(conn)
+        fold_config.check_setting(fold_config.load(conn), settings.pipeline_steps, settings.failure_policy)
         count = store.partitions_get(conn)
         if settings.partition is not None and settings.partition >= count:
             raise PartitionMissingError(settings.partition)
         partitions = [settings.partition] if settings.partition is not None else list(range(count))
-        yield settings, console, conn, [FoldContext(p, settings.pipeline, settings.failure_policy) for p in partitions]
+        yield settings, console, conn, partitions
 
 
 def _progress(total: int, description: str) -> Progress:
@@ -338,23 +402,23 @@ def replay(
     from processor.replay import replay as run_replay
 
     started = _parse_since(since)
-    with _operation(database_url, log_level, partition, "replay") as (_, console, conn, contexts):
-        work = []
-        for ctx in contexts:
-            if job:
-                ids = store.job_ids_in_partition(conn, sorted(set(job)), ctx.partition)
-            elif started is not None:
-                ids = store.job_ids_with_events_since(conn, ctx.partition, started)
-            else:
-                ids = store.job_ids_all(conn, ctx.partition)
-            work.append((ctx, ids))
-        job_ids = [job_id for _, ids in work for job_id in ids]
-        changes = []
+    with _operation(database_url, log_level, partition, "replay") as (settings, console, conn, _partitions):
+        if job:
+            wanted = sorted(set(job))
+            job_ids = store.job_ids_existing(conn, wanted)
+            unknown = sorted(set(wanted) - set(job_ids))
+            if unknown:
+                raise OutboxError(f"no such job: {', '.join(str(j) for j in unknown)}; nothing was replayed")
+            if settings.partition is not None:
+                job_ids = store.job_ids_in_partition(conn, job_ids, settings.partition)
+        elif started is not None:
+            job_ids = store.job_ids_with_events_since(conn, settings.partition, started)
+        else:
+            job_ids = store.job_ids_all(conn, settings.partition)
         with _progress(len(job_ids), "replaying jobs" + (" (dry run)" if dry_run else "")) as progress:
-            for ctx, ids in work:
-                changes += run_replay(
-                    conn, ctx, ids, dry_run=dry_run, on_chunk=lambda n: progress.advance(progress.task_ids[0], n)
-                )
+            changes = run_replay(
+                conn, job_ids, dry_run=dry_run, on_chunk=lambda n: progress.advance(progress.task_ids[0], n)
+            )
     if as_json:
         print(json.dumps({
             "jobs": len(job_ids), "dry_run": dry_run,
@@ -370,46 +434,132 @@ def replay(
 @app.command()
 def verify(
     database_url: DatabaseOption = None,
-    repair: Annotated[bool, typer.Option("--repair", help="Fix drift through the processor (events, replay).")] = False,
+    repair: Annotated[
+        bool,
+        typer.Option(
+            "--repair",
+            help="Fix drift through the processor (events, replay), then check again; exit 1 if anything is left.",
+        ),
+    ] = False,
+    wait: Annotated[
+        float,
+        typer.Option(min=0, max=3600, help="With --repair: seconds to wait for the workers to apply resync events."),
+    ] = 30.0,
     partition: PartitionOption = None,
     as_json: JsonOption = False,
     log_level: LogLevelOption = "WARNING",
 ) -> None:
-    """Compare event-derived state with jobs_variants and jobs; exit 1 on drift."""
-    from processor.verify import VerifyReport
+    """Compare event-derived state with jobs_variants and jobs; exit 1 on drift or flagged jobs."""
     from processor.verify import repair as run_repair
     from processor.verify import verify as run_verify
 
-    with _operation(database_url, log_level, partition, "verify") as (_, console, conn, contexts):
-        reports = [(ctx, run_verify(conn, ctx)) for ctx in contexts]
-        report = VerifyReport.merge([r for _, r in reports])
-        repaired = None
-        if repair and report.drift:
-            counts = [run_repair(conn, ctx, r) for ctx, r in reports if r.drift]
-            repaired = (sum(c[0] for c in counts), sum(c[1] for c in counts))
+    with _operation(database_url, log_level, partition, "verify") as (settings, console, conn, _partitions):
+        report = run_verify(conn, settings.partition)
+        repaired = after = None
+        if repair and not report.ok:
+            repaired = run_repair(conn, report, wait=wait)
+            after = run_verify(conn, settings.partition)
     if as_json:
         out = report.as_dict()
-        if repaired is not None:
-            out["repaired"] = {"resync_events": repaired[0], "jobs_rebuilt": repaired[1]}
-        print(json.dumps(out, indent=2))
+        if repaired is not None and after is not None:
+            out["repaired"] = repaired.as_dict()
+            out["after_repair"] = after.as_dict()
+        print(json.dumps(out, indent=2, default=str))
     else:
-        for item in report.variant_drift:
-            console.print(f"variant {item['variant_id']}: row {item['row']} but events say {item['events']}")
-        for item in report.job_drift:
-            console.print(f"job {item['job_id']}: jobs says {item['jobs']} but its variants give {item['events']}")
-        for item in report.stuck_jobs:
-            console.print(f"job {item['job_id']} is {item['status']} although all its variants are done")
-        console.print(
-            f"{len(report.variant_drift)} variants and {len(report.job_drift)} jobs drifted, "
-            f"{len(report.stuck_jobs)} stuck; {report.flagged_jobs} flagged, "
-            f"{report.jobs_in_flight} in flight (skipped)"
-        )
-        if repaired is not None:
+        _print_verify(report, console)
+        if repaired is not None and after is not None:
             console.print(
-                f"repaired: {repaired[0]} resync events written (the worker applies them), {repaired[1]} jobs rebuilt"
-            )
-    if report.drift and not repair:
+                f"repaired: {repaired.resync_events} resync events written, {repaired.jobs_rebuilt} jobs rebuilt"
+                + (f"; {repaired.not_applied} resync events not applied yet (is `outbox run` running?)"
+                   if repaired.not_applied else "")
+            )  # fmt: skip
+            for line in repaired.cannot_repair:
+                console.print(f"cannot repair: {line}")
+            console.print("after repair: " + ("no drift, nothing flagged" if after.ok else _summary(after)))
+    final = after if after is not None else report
+    if not final.ok:
         raise SystemExit(1)
+
+
+def _print_verify(report: Any, console: Console) -> None:
+    for item in report.variant_drift:
+        console.print(f"variant {item['variant_id']}: row {item['row']} but events say {item['events']}")
+    for item in report.job_drift:
+        console.print(f"job {item['job_id']}: jobs says {item['jobs']} but its variants give {item['events']}")
+    for item in report.stuck_jobs:
+        console.print(f"job {item['job_id']} is {item['status']} although all its variants are done")
+    for item in report.flagged:
+        letters = f" (dead letters {', '.join(str(e) for e in item['dead_letters'])})" if item["dead_letters"] else ""
+        console.print(f"job {item['job_id']} is flagged{letters}: {item['reason']}")
+    console.print(_summary(report))
+
+
+def _summary(report: Any) -> str:
+    return (
+        f"{len(report.variant_drift)} variants and {len(report.job_drift)} jobs drifted, "
+        f"{len(report.stuck_jobs)} stuck; {report.flagged_jobs} flagged, {report.jobs_in_flight} in flight (skipped)"
+    )
+
+
+pipeline_app = typer.Typer(
+    help="The pipeline steps and failure policy every worker folds with (kept in the database).",
+    no_args_is_help=True,
+)
+app.add_typer(pipeline_app, name="pipeline")
+
+
+@pipeline_app.command("show")
+def pipeline_show(
+    database_url: DatabaseOption = None, as_json: JsonOption = False, log_level: LogLevelOption = "WARNING"
+) -> None:
+    """Show the database's pipeline and failure policy."""
+    _, db, console = _setup(database_url, log_level)
+    with connect(db, application_name=application_name("pipeline")) as conn:
+        check_ready(conn)
+        config = fold_config.load(conn)
+    if as_json:
+        print(json.dumps({
+            "pipeline_steps": list(config.pipeline.steps), "failure_policy": config.policy.value,
+            "version": config.version,
+        }))  # fmt: skip
+    else:
+        console.print(f"{' -> '.join(config.pipeline.steps)} (final: {config.pipeline.final}); "
+                      f"failure policy {config.policy.value}; version {config.version}")  # fmt: skip
+
+
+@pipeline_app.command("set")
+def pipeline_set(
+    steps: Annotated[
+        str | None,
+        typer.Argument(help="Comma-separated steps, the last one final. Unset: keep the steps.", show_default=False),
+    ] = None,
+    failure_policy: Annotated[
+        FailurePolicy | None,
+        typer.Option("--failure-policy", help="settled or immediate. Unset: keep it.", show_default=False),
+    ] = None,
+    database_url: DatabaseOption = None,
+    log_level: LogLevelOption = "WARNING",
+) -> None:
+    """Change the pipeline (or failure policy) for every worker; every job is folded again."""
+    if steps is None and failure_policy is None:
+        raise typer.BadParameter("give the new steps, --failure-policy, or both")
+    pipeline = None
+    if steps is not None:
+        try:
+            pipeline = Pipeline(tuple(step.strip() for step in steps.split(",")))
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="STEPS") from None
+    _, db, console = _setup(database_url, log_level)
+    with connect(db, application_name=application_name("pipeline")) as conn:
+        check_ready(conn)
+        result = fold_config.change(conn, pipeline, failure_policy)
+    if not result.changed:
+        console.print(f"nothing to change: {result.after.describe()}")
+        return
+    console.print(
+        f"{result.before.describe()} -> {result.after.describe()}; {result.jobs_queued} jobs queued to be folded "
+        "again by the workers (set OUTBOX_PIPELINE_STEPS to the new steps where it is set, or unset it)"
+    )
 
 
 dead_letters_app = typer.Typer(help="Events that could not be applied: list, retry, discard.", no_args_is_help=True)
@@ -426,7 +576,7 @@ def dead_letters_list(
     """List dead letters with the reason each could not be applied."""
     from processor.dead_letters import list_dead_letters
 
-    with _operation(database_url, log_level, None, "dead-letters") as (_, console, conn, _contexts):
+    with _operation(database_url, log_level, None, "dead-letters") as (_, console, conn, _partitions):
         letters = list_dead_letters(conn, include_discarded=include_discarded)
     if as_json:
         print(json.dumps(letters, indent=2))
@@ -463,19 +613,23 @@ def _act_on_dead_letters(
         raise typer.BadParameter("give one or more event ids (or --all, for retry)")
     run_action = dead_letters.retry if action == "retry" else dead_letters.discard
     success = "applied" if action == "retry" else "discarded"
-    with _operation(database_url, log_level, partition, "dead-letters") as (_, console, conn, contexts):
+    with _operation(database_url, log_level, partition, "dead-letters") as (settings, console, conn, _partitions):
         if all_:
             event_ids = [letter["event_id"] for letter in dead_letters.list_dead_letters(conn, limit=1_000_000)]
-        by_partition = dead_letters.partitions_of(conn, event_ids or [])
-        outcomes = {}
-        for ctx in contexts:
-            # Ids that are no dead letter at all go with the first partition, to be reported as such.
-            chosen = [e for e in event_ids or [] if by_partition.get(e, contexts[0].partition) == ctx.partition]
-            outcomes.update(run_action(conn, ctx, chosen) if chosen else {})
-        for event_id in event_ids or []:
-            outcomes.setdefault(event_id, "not a dead letter of the partition given")
-    for event_id, outcome in outcomes.items():
-        console.print(f"event {event_id}: {outcome}")
+        chosen = event_ids or []
+        if settings.partition is not None:
+            by_partition = dead_letters.partitions_of(conn, chosen)
+            outcomes = {
+                e: "not a dead letter of the partition given"
+                for e in chosen
+                if by_partition.get(e) != settings.partition
+            }
+            chosen = [e for e in chosen if e not in outcomes]
+        else:
+            outcomes = {}
+        outcomes.update(run_action(conn, chosen) if chosen else {})
+    for event_id in event_ids or []:
+        console.print(f"event {event_id}: {outcomes[event_id]}")
     if any(outcome != success for outcome in outcomes.values()):
         raise SystemExit(1)
 
@@ -520,15 +674,15 @@ def prune(
         age = parse_duration(older_than)
     except OutboxError as exc:
         raise typer.BadParameter(str(exc), param_hint="--older-than") from None
-    with _operation(database_url, log_level, partition, "prune") as (_, console, conn, contexts):
+    with _operation(database_url, log_level, partition, "prune") as (_, console, conn, partitions):
         progress = Progress(
             TextColumn("pruning"), MofNCompleteColumn(), TimeElapsedColumn(), console=Console(stderr=True)
         )
         deleted = baselines = 0
         with progress:
             task = progress.add_task("pruning", total=None)
-            for ctx in contexts:
-                result = run_prune(conn, ctx, age, on_chunk=lambda n: progress.advance(task, n))
+            for p in partitions:
+                result = run_prune(conn, p, age, on_chunk=lambda n: progress.advance(task, n))
                 deleted += result.events_deleted
                 baselines += result.baseline_updates
     console.print(f"pruned {deleted} events older than {older_than}; {baselines} variant baselines updated")
@@ -573,6 +727,7 @@ def main() -> None:
             print(ctx.get_help(), file=sys.stderr)
             raise SystemExit(2) from None
         message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        message += _from_environment(exc)
         hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
         _fail(" ".join(message.split()) + hint, code=getattr(exc, "exit_code", 2))
     except OutboxError as exc:
@@ -582,6 +737,19 @@ def main() -> None:
     except KeyboardInterrupt:
         _fail("interrupted", code=130)
     raise SystemExit(code if isinstance(code, int) else 0)
+
+
+def _from_environment(exc: Exception) -> str:
+    """Name the variable when a bad value came from the environment, not the command line."""
+    # Typer's click (bundled in newer typer): read by attribute, not imported.
+    param, ctx = getattr(exc, "param", None), getattr(exc, "ctx", None)
+    name, envvar = getattr(param, "name", None), getattr(param, "envvar", None)
+    if ctx is None or not name or not envvar:
+        return ""
+    source = ctx.get_parameter_source(name)
+    if getattr(source, "name", None) != "ENVIRONMENT":
+        return ""
+    return f" (from {envvar if isinstance(envvar, str) else envvar[0]})"
 
 
 def _describe(exc: BaseException) -> str:

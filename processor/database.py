@@ -42,6 +42,10 @@ class DatabaseUrl:
             raise ConfigurationError(
                 "database URL is not a URL; expected postgresql://user:password@host:port/dbname"
             ) from None
+        except ValueError:  # the port is not a number
+            raise ConfigurationError(
+                "database URL port is not a number; expected postgresql://user:password@host:port/dbname"
+            ) from None
         if url.drivername not in _ACCEPTED_DRIVERS:
             raise ConfigurationError(
                 f"database URL scheme {url.drivername!r} is not supported; use postgresql:// or postgresql+psycopg://"
@@ -99,6 +103,35 @@ def connect(
         return psycopg.connect(**params, autocommit=autocommit)
     except psycopg.Error as exc:
         raise type(exc)(redact(str(exc), db)) from None
+
+
+# Server errors that end the session while it is busy (not only FATAL ones: psycopg maps these
+# classes to errors that do not derive from OperationalError).
+_SESSION_ENDED = {
+    "25P03",  # idle_in_transaction_session_timeout
+    "57P01",  # admin_shutdown (pg_terminate_backend, a fast shutdown)
+    "57P02",  # crash_shutdown
+    "57P03",  # cannot_connect_now
+    "57P05",  # idle_session_timeout
+}
+
+
+def session_lost(exc: BaseException) -> bool:
+    """Whether ``exc`` means this session is gone, so that a new connection may succeed.
+
+    A lost connection (OperationalError, a closed connection), or the server ending the session:
+    any FATAL error, and the session timeouts, whatever class psycopg gives them. A worker frozen
+    in its batch past OUTBOX_SESSION_TIMEOUT gets IdleInTransactionSessionTimeout (SQLSTATE 25P03,
+    an InternalError) when it resumes; it must reconnect as a standby, not exit.
+    """
+    if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError):
+        return True
+    if not isinstance(exc, psycopg.Error):
+        return False
+    if exc.sqlstate in _SESSION_ENDED or exc.diag.severity_nonlocalized in ("FATAL", "PANIC"):
+        return True
+    pgconn = exc.pgconn
+    return pgconn is not None and pgconn.status == psycopg.pq.ConnStatus.BAD
 
 
 def redact(text: str, db: DatabaseUrl | None) -> str:

@@ -10,7 +10,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from outbox.events import PAYLOAD_MODELS, EventType, VariantChanged, VariantStatus
+from outbox.events import PAYLOAD_MODELS, STEP_MAX_CHARS, EventType, VariantChanged, VariantStatus
 from processor.fold import VariantState
 
 
@@ -27,6 +27,9 @@ class EventRow:
     variant_version: int | None
     payload: Any  # None: over PAYLOAD_MAX_BYTES, left unread (outbox_event_payload in migration 0007)
     created_at: dt.datetime
+    # Whether variant_version is one capture issued (at most the sequence's last value when read):
+    # a version beyond it can only be hand-written, and has no place in the variant's order.
+    version_issued: bool = True
 
 
 PAYLOAD_MAX_BYTES = 65_536  # as outbox_event_payload
@@ -38,6 +41,9 @@ class DeadLetter:
     job_id: uuid.UUID | None
     variant_id: uuid.UUID | None
     reason: str
+    # It names a job but has no trustworthy place in its variant's order: it holds the job (flagged,
+    # state left as it was) until it is retried or discarded (migration 0009).
+    holds_job: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,17 +61,26 @@ class Decoded:
 def decode_event(row: EventRow) -> Decoded:
     """Validate one event against its payload model."""
 
+    ordered = row.variant_id is not None and row.variant_version is not None and row.version_issued
+
     def dead(reason: str) -> Decoded:
-        letter = DeadLetter(row.event_id, row.job_id, row.variant_id, reason)
-        if row.job_id is None or row.variant_id is None or row.variant_version is None:
-            return Decoded(None, letter)
-        problem = f"event {row.event_id} is a dead letter: {reason}"
+        if row.job_id is None or not ordered:
+            return Decoded(None, DeadLetter(row.event_id, row.job_id, row.variant_id, reason, row.job_id is not None))
+        assert row.variant_id is not None and row.variant_version is not None
+        problem = f"event {row.event_id} is a dead letter: {reason}"  # as outbox_unreadable_problem
         return Decoded(
-            VariantState(row.variant_id, row.job_id, row.variant_version, None, None, problem=problem), letter
+            VariantState(row.variant_id, row.job_id, row.variant_version, None, None, problem=problem),
+            DeadLetter(row.event_id, row.job_id, row.variant_id, reason),
         )
 
     if row.job_id is None or row.variant_id is None or row.variant_version is None:
-        return dead("event has no job_id, variant_id or variant_version")
+        missing = [name for name in ("job_id", "variant_id", "variant_version") if getattr(row, name) is None]
+        return dead(f"event has no {' or '.join(missing)}")
+    if not row.version_issued:
+        return dead(
+            f"variant_version {row.variant_version} was never issued by capture (a hand-written event?): "
+            "it has no place in the variant's order"
+        )
     model = PAYLOAD_MODELS.get((row.event_type, row.schema_version))
     if model is None:
         return dead(f"unknown event type {row.event_type!r} at schema version {row.schema_version}")
@@ -95,7 +110,6 @@ def decode_event(row: EventRow) -> Decoded:
 
 
 _STATUSES = {status.value: status for status in VariantStatus}
-_STEP_MAX = 200  # as VariantChanged.step
 
 
 def _variant_changed_fast(row: EventRow, data: Any) -> Decoded | None:
@@ -108,7 +122,7 @@ def _variant_changed_fast(row: EventRow, data: Any) -> Decoded | None:
     raw_status = data.get("status")
     status = _STATUSES.get(raw_status) if type(raw_status) is str else None
     step = data.get("step")
-    if status is None or not (step is None or (type(step) is str and len(step) <= _STEP_MAX)):
+    if status is None or not (step is None or (type(step) is str and len(step) <= STEP_MAX_CHARS)):
         return None
     assert row.variant_id is not None and row.job_id is not None and row.variant_version is not None
     return Decoded(VariantState(row.variant_id, row.job_id, row.variant_version, status, step))

@@ -81,9 +81,10 @@ class _Walk:
             self.moves.append(("done", step))
 
 
-def run_demo(settings: Settings, db: DatabaseUrl, options: DemoOptions, console: Console) -> DemoReport:
+def run_demo(
+    settings: Settings, db: DatabaseUrl, steps: tuple[str, ...], options: DemoOptions, console: Console
+) -> DemoReport:
     rng = random.Random(options.seed)
-    steps = settings.pipeline_steps
     engine = db.create_engine(pool_size=options.writers + 2, max_overflow=0)
     latencies: list[float] = []
     applied = [0]

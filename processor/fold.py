@@ -25,7 +25,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 
-from outbox.events import VariantStatus
+from outbox.events import STEP_MAX_CHARS, VariantStatus
 
 
 class FailurePolicy(StrEnum):
@@ -52,8 +52,16 @@ class Pipeline:
     def __post_init__(self) -> None:
         if not self.steps:
             raise ValueError("the pipeline needs at least one step")
-        if any(not step or step != step.strip() for step in self.steps):
-            raise ValueError(f"pipeline steps must be non-empty names without spaces around them: {self.steps}")
+        if any(not step or any(c.isspace() for c in step) for step in self.steps):
+            raise ValueError(
+                f"pipeline steps must be non-empty names without spaces, separated by commas: {','.join(self.steps)!r}"
+            )
+        too_long = [step for step in self.steps if len(step) > STEP_MAX_CHARS]
+        if too_long:
+            raise ValueError(
+                f"a pipeline step may be at most {STEP_MAX_CHARS} characters, as an event carries it "
+                f"(got one of {len(too_long[0])})"
+            )
         duplicates = sorted({step for step in self.steps if self.steps.count(step) > 1})
         if duplicates:
             raise ValueError(f"pipeline steps must be unique; repeated: {', '.join(duplicates)}")
@@ -90,11 +98,6 @@ class VariantState:
     removed: bool = False
     problem: str | None = None
 
-    def sort_key(self) -> tuple[int, bool, str, str, str]:
-        # Versions of one variant never repeat with different content; the rest of the key only
-        # makes the choice independent of input order if they ever did.
-        return (self.version, self.removed, self.status or "", self.step or "", self.problem or "")
-
 
 @dataclass(frozen=True, slots=True)
 class JobState:
@@ -102,28 +105,25 @@ class JobState:
     current_step: str | None
 
 
-def latest_by_variant(states: Iterable[VariantState]) -> dict[uuid.UUID, VariantState]:
-    """Keep the highest version of each variant, whatever the order and repetitions of the input."""
-    latest: dict[uuid.UUID, VariantState] = {}
-    for state in states:
-        known = latest.get(state.variant_id)
-        if known is None or state.sort_key() > known.sort_key():
-            latest[state.variant_id] = state
-    return latest
-
-
 def fold_job(
     states: Iterable[VariantState],
     pipeline: Pipeline,
     policy: FailurePolicy = FailurePolicy.SETTLED,
 ) -> JobState | None:
-    """Compute a job's state from its variants' states; None when it has no variant left."""
-    live = [s for s in latest_by_variant(states).values() if not s.removed]
+    """Compute a job's state from the current state of each of its variants; None when none is left.
+
+    ``states`` holds one state per variant: which one is newest is decided where states are stored
+    (outbox_variant_states_newest in the schema), never here. Removed variants do not count.
+    """
+    live = [s for s in states if not s.removed]
     if not live:
         return None
     for state in live:
         if state.problem is not None:
-            raise UnfoldableJobError(f"variant {state.variant_id}: {state.problem}")
+            where = (
+                f"variant {state.variant_id}: " if state.variant_id.int else ""
+            )  # nil: a dead letter holding the job
+            raise UnfoldableJobError(f"{where}{state.problem}")
 
     def finished(state: VariantState) -> bool:
         return state.status is VariantStatus.DONE and state.step == pipeline.final

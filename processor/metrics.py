@@ -81,8 +81,7 @@ class WorkerMetrics:
                 # Every partition's, not only this worker's: any worker's /metrics shows the whole backlog.
                 with store.one_snapshot(conn):
                     counts = {
-                        p: store.events_pending_summary(conn, p, store.checkpoint_get(conn, p).cursor, top=0).count
-                        for p in range(store.partitions_get(conn))
+                        p: store.events_pending_summary(conn, p, top=0).count for p in range(store.partitions_get(conn))
                     }
                 for partition in self._reported - set(counts):  # removed by a repartition
                     for gauge in (self.pending, self.lag):

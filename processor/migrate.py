@@ -8,9 +8,14 @@ from pathlib import Path
 
 from psycopg import sql
 
-from processor import store
-from processor.errors import SchemaError
+from processor import fold_config, store
+from processor.errors import ConfigurationError, SchemaError
+from processor.fold import FailurePolicy, Pipeline
 from processor.store import QUERIES, Connection
+
+# The pipeline a new database gets when no OUTBOX_PIPELINE_STEPS is given and jobs_variants uses no
+# other step (an empty database, the demo's embedded one).
+DEFAULT_PIPELINE = Pipeline(("ingest", "preprocess", "inference", "iou_eval"))
 
 _MIGRATION_FILE = re.compile(r"^(\d{4})_(\w+)\.sql$")
 
@@ -30,6 +35,7 @@ class MigrateReport:
     applied: list[Migration] = field(default_factory=list)
     already_applied: int = 0
     removed_triggers: list[tuple[str, str]] = field(default_factory=list)
+    config_set: fold_config.FoldConfig | None = None  # the fold configuration, when this run set it
 
 
 def schema_dir() -> Path:
@@ -57,8 +63,16 @@ def latest_version() -> int:
     return len(migrations())
 
 
-def migrate(conn: Connection) -> MigrateReport:
-    """Apply the missing migrations and remove legacy job-state triggers, in one transaction."""
+def migrate(
+    conn: Connection, *, pipeline: Pipeline | None = None, policy: FailurePolicy | None = None
+) -> MigrateReport:
+    """Apply the missing migrations, set the fold configuration the first time, and remove legacy
+    job-state triggers, in one transaction: a refusal changes nothing.
+
+    ``pipeline`` and ``policy`` (OUTBOX_PIPELINE_STEPS, OUTBOX_FAILURE_POLICY) are what a database
+    without a configuration gets (None: the default pipeline, if every step jobs_variants uses is
+    in it; settled); on a database that has one, they must match it.
+    """
     report = MigrateReport()
     with conn.transaction():
         conn.execute(QUERIES["migrations_lock"], {"lock_class": store.CONSUMER_LOCK_CLASS})
@@ -71,12 +85,37 @@ def migrate(conn: Connection) -> MigrateReport:
             conn.execute(migration.sql().encode())  # no parameters: several statements at once
             conn.execute(QUERIES["migration_record"], {"version": migration.version, "name": migration.name})
             report.applied.append(migration)
+        report.config_set = _set_fold_config(conn, pipeline, policy)
         # Two writers of job state must not coexist: the legacy trigger is what lost updates.
         # Checked on every migrate, in case one was put back.
         for trigger, function in legacy_triggers(conn):
             conn.execute(sql.SQL("DROP TRIGGER {} ON jobs_variants").format(sql.Identifier(trigger)))
             report.removed_triggers.append((trigger, function))
     return report
+
+
+def _set_fold_config(
+    conn: Connection, pipeline: Pipeline | None, policy: FailurePolicy | None
+) -> fold_config.FoldConfig | None:
+    """Set the fold configuration when the database has none; check it against the given one otherwise."""
+    try:
+        current = fold_config.load(conn)
+    except SchemaError:
+        current = None
+    if current is not None:
+        fold_config.check_setting(current, pipeline.steps if pipeline else None, policy)
+        return None
+    chosen = pipeline or DEFAULT_PIPELINE
+    outside = fold_config.steps_outside(conn, chosen)
+    if outside:
+        source = "OUTBOX_PIPELINE_STEPS" if pipeline else f"the default pipeline ({','.join(chosen.steps)})"
+        raise ConfigurationError(
+            f"jobs_variants uses steps that {source} lacks: {fold_config.describe_outside(outside)}; set "
+            "OUTBOX_PIPELINE_STEPS to every step, in order, the last one final; nothing was changed"
+        )
+    store.checkpoints_lock_all(conn)
+    fold_config.store_config(conn, chosen, policy or FailurePolicy.SETTLED, refold=False)
+    return fold_config.load(conn)
 
 
 def legacy_triggers(conn: Connection) -> list[tuple[str, str]]:
@@ -100,6 +139,7 @@ def check_ready(conn: Connection) -> None:
             f"the outbox schema is at version {version}, newer than this worker knows "
             f"({latest_version()}): upgrade the worker"
         )
+    fold_config.load(conn)  # refuses a database without a pipeline
     legacy = legacy_triggers(conn)
     if legacy:
         names = ", ".join(name for name, _ in legacy)

@@ -14,10 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from processor import store
-from processor.batch import FoldContext
-from processor.decode import decode_event
 from processor.errors import ConfigurationError
-from processor.fold import VariantState
 from processor.store import QUERIES, Connection
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)\s*$")
@@ -43,38 +40,32 @@ class PruneResult:
 
 def prune(
     conn: Connection,
-    ctx: FoldContext,
+    partition: int,
     older_than: dt.timedelta,
     *,
     chunk_size: int = 5000,
     on_chunk: Callable[[int], None] | None = None,
 ) -> PruneResult:
-    """Delete applied events written more than ``older_than`` ago, in short transactions."""
+    """Delete applied events of ``partition`` written more than ``older_than`` ago, in short transactions.
+
+    Each round locks the partition's checkpoint (its worker waits; applied means visible in its done
+    snapshot), folds the round's events into the baseline (store.prune_chunk) and deletes them.
+    """
     result = PruneResult()
     row = conn.execute(QUERIES["clock_minus"], {"interval": older_than}).fetchone()
     assert row is not None
     cutoff = row[0]
     while True:
         with conn.transaction():
-            cursor = store.checkpoint_lock(conn, ctx.partition)  # the worker waits for us
-            rows = conn.execute(
-                QUERIES["prune_doomed"],
-                {"partition": ctx.partition, "cutoff": cutoff, "done": str(cursor.done), "limit": chunk_size},
-            ).fetchall()
-            if not rows:
-                break
-            baseline: list[tuple[VariantState, int]] = []
-            for event, newest in zip(store.event_rows(rows), (r[9] for r in rows), strict=True):
-                state = decode_event(event).state if newest else None
-                if state is not None:
-                    baseline.append((state, event.event_id))
-            store.variant_baseline_upsert(conn, baseline)
-            ids = [r[0] for r in rows]
-            conn.execute(QUERIES["dead_letters_delete_pruned"], {"event_ids": ids})
-            conn.execute(QUERIES["events_delete"], {"event_ids": ids})
-        result.events_deleted += len(ids)
-        result.baseline_updates += len(baseline)
+            locked = store.checkpoint_lock(conn, partition)  # the worker waits for us
+            deleted, baselines = store.prune_chunk(
+                conn, partition, cutoff=cutoff, done=locked.cursor.done, limit=chunk_size
+            )
+        if not deleted:
+            break
+        result.events_deleted += deleted
+        result.baseline_updates += baselines
         if on_chunk is not None:
-            on_chunk(len(ids))
+            on_chunk(deleted)
     conn.execute(QUERIES["throughput_prune"])
     return result

@@ -2,17 +2,29 @@
 -- that runs these.
 
 -- name: checkpoint_get
-SELECT done_snapshot::text, target_snapshot::text, last_txid::text, last_event_id, events_applied, updated_at
+SELECT done_snapshot::text, target_snapshot::text, last_txid::text, last_event_id, events_applied, updated_at,
+       fold_config_version
 FROM outbox_checkpoints
 WHERE partition = %(partition)s
 
 -- name: checkpoint_lock
 -- FOR UPDATE serialises every transaction that moves this partition's checkpoint: a second
 -- consumer (a zombie, or one that got past the advisory lock through a pooler) waits here, then
--- sees the moved checkpoint and applies nothing (processor.batch.FencedError).
-SELECT done_snapshot::text, target_snapshot::text, last_txid::text, last_event_id
+-- sees the moved checkpoint and applies nothing (processor.batch.FencedError). The row as locked
+-- (after any wait) also says which fold configuration the partition folds with now.
+SELECT done_snapshot::text, target_snapshot::text, last_txid::text, last_event_id, fold_config_version
 FROM outbox_checkpoints
 WHERE partition = %(partition)s
+FOR UPDATE
+
+-- name: checkpoints_lock_all
+-- Every partition's checkpoint, locked in partition order: what an operation holds while it
+-- changes variant or job state of any partition (replay, repair, dead letters, a pipeline change).
+-- Workers wait for it between two batches, `outbox repartition` waits for it before it switches
+-- (it locks them in the same order), and it waits for them: none of them runs while it does.
+SELECT partition, done_snapshot::text, target_snapshot::text, last_txid::text, last_event_id, fold_config_version
+FROM outbox_checkpoints
+ORDER BY partition
 FOR UPDATE
 
 -- name: events_probe
@@ -47,16 +59,17 @@ SELECT EXISTS (
 -- result, and stays in the next target's xip list until it ends: a late commit is picked up, not
 -- skipped.
 --
--- Readable events are the common valid shapes of outbox.events (variant_changed with a known
--- status and a short step, or null; variant_removed), decoded here exactly as processor.decode
--- would (tests/integration/test_drain_path.py checks the two agree). Anything else is left to
--- processor.decode, by event id, to become a problem state and a dead letter.
+-- Readable events (outbox_event_decode) are merged into the variant states (the newest of each
+-- variant wins: outbox_variant_states_merge). Anything else is left to processor.decode, by event
+-- id, to become a problem state and a dead letter.
 --
 -- Returns the target snapshot, the events read (ids and write times, in order), the position of
 -- the last one, the unreadable ones, and the jobs to refold: those of the variants whose state
 -- moved forward, and the jobs such variants moved away from.
 WITH target AS MATERIALIZED (
     SELECT coalesce(%(target)s::pg_snapshot, pg_current_snapshot()) AS snapshot
+), issued AS MATERIALIZED (
+    SELECT outbox_versions_issued() AS versions
 ), batch AS MATERIALIZED (
     SELECT e.*
     FROM (
@@ -91,41 +104,18 @@ WITH target AS MATERIALIZED (
     ORDER BY e.txid, e.event_id
     LIMIT %(limit)s
 ), decoded AS MATERIALIZED (
-    SELECT b.event_id, b.txid, b.created_at, b.job_id, b.variant_id, b.variant_version AS version,
-           b.event_type = 'variant_removed' AS removed,
-           CASE WHEN b.event_type = 'variant_changed' THEN p.status #>> '{}' END AS status,
-           CASE WHEN b.event_type = 'variant_changed' THEN p.step #>> '{}' END AS step,
-           -- coalesce: a missing key makes these tests NULL, and NULL must mean "not readable".
-           coalesce(
-               b.job_id IS NOT NULL AND b.variant_id IS NOT NULL AND b.variant_version IS NOT NULL
-               AND b.schema_version = 1
-               AND jsonb_typeof(b.payload) = 'object'
-               -- Over the bound, a dead letter (processor.decode): the same test as outbox_event_payload's.
-               AND outbox_payload_fits(b.payload)
-               AND (b.event_type = 'variant_removed'
-                    OR (b.event_type = 'variant_changed'
-                        -- A JSON string with a known status (jsonb equality checks the type too).
-                        AND p.status IN ('"queued"'::jsonb, '"running"'::jsonb, '"done"'::jsonb, '"failed"'::jsonb)
-                        AND (p.step IS NULL
-                             OR p.step = 'null'::jsonb
-                             OR (jsonb_typeof(p.step) = 'string' AND length(p.step #>> '{}') <= 200)))),
-               false) AS readable
+    SELECT b.event_id, b.txid, b.created_at, b.job_id, b.variant_id, b.variant_version AS version, d.*
     FROM batch AS b
-    -- Each key looked up once per event (OFFSET 0 keeps the planner from copying the lookups
-    -- into every expression that uses them).
-    CROSS JOIN LATERAL (SELECT b.payload -> 'status' AS status, b.payload -> 'step' AS step OFFSET 0) AS p
-), latest AS (
-    -- Each variant's newest readable state in the batch: by version, then as VariantState.sort_key.
-    SELECT DISTINCT ON (variant_id) *
-    FROM decoded
-    WHERE readable
-    ORDER BY variant_id, version DESC, removed DESC,
-             coalesce(status, '') COLLATE "C" DESC, coalesce(step, '') COLLATE "C" DESC
+    -- A column, not a sub-select, as the last argument: the planner inlines the function then.
+    CROSS JOIN issued AS i
+    CROSS JOIN LATERAL outbox_event_decode(
+        b.event_type, b.schema_version, b.job_id, b.variant_id, b.variant_version, b.payload, i.versions) AS d
 ), upserted AS MATERIALIZED (  -- evaluated exactly once: it writes
     SELECT merged_job_id AS job_id, merged_moved_from AS moved_from
     FROM outbox_variant_states_merge(ARRAY(
         SELECT (variant_id, job_id, version, status, step, removed, NULL, event_id, NULL)::outbox_variant_states
-        FROM latest
+        FROM decoded
+        WHERE readable
     ))
 ), moved AS (
     -- Jobs that variants left, in this partition; a job of another partition learns of the move
@@ -157,9 +147,11 @@ SELECT (SELECT snapshot::text FROM target),
 FROM summary AS s
 
 -- name: events_get
--- Events by id, in order, for processor.decode (the ones events_apply left to it).
+-- Events by id, in order, for processor.decode (the ones events_apply left to it), with whether
+-- each one's version is one capture issued.
 SELECT event_id, txid::text, event_type, schema_version, job_id, variant_id, variant_version,
-       outbox_event_payload(payload), created_at
+       outbox_event_payload(payload), created_at,
+       variant_version BETWEEN 1 AND (SELECT outbox_versions_issued()) AS version_issued
 FROM outbox_events
 WHERE event_id = ANY(%(event_ids)s::bigint[])
 ORDER BY txid, event_id
@@ -167,62 +159,57 @@ ORDER BY txid, event_id
 -- name: dirty_jobs_add_applied
 -- The jobs of every event applied between two done snapshots, when a catch-up that deferred its
 -- folding completes: events not visible in the old snapshot and visible in the new one (the same
--- two index branches as events_apply, without a limit).
-INSERT INTO outbox_dirty_jobs (partition, job_id)
-SELECT DISTINCT %(partition)s, e.job_id
+-- two index branches as events_apply, without a limit). Each waits since its oldest such event.
+INSERT INTO outbox_dirty_jobs AS d (partition, job_id, queued_at)
+SELECT %(partition)s, e.job_id, min(e.created_at)
 FROM (
-    SELECT job_id
+    SELECT job_id, created_at
     FROM outbox_events
     WHERE partition = %(partition)s
       AND txid >= %(done_xmax)s::xid8
       AND txid < pg_snapshot_xmax(%(new_done)s::pg_snapshot)
       AND pg_visible_in_snapshot(txid, %(new_done)s::pg_snapshot)
     UNION ALL
-    SELECT o.job_id
+    SELECT o.job_id, o.created_at
     FROM unnest(%(done_xip)s::xid8[]) AS xip (txid)
     JOIN outbox_events AS o ON o.partition = %(partition)s AND o.txid = xip.txid
     WHERE pg_visible_in_snapshot(xip.txid, %(new_done)s::pg_snapshot)
 ) AS e
 WHERE e.job_id IS NOT NULL
-ON CONFLICT DO NOTHING
+GROUP BY e.job_id
+ON CONFLICT (partition, job_id) DO UPDATE SET queued_at = least(d.queued_at, excluded.queued_at), retry_at = NULL
 
 -- name: events_pending_summary
--- Committed events not applied yet: not visible in the done snapshot, and not among those of the
--- catch-up in progress that are already applied. Exact; reads every event above the done
--- snapshot's xmin.
-WITH pending AS (
-    SELECT event_type, job_id, created_at
-    FROM outbox_events
-    WHERE partition = %(partition)s
-      -- Below the done snapshot's xmin every transaction is finished and visible in it: applied.
-      -- The bound lets the index skip the history kept until prune.
-      AND txid >= pg_snapshot_xmin(%(done)s::pg_snapshot)
-      AND NOT outbox_event_applied(txid, event_id, %(done)s::pg_snapshot, %(target)s::pg_snapshot,
-                                   %(after_txid)s::xid8, %(after_event_id)s::bigint)
+-- Pending work (outbox_events_pending: events whose effect is not in job state yet; and the jobs
+-- waiting in outbox_dirty_jobs) of one partition, or of all (NULL). Exact; reads every event above
+-- each done snapshot's xmin.
+WITH pending AS MATERIALIZED (
+    SELECT event_type, job_id, created_at FROM outbox_events_pending(%(partition)s)
+), waiting AS MATERIALIZED (
+    SELECT job_id, queued_at FROM outbox_dirty_jobs WHERE %(partition)s::integer IS NULL OR partition = %(partition)s
 )
 SELECT (SELECT count(*) FROM pending),
-       (SELECT extract(epoch FROM clock_timestamp() - min(created_at))::float8 FROM pending),
+       (SELECT extract(epoch FROM clock_timestamp() - least(
+            (SELECT min(created_at) FROM pending), (SELECT min(queued_at) FROM waiting)))::float8),
        (SELECT coalesce(jsonb_object_agg(event_type, n), '{}'::jsonb)
         FROM (SELECT event_type, count(*) AS n FROM pending GROUP BY event_type) AS t),
        (SELECT coalesce(jsonb_agg(jsonb_build_object('job_id', job_id, 'pending_events', n) ORDER BY n DESC),
                         '[]'::jsonb)
-        FROM (SELECT job_id, count(*) AS n FROM pending GROUP BY job_id ORDER BY n DESC LIMIT %(top)s) AS t)
+        FROM (SELECT job_id, count(*) AS n FROM pending GROUP BY job_id ORDER BY n DESC LIMIT %(top)s) AS t),
+       (SELECT count(*) FROM waiting)
 
 -- name: variant_states_upsert
--- Returns the jobs to refold: the variants' jobs now, and before (a variant moved to another job:
--- moved_from, set from the row being replaced).
+-- Merges states decoded in Python (problem states) into outbox_variant_states. Returns the jobs
+-- to refold: the variants' jobs now, and before (a variant moved to another job: moved_from).
 -- With defer, the jobs are kept in outbox_dirty_jobs instead, for when the catch-up is complete.
-WITH incoming AS (
-    SELECT *
-    FROM unnest(
-        %(variant_ids)b::uuid[], %(job_ids)b::uuid[], %(versions)b::bigint[], %(statuses)b::text[],
-        %(steps)b::text[], %(removed)b::boolean[], %(problems)b::text[], %(event_ids)b::bigint[]
-    ) AS t (variant_id, job_id, version, status, step, removed, problem, event_id)
-), upserted AS MATERIALIZED (  -- evaluated exactly once: it writes
+WITH upserted AS MATERIALIZED (  -- evaluated exactly once: it writes
     SELECT merged_job_id AS job_id, merged_moved_from AS moved_from
     FROM outbox_variant_states_merge(ARRAY(
         SELECT (variant_id, job_id, version, status, step, removed, problem, event_id, NULL)::outbox_variant_states
-        FROM incoming
+        FROM unnest(
+            %(variant_ids)b::uuid[], %(job_ids)b::uuid[], %(versions)b::bigint[], %(statuses)b::text[],
+            %(steps)b::text[], %(removed)b::boolean[], %(problems)b::text[], %(event_ids)b::bigint[]
+        ) AS t (variant_id, job_id, version, status, step, removed, problem, event_id)
     ))
 ), affected AS (
     SELECT job_id FROM upserted
@@ -242,15 +229,21 @@ SELECT job_id FROM affected WHERE NOT %(defer)s
 -- What the fold needs of each job: one row per distinct state among its variants (with one of
 -- them as example), removed variants left out. The fold depends only on which states occur, not
 -- on how many variants share one (tests/unit/test_fold.py checks it), and a job's variants mostly
--- share a few states: far fewer rows than variants.
+-- share a few states: far fewer rows than variants. A dead letter that holds its job (0009) is
+-- a problem the fold reports; the check costs nothing while there is none.
 SELECT job_id, (array_agg(variant_id))[1], max(version), status, step, problem
 FROM outbox_variant_states
 WHERE job_id = ANY(%(job_ids)s::uuid[])
   AND NOT removed
 GROUP BY job_id, status, step, problem
-
--- name: dirty_jobs_count
-SELECT count(*) FROM outbox_dirty_jobs WHERE partition = %(partition)s
+UNION ALL
+SELECT job_id, coalesce(variant_id, '00000000-0000-0000-0000-000000000000'::uuid), 0, NULL, NULL,
+       outbox_unreadable_problem(event_id, reason)
+FROM outbox_dead_letters
+WHERE job_id = ANY(%(job_ids)s::uuid[])
+  AND holds_job
+  AND discarded_at IS NULL
+  AND EXISTS (SELECT FROM outbox_dead_letters WHERE holds_job AND discarded_at IS NULL)
 
 -- name: dirty_jobs_exist
 SELECT EXISTS (SELECT 1 FROM outbox_dirty_jobs WHERE partition = %(partition)s)
@@ -264,39 +257,32 @@ WHERE outbox_partition_of(job_id) = %(partition)s
 ON CONFLICT DO NOTHING
 
 -- name: dirty_jobs_take
-DELETE FROM outbox_dirty_jobs
-WHERE partition = %(partition)s
-  AND job_id IN (
-      SELECT job_id FROM outbox_dirty_jobs WHERE partition = %(partition)s ORDER BY job_id LIMIT %(limit)s
-  )
-RETURNING job_id
+-- Jobs ready to be folded (a job whose row was locked waits until retry_at), and when the next
+-- one that waits is due.
+WITH taken AS (
+    DELETE FROM outbox_dirty_jobs
+    WHERE partition = %(partition)s
+      AND job_id IN (
+          SELECT job_id FROM outbox_dirty_jobs
+          WHERE partition = %(partition)s AND (retry_at IS NULL OR retry_at <= clock_timestamp())
+          ORDER BY job_id
+          LIMIT %(limit)s
+      )
+    RETURNING job_id
+)
+SELECT ARRAY(SELECT job_id FROM taken),
+       (SELECT extract(epoch FROM min(retry_at) - clock_timestamp())::float8
+        FROM outbox_dirty_jobs WHERE partition = %(partition)s AND retry_at > clock_timestamp())
 
 -- name: batch_commit
--- Job states, job flags, dead letters, the checkpoint and the throughput count, in one statement
--- of the batch's transaction.
-WITH job_updates AS (
-    UPDATE jobs AS j
-    SET status = t.status,
-        current_step = t.current_step,
-        updated_at = now()
-    FROM unnest(%(job_ids)b::uuid[], %(job_statuses)b::text[], %(job_steps)b::text[])
-        AS t (job_id, status, current_step)
-    WHERE j.job_id = t.job_id
-      AND (j.status, j.current_step) IS DISTINCT FROM (t.status, t.current_step)
-    RETURNING j.job_id
-), flags_cleared AS (
-    DELETE FROM outbox_job_flags
-    WHERE job_id = ANY(%(folded_job_ids)b::uuid[])
-), flags_set AS (
-    INSERT INTO outbox_job_flags AS f (job_id, reason)
-    SELECT * FROM unnest(%(flag_job_ids)b::uuid[], %(flag_reasons)b::text[])
-    ON CONFLICT (job_id) DO UPDATE SET reason = excluded.reason, flagged_at = now()
-        WHERE f.reason <> excluded.reason
-), parked AS (
-    INSERT INTO outbox_dead_letters (event_id, partition, job_id, variant_id, reason)
-    SELECT event_id, %(partition)s, job_id, variant_id, reason
+-- Dead letters, the checkpoint and the throughput count, in one statement of the batch's
+-- transaction (its job states are written just before, by jobs_write).
+WITH parked AS (
+    INSERT INTO outbox_dead_letters (event_id, partition, job_id, variant_id, reason, holds_job)
+    SELECT event_id, %(partition)s, job_id, variant_id, reason, holds_job
     FROM unnest(%(dead_event_ids)b::bigint[], %(dead_job_ids)b::uuid[], %(dead_variant_ids)b::uuid[],
-                %(dead_reasons)b::text[]) AS t (event_id, job_id, variant_id, reason)
+                %(dead_reasons)b::text[], %(dead_holds_job)b::boolean[])
+        AS t (event_id, job_id, variant_id, reason, holds_job)
     ON CONFLICT (event_id) DO NOTHING
     RETURNING event_id
 ), advanced AS (
@@ -317,9 +303,76 @@ WITH job_updates AS (
     WHERE %(event_count)s > 0
     ON CONFLICT (partition, bucket) DO UPDATE SET events = t.events + excluded.events
 )
-SELECT (SELECT count(*) FROM job_updates) AS jobs_changed,
-       (SELECT count(*) FROM parked) AS dead_letters,
+SELECT (SELECT count(*) FROM parked) AS dead_letters,
        (SELECT updated_at FROM advanced) AS committed_at
+
+-- name: jobs_write
+-- Writing job state: the one statement that does it, for the worker's batches and every
+-- operation alike. Jobs of a partition that is catching up (deferred_partitions) wait in
+-- outbox_dirty_jobs for the catch-up to close: a job shows only states of complete snapshots. A
+-- job row that another transaction holds locked is not waited for (SKIP LOCKED): the job goes to
+-- outbox_dirty_jobs, to be tried again a second later, and the rest go on. Flags of the jobs
+-- folded are cleared, or set with the reason. Returns what was written, deferred and blocked.
+WITH incoming AS MATERIALIZED (
+    SELECT * FROM unnest(%(job_ids)b::uuid[], %(job_statuses)b::text[], %(job_steps)b::text[])
+        AS t (job_id, status, current_step)
+), deferred AS MATERIALIZED (
+    SELECT DISTINCT job_id
+    FROM unnest(%(folded_job_ids)b::uuid[] || %(flag_job_ids)b::uuid[]) AS t (job_id)
+    WHERE cardinality(%(deferred_partitions)b::integer[]) > 0
+      AND outbox_partition_of(job_id) = ANY(%(deferred_partitions)b::integer[])
+), changing AS MATERIALIZED (
+    -- Only the rows whose state differs are written, and locked.
+    SELECT i.*
+    FROM incoming AS i
+    JOIN jobs AS j USING (job_id)
+    WHERE (j.status::text, j.current_step::text) IS DISTINCT FROM (i.status, i.current_step)
+      AND NOT EXISTS (SELECT FROM deferred AS d WHERE d.job_id = i.job_id)
+), locked AS MATERIALIZED (
+    SELECT j.job_id
+    FROM jobs AS j
+    WHERE j.job_id = ANY(ARRAY(SELECT job_id FROM changing))
+    FOR NO KEY UPDATE OF j SKIP LOCKED
+), updated AS (
+    UPDATE jobs AS j
+    SET status = c.status, current_step = c.current_step, updated_at = now()
+    FROM changing AS c
+    JOIN locked AS l USING (job_id)
+    WHERE j.job_id = c.job_id
+    RETURNING j.job_id
+), blocked AS MATERIALIZED (
+    SELECT c.job_id FROM changing AS c WHERE NOT EXISTS (SELECT FROM locked AS l WHERE l.job_id = c.job_id)
+), queued AS (
+    INSERT INTO outbox_dirty_jobs AS d (partition, job_id, retry_at)
+    SELECT outbox_partition_of(job_id), job_id, NULL FROM deferred
+    UNION ALL
+    SELECT outbox_partition_of(job_id), job_id, clock_timestamp() + interval '1 second' FROM blocked
+    ON CONFLICT (partition, job_id) DO UPDATE SET retry_at = excluded.retry_at
+), flags_cleared AS (
+    DELETE FROM outbox_job_flags AS f
+    WHERE f.job_id = ANY(%(folded_job_ids)b::uuid[])
+      AND NOT EXISTS (SELECT FROM deferred AS d WHERE d.job_id = f.job_id)
+), flags_set AS (
+    INSERT INTO outbox_job_flags AS f (job_id, reason)
+    SELECT t.job_id, t.reason
+    FROM unnest(%(flag_job_ids)b::uuid[], %(flag_reasons)b::text[]) AS t (job_id, reason)
+    WHERE NOT EXISTS (SELECT FROM deferred AS d WHERE d.job_id = t.job_id)
+    ON CONFLICT (job_id) DO UPDATE SET reason = excluded.reason, flagged_at = now()
+        WHERE f.reason <> excluded.reason
+)
+SELECT (SELECT count(*) FROM updated), (SELECT count(*) FROM deferred), ARRAY(SELECT job_id FROM blocked ORDER BY 1)
+
+-- name: jobs_lock_holders
+-- Who holds each job row locked: the transaction in the row's xmax (a row lock, or an update not
+-- yet committed) and its backend. A lock shared by several transactions (a multixact) shows no
+-- backend.
+SELECT j.job_id, a.pid, a.application_name, a.state, a.xact_start
+FROM jobs AS j
+LEFT JOIN pg_locks AS l
+       ON l.locktype = 'transactionid' AND l.transactionid = j.xmax AND l.mode = 'ExclusiveLock' AND l.granted
+LEFT JOIN pg_stat_activity AS a ON a.pid = l.pid
+WHERE j.job_id = ANY(%(job_ids)s::uuid[])
+ORDER BY j.job_id
 
 -- name: session_configure
 -- The worker's own session limits (processor.settings): a stopped worker's session is ended by
@@ -422,18 +475,24 @@ WHERE datname = current_database()
   AND application_name LIKE 'outbox-worker:%%'
 ORDER BY backend_start
 
--- Operations: replay, verify, dead letters, prune. Each runs in transactions that first lock the
--- partition's checkpoint row (checkpoint_lock), so it sees exactly what the worker has applied and
--- the worker waits for it: nothing is applied twice or missed around them.
+-- Operations: replay, verify, dead letters, prune, a pipeline change. Each changes state in
+-- transactions that first lock checkpoint rows (every partition's, checkpoints_lock_all; prune only
+-- its partition's), so it sees exactly what the workers have applied and they wait for it: nothing
+-- is applied twice or missed around them, and `outbox repartition` waits for them as they wait for it.
 
 -- name: jobs_all
-SELECT job_id FROM jobs WHERE outbox_partition_of(job_id) = %(partition)s ORDER BY job_id
+SELECT job_id FROM jobs WHERE %(partition)s::integer IS NULL OR outbox_partition_of(job_id) = %(partition)s
+ORDER BY job_id
 
 -- name: jobs_with_events_since
 SELECT DISTINCT job_id
 FROM outbox_events
-WHERE partition = %(partition)s AND created_at >= %(since)s AND job_id IS NOT NULL
+WHERE (%(partition)s::integer IS NULL OR partition = %(partition)s) AND created_at >= %(since)s
+  AND job_id IS NOT NULL
 ORDER BY job_id
+
+-- name: jobs_existing
+SELECT job_id FROM jobs WHERE job_id = ANY(%(job_ids)s::uuid[]) ORDER BY job_id
 
 -- name: replay_variants_of_jobs
 -- Every variant that belongs or belonged to the jobs, from every place that knows of it.
@@ -443,41 +502,54 @@ SELECT variant_id FROM outbox_variant_baseline WHERE job_id = ANY(%(job_ids)s::u
 UNION
 SELECT job_variants_id FROM jobs_variants WHERE job_id = ANY(%(job_ids)s::uuid[])
 
--- name: replay_latest_events
--- Per variant, its newest event among those the checkpoint covers (applied), discarded dead
--- letters left out.
-SELECT DISTINCT ON (e.variant_id)
-       e.event_id, e.txid::text, e.event_type, e.schema_version, e.job_id, e.variant_id,
-       e.variant_version, outbox_event_payload(e.payload), e.created_at
-FROM outbox_events AS e
-WHERE e.variant_id = ANY(%(variant_ids)s::uuid[])
-  AND e.partition = %(partition)s
-  -- Events without a job or a version never apply (the worker parks them), so never count as latest.
-  AND e.job_id IS NOT NULL
-  AND e.variant_version IS NOT NULL
-  AND outbox_event_applied(e.txid, e.event_id, %(done)s::pg_snapshot, %(target)s::pg_snapshot,
-                           %(after_txid)s::xid8, %(after_event_id)s::bigint)
-  AND NOT EXISTS (
-      SELECT 1 FROM outbox_dead_letters AS d WHERE d.event_id = e.event_id AND d.discarded_at IS NOT NULL
-  )
-ORDER BY e.variant_id, e.variant_version DESC
-
--- name: variant_baseline_get
-SELECT job_id, variant_id, version, status, step, removed, problem, event_id
-FROM outbox_variant_baseline
-WHERE variant_id = ANY(%(variant_ids)s::uuid[])
-
--- name: variant_states_delete
-DELETE FROM outbox_variant_states WHERE variant_id = ANY(%(variant_ids)s::uuid[])
-
--- name: variant_states_insert
--- After variant_states_delete: replay's result replaces whatever was stored for these variants.
-INSERT INTO outbox_variant_states (variant_id, job_id, version, status, step, removed, problem, event_id)
-SELECT *
-FROM unnest(
-    %(variant_ids)s::uuid[], %(job_ids)s::uuid[], %(versions)s::bigint[], %(statuses)s::text[],
-    %(steps)s::text[], %(removed)s::boolean[], %(problems)s::text[], %(event_ids)s::bigint[]
+-- name: variant_states_rebuild
+-- Replay's rebuild of these variants, under every checkpoint's lock (checkpoints_lock_all): each
+-- one's state becomes the newest (outbox_variant_states_newest) of its baseline (what prune folded)
+-- and its applied events, each event judged applied by its own partition's checkpoint, so that a
+-- variant that moved between jobs of two partitions is rebuilt from both. Discarded dead letters
+-- and events with no place in the order (no job, or a version capture never issued) never count;
+-- an unreadable newest event gives a problem state (its dead letter's reason). A variant with
+-- nothing at all loses its stored state. Returns the jobs the variants were in before and are in
+-- now: each of them is folded again.
+WITH issued AS MATERIALIZED (
+    SELECT outbox_versions_issued() AS versions
+), candidates AS (
+    SELECT (b.variant_id, b.job_id, b.version, b.status, b.step, b.removed, b.problem, b.event_id, NULL)::outbox_variant_states AS state
+    FROM outbox_variant_baseline AS b
+    WHERE b.variant_id = ANY(%(variant_ids)s::uuid[])
+    UNION ALL
+    SELECT (e.variant_id, e.job_id, e.variant_version,
+            CASE WHEN d.readable THEN d.status END, CASE WHEN d.readable THEN d.step END, d.readable AND d.removed,
+            CASE WHEN NOT d.readable THEN outbox_unreadable_problem(e.event_id, dl.reason) END,
+            e.event_id, NULL)::outbox_variant_states
+    FROM outbox_events AS e
+    JOIN outbox_checkpoints AS c ON c.partition = e.partition
+    CROSS JOIN issued AS i
+    CROSS JOIN LATERAL outbox_event_decode(
+        e.event_type, e.schema_version, e.job_id, e.variant_id, e.variant_version, e.payload, i.versions) AS d
+    LEFT JOIN outbox_dead_letters AS dl ON dl.event_id = e.event_id
+    WHERE e.variant_id = ANY(%(variant_ids)s::uuid[])
+      AND e.job_id IS NOT NULL
+      AND e.variant_version BETWEEN 1 AND i.versions
+      AND outbox_event_applied(e.txid, e.event_id, c.done_snapshot, c.target_snapshot, c.last_txid, c.last_event_id)
+      AND dl.discarded_at IS NULL
+), rebuilt AS MATERIALIZED (
+    SELECT * FROM outbox_variant_states_newest(ARRAY(SELECT state FROM candidates))
+), before AS MATERIALIZED (
+    SELECT variant_id, job_id FROM outbox_variant_states WHERE variant_id = ANY(%(variant_ids)s::uuid[]) FOR UPDATE
+), dropped AS (
+    DELETE FROM outbox_variant_states
+    WHERE variant_id = ANY(%(variant_ids)s::uuid[]) AND variant_id NOT IN (SELECT variant_id FROM rebuilt)
+), replaced AS (
+    INSERT INTO outbox_variant_states AS s (variant_id, job_id, version, status, step, removed, problem, event_id)
+    SELECT variant_id, job_id, version, status, step, removed, problem, event_id FROM rebuilt
+    ON CONFLICT (variant_id) DO UPDATE
+        SET job_id = excluded.job_id, version = excluded.version, status = excluded.status, step = excluded.step,
+            removed = excluded.removed, problem = excluded.problem, event_id = excluded.event_id, moved_from = NULL
 )
+SELECT job_id FROM before
+UNION
+SELECT job_id FROM rebuilt
 
 -- name: dirty_jobs_add
 INSERT INTO outbox_dirty_jobs (partition, job_id)
@@ -485,69 +557,67 @@ SELECT %(partition)s, unnest(%(job_ids)s::uuid[])
 ON CONFLICT DO NOTHING
 
 -- name: jobs_get
-SELECT job_id, status, current_step FROM jobs WHERE job_id = ANY(%(job_ids)s::uuid[])
+SELECT job_id, status::text, current_step::text FROM jobs WHERE job_id = ANY(%(job_ids)s::uuid[])
+
+-- name: verify_in_flight
+-- Work in flight (pending: outbox_events_pending and outbox_dirty_jobs) is not drift: its jobs and
+-- variants are left out of the comparison.
+SELECT ARRAY(SELECT job_id FROM outbox_events_pending(NULL) WHERE job_id IS NOT NULL
+             UNION SELECT job_id FROM outbox_dirty_jobs),
+       ARRAY(SELECT DISTINCT variant_id FROM outbox_events_pending(NULL) WHERE variant_id IS NOT NULL)
 
 -- name: verify_variant_drift
--- Variants whose row in jobs_variants and whose event-derived state disagree, leaving out the
--- variants with events not applied yet (they are in flight, not drifted).
-WITH pending AS (
-    SELECT DISTINCT variant_id
-    FROM outbox_events
-    WHERE partition = %(partition)s
-      -- Below the done snapshot's xmin every transaction is finished and visible in it: applied.
-      -- The bound lets the index skip the history kept until prune.
-      AND txid >= pg_snapshot_xmin(%(done)s::pg_snapshot)
-      AND NOT outbox_event_applied(txid, event_id, %(done)s::pg_snapshot, %(target)s::pg_snapshot,
-                                   %(after_txid)s::xid8, %(after_event_id)s::bigint)
-), states AS (
+-- Variants whose row in jobs_variants and whose event-derived state disagree (in flight left out),
+-- and stored states at a version capture never issued (only a hand-written event could put one
+-- there).
+WITH states AS (
     SELECT * FROM outbox_variant_states WHERE NOT removed
 )
 SELECT coalesce(v.job_variants_id, s.variant_id) AS variant_id,
-       v.job_id, v.status, v.current_step,
+       v.job_id, v.status::text, v.current_step::text,
        s.job_id, s.status, s.step
 FROM jobs_variants AS v
 FULL JOIN states AS s ON s.variant_id = v.job_variants_id
 WHERE (v.job_variants_id IS NULL OR s.variant_id IS NULL
-       OR (v.job_id, v.status, v.current_step) IS DISTINCT FROM (s.job_id, s.status, s.step))
-  AND coalesce(v.job_variants_id, s.variant_id) NOT IN (SELECT variant_id FROM pending WHERE variant_id IS NOT NULL)
+       OR (v.job_id, v.status::text, v.current_step::text) IS DISTINCT FROM (s.job_id, s.status, s.step)
+       OR s.version > (SELECT outbox_versions_issued()))
+  AND coalesce(v.job_variants_id, s.variant_id) <> ALL(%(in_flight_variants)s::uuid[])
   AND coalesce(v.job_id, s.job_id) IS NOT NULL
-  AND outbox_partition_of(coalesce(v.job_id, s.job_id)) = %(partition)s
+  AND (%(partition)s::integer IS NULL OR outbox_partition_of(coalesce(v.job_id, s.job_id)) = %(partition)s)
 ORDER BY 1
 LIMIT %(limit)s
 
 -- name: verify_stuck_jobs
 -- The original symptom: every variant is done at the final step, yet the job is not done.
-SELECT j.job_id, j.status, j.current_step
+SELECT j.job_id, j.status::text, j.current_step::text
 FROM jobs AS j
-WHERE j.status IS DISTINCT FROM 'done'
-  AND outbox_partition_of(j.job_id) = %(partition)s
+WHERE j.status::text IS DISTINCT FROM 'done'
+  AND (%(partition)s::integer IS NULL OR outbox_partition_of(j.job_id) = %(partition)s)
+  AND j.job_id <> ALL(%(in_flight_jobs)s::uuid[])
   AND EXISTS (SELECT 1 FROM jobs_variants AS v WHERE v.job_id = j.job_id)
   AND NOT EXISTS (
       SELECT 1 FROM jobs_variants AS v
-      WHERE v.job_id = j.job_id AND (v.status IS DISTINCT FROM 'done' OR v.current_step IS DISTINCT FROM %(final_step)s)
+      WHERE v.job_id = j.job_id
+        AND (v.status::text IS DISTINCT FROM 'done' OR v.current_step::text IS DISTINCT FROM %(final_step)s)
   )
 ORDER BY j.job_id
 LIMIT %(limit)s
 
--- name: verify_jobs_pending
--- Jobs whose state may legitimately lag: events in flight, or waiting to be folded.
-SELECT DISTINCT job_id
-FROM outbox_events
-WHERE partition = %(partition)s
-  AND job_id IS NOT NULL
-  AND txid >= pg_snapshot_xmin(%(done)s::pg_snapshot)  -- below it, everything is applied
-  AND NOT outbox_event_applied(txid, event_id, %(done)s::pg_snapshot, %(target)s::pg_snapshot,
-                               %(after_txid)s::xid8, %(after_event_id)s::bigint)
-UNION
-SELECT job_id FROM outbox_dirty_jobs WHERE partition = %(partition)s
-UNION
-SELECT job_id FROM outbox_job_flags
-
 -- name: verify_job_ids_after
 SELECT DISTINCT job_id
 FROM outbox_variant_states
-WHERE job_id > %(after)s AND outbox_partition_of(job_id) = %(partition)s
+WHERE job_id > %(after)s AND (%(partition)s::integer IS NULL OR outbox_partition_of(job_id) = %(partition)s)
 ORDER BY job_id
+LIMIT %(limit)s
+
+-- name: job_flags_list
+-- Flagged jobs with their reasons, and the dead letters that hold them (0009).
+SELECT f.job_id, f.reason, f.flagged_at,
+       ARRAY(SELECT d.event_id FROM outbox_dead_letters AS d
+             WHERE d.job_id = f.job_id AND d.discarded_at IS NULL ORDER BY d.event_id)
+FROM outbox_job_flags AS f
+WHERE %(partition)s::integer IS NULL OR outbox_partition_of(f.job_id) = %(partition)s
+ORDER BY f.job_id
 LIMIT %(limit)s
 
 -- name: variant_resync
@@ -570,7 +640,7 @@ WHERE %(state_job_id)s::uuid IS NOT NULL
 
 -- name: dead_letters_list
 SELECT d.event_id, d.partition, d.job_id, d.variant_id, d.reason, d.parked_at, d.discarded_at,
-       e.event_type, e.schema_version, e.created_at
+       e.event_type, e.schema_version, e.created_at, d.holds_job
 FROM outbox_dead_letters AS d
 LEFT JOIN outbox_events AS e USING (event_id)
 WHERE (%(include_discarded)s OR d.discarded_at IS NULL)
@@ -579,13 +649,15 @@ LIMIT %(limit)s
 
 -- name: dead_letter_event_get
 SELECT e.event_id, e.txid::text, e.event_type, e.schema_version, e.job_id, e.variant_id,
-       e.variant_version, outbox_event_payload(e.payload), e.created_at, d.discarded_at
+       e.variant_version, outbox_event_payload(e.payload), e.created_at,
+       e.variant_version BETWEEN 1 AND (SELECT outbox_versions_issued()), d.discarded_at
 FROM outbox_dead_letters AS d
 JOIN outbox_events AS e USING (event_id)
-WHERE d.event_id = %(event_id)s AND d.partition = %(partition)s
+WHERE d.event_id = %(event_id)s
 
 -- name: dead_letter_update_reason
-UPDATE outbox_dead_letters SET reason = %(reason)s, parked_at = now() WHERE event_id = %(event_id)s
+UPDATE outbox_dead_letters SET reason = %(reason)s, holds_job = %(holds_job)s, parked_at = now()
+WHERE event_id = %(event_id)s
 
 -- name: dead_letter_delete
 DELETE FROM outbox_dead_letters WHERE event_id = %(event_id)s
@@ -594,58 +666,51 @@ DELETE FROM outbox_dead_letters WHERE event_id = %(event_id)s
 -- Idempotent: an already discarded letter keeps its first discarded_at and is still returned.
 UPDATE outbox_dead_letters SET discarded_at = coalesce(discarded_at, now())
 WHERE event_id = %(event_id)s
-RETURNING job_id
+RETURNING job_id, variant_id
 
--- name: prune_doomed
--- The events to prune in this round: applied (visible in the done snapshot), older than the
--- cutoff, and not a dead letter still waiting for retry or discard. newest_of_variant marks, per
--- variant, the newest of them that counts (discarded ones do not), for the baseline.
-WITH doomed AS (
-    SELECT e.*, d.event_id IS NOT NULL AS discarded
+-- name: prune_chunk
+-- One round of `outbox prune` in partition %(partition)s, under its checkpoint's lock: the events
+-- to remove (applied, older than the cutoff, not a dead letter waiting for retry or discard) are
+-- folded into outbox_variant_baseline (the newest of each variant wins, as everywhere: replay
+-- starts from there), then deleted with their discarded dead letters.
+WITH issued AS MATERIALIZED (
+    SELECT outbox_versions_issued() AS versions
+), doomed AS MATERIALIZED (
+    SELECT e.*, dl.event_id IS NOT NULL AS discarded
     FROM outbox_events AS e
-    LEFT JOIN outbox_dead_letters AS d USING (event_id)
+    LEFT JOIN outbox_dead_letters AS dl USING (event_id)
     WHERE e.partition = %(partition)s
       AND e.created_at < %(cutoff)s
       AND pg_visible_in_snapshot(e.txid, %(done)s::pg_snapshot)
-      AND (d.event_id IS NULL OR d.discarded_at IS NOT NULL)
+      AND (dl.event_id IS NULL OR dl.discarded_at IS NOT NULL)
     ORDER BY e.event_id
     LIMIT %(limit)s
-), newest AS (
-    SELECT DISTINCT ON (variant_id) event_id
-    FROM doomed
-    WHERE variant_id IS NOT NULL AND NOT discarded
-    ORDER BY variant_id, variant_version DESC
+), baseline AS MATERIALIZED (
+    SELECT outbox_variant_baseline_merge(ARRAY(
+        SELECT (e.variant_id, e.job_id, e.variant_version,
+                CASE WHEN d.readable THEN d.status END, CASE WHEN d.readable THEN d.step END,
+                d.readable AND d.removed,
+                CASE WHEN NOT d.readable THEN outbox_unreadable_problem(e.event_id, NULL) END,
+                e.event_id, NULL)::outbox_variant_states
+        FROM doomed AS e
+        CROSS JOIN issued AS i
+        CROSS JOIN LATERAL outbox_event_decode(
+            e.event_type, e.schema_version, e.job_id, e.variant_id, e.variant_version, e.payload, i.versions) AS d
+        WHERE NOT e.discarded AND e.variant_id IS NOT NULL AND e.job_id IS NOT NULL
+          AND e.variant_version BETWEEN 1 AND i.versions
+    )) AS merged
+), letters AS (
+    DELETE FROM outbox_dead_letters WHERE event_id IN (SELECT event_id FROM doomed WHERE discarded)
+), deleted AS (
+    DELETE FROM outbox_events WHERE event_id IN (SELECT event_id FROM doomed) RETURNING 1
 )
-SELECT event_id, txid::text, event_type, schema_version, job_id, variant_id, variant_version,
-       outbox_event_payload(payload), created_at, event_id IN (SELECT event_id FROM newest) AS newest_of_variant
-FROM doomed
-
--- name: variant_baseline_upsert
-INSERT INTO outbox_variant_baseline AS b (variant_id, job_id, version, status, step, removed, problem, event_id)
-SELECT *
-FROM unnest(
-    %(variant_ids)s::uuid[], %(job_ids)s::uuid[], %(versions)s::bigint[], %(statuses)s::text[],
-    %(steps)s::text[], %(removed)s::boolean[], %(problems)s::text[], %(event_ids)s::bigint[]
-)
-ON CONFLICT (variant_id) DO UPDATE
-    SET job_id = excluded.job_id, version = excluded.version, status = excluded.status, step = excluded.step,
-        removed = excluded.removed, problem = excluded.problem, event_id = excluded.event_id
-    WHERE b.version < excluded.version
-
--- name: events_delete
-DELETE FROM outbox_events WHERE event_id = ANY(%(event_ids)s::bigint[])
-
--- name: dead_letters_delete_pruned
-DELETE FROM outbox_dead_letters WHERE event_id = ANY(%(event_ids)s::bigint[])
+SELECT (SELECT count(*) FROM deleted), (SELECT merged FROM baseline)
 
 -- name: throughput_prune
 DELETE FROM outbox_throughput WHERE bucket < clock_timestamp() - interval '1 day'
 
 -- name: clock_minus
 SELECT clock_timestamp() - %(interval)s::interval
-
--- name: job_flags_count
-SELECT count(*) FROM outbox_job_flags
 
 -- name: snapshot_current
 SELECT pg_current_snapshot()::text
@@ -773,12 +838,14 @@ WHERE job_id IS NOT NULL
 
 -- name: repartition_checkpoints
 -- Every partition starts from this transaction's snapshot: every event committed before it is
--- applied (the outbox is drained), and none can be written until this transaction ends.
+-- applied (the outbox is drained), and none can be written until this transaction ends. New
+-- checkpoints fold with the current fold configuration.
 WITH removed AS (
     DELETE FROM outbox_checkpoints WHERE partition >= %(partitions)s
 )
-INSERT INTO outbox_checkpoints AS c (partition, done_snapshot, cluster_id, updated_at)
-SELECT p, pg_current_snapshot(), (SELECT max(cluster_id) FROM outbox_checkpoints), clock_timestamp()
+INSERT INTO outbox_checkpoints AS c (partition, done_snapshot, cluster_id, updated_at, fold_config_version)
+SELECT p, pg_current_snapshot(), (SELECT max(cluster_id) FROM outbox_checkpoints), clock_timestamp(),
+       (SELECT version FROM outbox_fold_config)
 FROM generate_series(0, %(partitions)s - 1) AS p
 ON CONFLICT (partition) DO UPDATE
     SET done_snapshot = excluded.done_snapshot,
@@ -789,6 +856,9 @@ ON CONFLICT (partition) DO UPDATE
 
 -- name: transaction_lock_timeout
 SELECT set_config('lock_timeout', %(lock_timeout)s, true)
+
+-- name: transaction_statement_timeout
+SELECT set_config('statement_timeout', %(statement_timeout)s, true)
 
 -- name: dead_letters_partitions
 SELECT event_id, partition FROM outbox_dead_letters WHERE event_id = ANY(%(event_ids)s::bigint[])
@@ -802,3 +872,39 @@ ORDER BY job_id
 -- name: transaction_snapshot
 -- First statement of a transaction whose statements must all see one snapshot (verify, backlog).
 SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY
+
+-- The fold configuration (processor/fold_config.py, migration 0009).
+
+-- name: fold_config_get
+SELECT pipeline_steps, failure_policy, version FROM outbox_fold_config
+
+-- name: fold_config_set
+-- Under every checkpoint's lock (checkpoints_lock_all): the new configuration, its version on every
+-- checkpoint (a worker folding with the old one notices when it next locks its checkpoint), and,
+-- when it changed, every job queued to be folded again.
+WITH changed AS (
+    UPDATE outbox_fold_config
+    SET pipeline_steps = %(steps)s::text[], failure_policy = %(policy)s, version = version + 1,
+        changed_at = clock_timestamp()
+    WHERE pipeline_steps IS DISTINCT FROM %(steps)s::text[] OR failure_policy <> %(policy)s
+    RETURNING version, pipeline_steps IS NOT NULL AS was_set
+), stamped AS (
+    UPDATE outbox_checkpoints SET fold_config_version = (SELECT version FROM changed)
+    WHERE EXISTS (SELECT FROM changed)
+), queued AS (
+    INSERT INTO outbox_dirty_jobs (partition, job_id)
+    SELECT outbox_partition_of(job_id), job_id
+    FROM (SELECT DISTINCT job_id FROM outbox_variant_states WHERE NOT removed) AS t
+    WHERE %(refold)s AND EXISTS (SELECT FROM changed)
+    ON CONFLICT (partition, job_id) DO UPDATE SET retry_at = NULL
+    RETURNING 1
+)
+SELECT (SELECT version FROM changed), (SELECT count(*) FROM queued)
+
+-- name: variant_steps_used
+-- The steps jobs_variants uses, with how many variants each, for checking a pipeline.
+SELECT current_step::text, count(*)
+FROM jobs_variants
+WHERE current_step IS NOT NULL
+GROUP BY current_step
+ORDER BY count(*) DESC

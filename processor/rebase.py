@@ -58,6 +58,6 @@ def rebuild(conn: Connection, ctx: FoldContext) -> None:
     """Rebuild every job by replay, then clear the pending mark (also resumes an interrupted rebase)."""
     jobs = store.job_ids_all(conn, ctx.partition)
     log.warning("rebuilding %s jobs after a rebase", len(jobs))
-    replay(conn, ctx, jobs, dry_run=False)
+    replay(conn, jobs, dry_run=False)
     conn.execute(QUERIES["rebase_done"], {"partition": ctx.partition})
     log.warning("rebase done")

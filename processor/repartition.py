@@ -6,13 +6,17 @@ out of order. So, in one transaction:
 
 1. hold the writers back (SHARE lock on outbox_events: INSERTs wait, the workers keep reading) and
    wait for the transactions that already wrote events to end;
-2. wait until the workers have applied every event and folded every job (the outbox is drained),
-   or give up after ``timeout`` and change nothing;
-3. write the new count into ``outbox_partition_of``, move applied events and dead letters to their
+2. wait until the workers have applied every event and folded every job (the outbox is drained);
+3. lock every checkpoint row, in partition order (as the operations do: none of them, nor any
+   worker's batch, runs from here on), and check again that nothing is pending: an operation that
+   committed in between may have queued jobs; if so, let go of the checkpoints and wait again;
+4. write the new count into ``outbox_partition_of``, move applied events and dead letters to their
    new partitions, and start every partition's checkpoint from this transaction's snapshot.
 
-Writers wait for at most ``timeout`` plus the time of step 3. Workers notice the new count at their
-next rebalance; a worker whose OUTBOX_PARTITIONS no longer matches stops with a clear error.
+``timeout`` bounds the whole, counted from the moment writers start to queue behind the lock
+request: if the outbox is not drained and switched by then, the transaction rolls back, nothing
+changes, and the writers go on. Workers notice the new count at their next rebalance; a worker
+whose OUTBOX_PARTITIONS no longer matches stops with a clear error.
 """
 
 from __future__ import annotations
@@ -59,13 +63,10 @@ class Pending:
 
 
 def pending(conn: Connection) -> Pending:
-    events = catch_ups = jobs = 0
-    for partition, catching_up, dirty in conn.execute(QUERIES["repartition_pending"]).fetchall():
-        cursor = store.checkpoint_get(conn, partition).cursor
-        events += store.events_pending_summary(conn, partition, cursor, top=0).count
-        catch_ups += bool(catching_up)
-        jobs += dirty
-    return Pending(events, catch_ups, jobs)
+    """Every partition's pending work (store.events_pending_summary) and the catch-ups still open."""
+    summary = store.events_pending_summary(conn, None, top=0)
+    catch_ups = sum(bool(row[1]) for row in conn.execute(QUERIES["repartition_pending"]).fetchall())
+    return Pending(summary.count, catch_ups, summary.jobs_waiting)
 
 
 def repartition(
@@ -73,7 +74,6 @@ def repartition(
     partitions: int,
     *,
     timeout: float = 60.0,
-    lock_timeout: float = 10.0,
     on_wait: Callable[[Pending], None] | None = None,
 ) -> RepartitionReport:
     """Change the partition count to ``partitions`` (see the module's docstring)."""
@@ -82,28 +82,57 @@ def repartition(
     before = store.partitions_get(conn)
     if before == partitions:
         return RepartitionReport(before, partitions)
-    with conn.transaction():
-        conn.execute(QUERIES["transaction_lock_timeout"], {"lock_timeout": f"{int(lock_timeout * 1000)}ms"})
-        try:
-            conn.execute(QUERIES["repartition_hold_writers"])
-        except psycopg.errors.LockNotAvailable:
-            raise NotDrainedError(
-                f"could not hold the writers back within {lock_timeout:g} s (a long transaction wrote events?); "
-                "nothing was changed"
-            ) from None
-        held = time.monotonic()
-        deadline = held + timeout
-        while not (state := pending(conn)).drained:
-            if on_wait is not None:
-                on_wait(state)
-            if time.monotonic() >= deadline:
+    held = time.monotonic()  # writers queue behind the lock from its request on
+    deadline = held + timeout
+
+    def remaining_ms() -> str:
+        return f"{max(1, int((deadline - time.monotonic()) * 1000))}ms"
+
+    try:
+        with conn.transaction():
+            conn.execute(QUERIES["transaction_lock_timeout"], {"lock_timeout": remaining_ms()})
+            try:
+                conn.execute(QUERIES["repartition_hold_writers"])
+            except psycopg.errors.LockNotAvailable:
                 raise NotDrainedError(
-                    f"the outbox did not drain within {timeout:g} s ({state}); are the workers running? "
-                    "Nothing was changed"
-                )
-            time.sleep(0.1)  # polling the workers' progress, not synchronisation
-        conn.execute(QUERIES["repartition_set"], {"partitions": partitions})
-        moved = conn.execute(QUERIES["repartition_relabel_events"]).rowcount
-        conn.execute(QUERIES["repartition_relabel_dead_letters"])
-        conn.execute(QUERIES["repartition_checkpoints"], {"partitions": partitions})
+                    f"could not hold the writers back within {timeout:g} s (a long transaction wrote events?); "
+                    "nothing was changed"
+                ) from None
+            while True:
+                state = pending(conn)
+                if state.drained and _lock_checkpoints_if_drained(conn, remaining_ms()):
+                    break
+                if on_wait is not None:
+                    on_wait(state)
+                if time.monotonic() >= deadline:
+                    raise NotDrainedError(
+                        f"the outbox did not drain within {timeout:g} s ({state}); are the workers running? "
+                        "Nothing was changed"
+                    )
+                time.sleep(0.05)  # polling the workers' progress, not synchronisation
+            # The switch is bounded too: writers wait for it.
+            conn.execute(QUERIES["transaction_statement_timeout"], {"statement_timeout": remaining_ms()})
+            conn.execute(QUERIES["repartition_set"], {"partitions": partitions})
+            moved = conn.execute(QUERIES["repartition_relabel_events"]).rowcount
+            conn.execute(QUERIES["repartition_relabel_dead_letters"])
+            conn.execute(QUERIES["repartition_checkpoints"], {"partitions": partitions})
+    except psycopg.errors.QueryCanceled:
+        raise NotDrainedError(
+            f"the switch did not finish within {timeout:g} s (relabelling the applied events; `outbox prune` "
+            "makes it shorter, or give a longer --timeout); nothing was changed"
+        ) from None
     return RepartitionReport(before, partitions, moved, time.monotonic() - held)
+
+
+def _lock_checkpoints_if_drained(conn: Connection, lock_timeout: str) -> bool:
+    """Lock every checkpoint row and confirm nothing is pending; else let go of them (a savepoint)."""
+    try:
+        with conn.transaction():
+            conn.execute(QUERIES["transaction_lock_timeout"], {"lock_timeout": lock_timeout})
+            store.checkpoints_lock_all(conn)
+            if pending(conn).drained:
+                return True
+            raise psycopg.Rollback()
+    except psycopg.errors.LockNotAvailable:
+        return False
+    return False

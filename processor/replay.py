@@ -1,9 +1,16 @@
 """`outbox replay`: rebuild job state from the outbox (and the baseline that prune keeps).
 
-Each chunk of jobs is one transaction that first locks the partition's checkpoint row: the worker
-waits for it, and the replay sees exactly the events the worker has applied. So replaying while
-the worker runs and writers write loses nothing and applies nothing twice, and its result is what
-live processing gives.
+Each chunk of jobs is one transaction that first locks every partition's checkpoint row, in
+partition order (store.checkpoints_lock_all): the workers wait for it between two batches,
+`outbox repartition` and the other operations wait for it, and it waits for them. Inside, a variant
+is rebuilt from its baseline and from its applied events in every partition (a variant that moved
+between jobs of two partitions has events in both), each judged by its own partition's checkpoint:
+the same newest state live processing keeps, computed by the same rule
+(outbox_variant_states_newest). So a replay while workers run, writers write, and a repartition or
+a prune happens, loses nothing, applies nothing twice, and gives what live processing gives.
+
+Dead-letter retry and discard, `verify --repair` and the rebuild after a restore go through
+``rebuild_jobs`` too.
 """
 
 from __future__ import annotations
@@ -14,10 +21,8 @@ from dataclasses import dataclass
 
 import psycopg
 
-from processor import store
-from processor.batch import FoldContext, fold_jobs, write_jobs
-from processor.decode import decode_event
-from processor.fold import VariantState
+from processor import fold_config, store
+from processor.batch import fold_jobs, write_jobs
 from processor.store import Connection
 
 JobRow = tuple[str | None, str | None]
@@ -36,28 +41,30 @@ class JobChange:
         return f"{self.job_id}: {show(self.before)} -> {show(self.after)}"
 
 
-def rebuild_jobs(conn: Connection, ctx: FoldContext, job_ids: Sequence[uuid.UUID], *, dry_run: bool) -> list[JobChange]:
-    """Recompute the jobs' variant states from the baseline and applied events, fold, and write."""
+def rebuild_jobs(
+    conn: Connection,
+    job_ids: Sequence[uuid.UUID],
+    *,
+    dry_run: bool,
+    variant_ids: Sequence[uuid.UUID] = (),
+    before_write: Callable[[], None] | None = None,
+) -> list[JobChange]:
+    """Rebuild the variants of ``job_ids`` (and ``variant_ids``) from the outbox, fold every job they
+    touch, and write.
+
+    Returns the jobs whose state changes (with a catch-up open in a job's partition, it is written
+    when the catch-up closes: what is returned is what it becomes then).
+    """
     changes: list[JobChange] = []
     with conn.transaction() as tx:
-        cursor = store.checkpoint_lock(conn, ctx.partition)  # the worker waits until this commits
-        variant_ids = store.replay_variants_of_jobs(conn, job_ids)
-        latest: dict[uuid.UUID, tuple[VariantState, int]] = {}
-        candidates = store.variant_baseline_get(conn, variant_ids)
-        for event in store.replay_latest_events(conn, ctx.partition, cursor, variant_ids):
-            decoded = decode_event(event).state  # a dead letter is already recorded
-            if decoded is not None:
-                candidates.append((decoded, event.event_id))
-        for state, event_id in candidates:
-            known = latest.get(state.variant_id)
-            if known is None or state.sort_key() > known[0].sort_key():
-                latest[state.variant_id] = (state, event_id)
-        store.variant_states_replace(conn, variant_ids, list(latest.values()))
-
-        # Every job a rebuilt variant belongs (or belonged) to is folded from all of its stored
-        # variants, not only the rebuilt ones: a variant may have moved to a job not being replayed.
-        affected = sorted(set(job_ids) | {state.job_id for state, _ in latest.values()})
-        folded = fold_jobs(affected, store.variant_states_to_fold(conn, affected), ctx)
+        checkpoints = store.checkpoints_lock_all(conn)  # workers, repartition and other operations wait
+        config = fold_config.load(conn)  # cannot change while the checkpoints are held
+        variant_ids = sorted(set(store.replay_variants_of_jobs(conn, job_ids)) | set(variant_ids))
+        # Every job a rebuilt variant belongs or belonged to is folded from all of its stored
+        # variants: a variant may have moved to or from a job not being replayed.
+        touched = store.variant_states_rebuild(conn, variant_ids) if variant_ids else set()
+        affected = sorted(set(job_ids) | touched)
+        folded = fold_jobs(affected, store.variant_states_to_fold(conn, affected), config)
         before = store.jobs_get(conn, affected)
         for job_id, job_state in folded.states.items():
             after = (job_state.status.value, job_state.current_step)
@@ -65,18 +72,15 @@ def rebuild_jobs(conn: Connection, ctx: FoldContext, job_ids: Sequence[uuid.UUID
                 changes.append(JobChange(job_id, before[job_id], after))
         if dry_run:
             raise psycopg.Rollback(tx)
-        if cursor.target is None:
-            write_jobs(conn, ctx, folded, cursor)
-        else:
-            # A catch-up is in progress: fold when it completes, like the worker would. What is
-            # reported is what the jobs will become then.
-            store.dirty_jobs_add(conn, ctx.partition, affected)
+        if before_write is not None:
+            before_write()  # test hook
+        catching_up = [p for p, locked in checkpoints.items() if locked.cursor.target is not None]
+        write_jobs(conn, folded, deferred_partitions=catching_up)
     return changes
 
 
 def replay(
     conn: Connection,
-    ctx: FoldContext,
     job_ids: Sequence[uuid.UUID],
     *,
     dry_run: bool,
@@ -87,7 +91,7 @@ def replay(
     changes: list[JobChange] = []
     for start in range(0, len(job_ids), chunk_size):
         chunk = job_ids[start : start + chunk_size]
-        changes.extend(rebuild_jobs(conn, ctx, chunk, dry_run=dry_run))
+        changes.extend(rebuild_jobs(conn, chunk, dry_run=dry_run))
         if on_chunk is not None:
             on_chunk(len(chunk))
     return changes

@@ -30,9 +30,12 @@ class Settings(BaseSettings):
 
     # None: use the embedded PostgreSQL.
     database_url: SecretStr | None = None
+    # The fold configuration lives in the database (processor/fold_config.py). Set here, it is what
+    # `outbox migrate` installs the first time, and what every other command checks the database's
+    # against (a mismatch stops the command with one line). None: the database's.
     # Comma-separated in OUTBOX_PIPELINE_STEPS; the last step is final.
-    pipeline_steps: Annotated[tuple[str, ...], NoDecode] = DEFAULT_PIPELINE_STEPS
-    failure_policy: FailurePolicy = FailurePolicy.SETTLED
+    pipeline_steps: Annotated[tuple[str, ...] | None, NoDecode] = None
+    failure_policy: FailurePolicy | None = None
     # Events per batch transaction: larger batches spread its fixed cost (about 3 ms: planning, the
     # round trips, the commit) over more events (bench/README.md: drain rate by batch size).
     batch_size: int = Field(default=5000, ge=1, le=100_000)
@@ -69,8 +72,9 @@ class Settings(BaseSettings):
 
     @field_validator("pipeline_steps")
     @classmethod
-    def _valid_pipeline(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        Pipeline(value)  # raises ValueError with the reason
+    def _valid_pipeline(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if value is not None:
+            Pipeline(value)  # raises ValueError with the reason
         return value
 
     @field_validator("database_url")
@@ -87,16 +91,23 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _poll_bounds(self) -> Settings:
         if self.poll_interval_min > self.poll_interval_max:
-            raise ValueError("poll_interval_min must not exceed poll_interval_max")
+            raise ValueError(
+                f"OUTBOX_POLL_INTERVAL_MIN ({self.poll_interval_min:g}) must not exceed "
+                f"OUTBOX_POLL_INTERVAL_MAX ({self.poll_interval_max:g})"
+            )
         # The server ends a session idle longer than session_timeout: waits must stay well below it.
         for name in ("poll_interval_max", "standby_interval"):
             if getattr(self, name) >= self.session_timeout / 2:
-                raise ValueError(f"{name} must be less than half of session_timeout ({self.session_timeout:g} s)")
+                raise ValueError(
+                    f"OUTBOX_{name.upper()} ({getattr(self, name):g}) must be less than half of "
+                    f"OUTBOX_SESSION_TIMEOUT ({self.session_timeout:g} s)"
+                )
         return self
 
     @property
-    def pipeline(self) -> Pipeline:
-        return Pipeline(self.pipeline_steps)
+    def pipeline(self) -> Pipeline | None:
+        """The pipeline this process was given (None: it takes the database's)."""
+        return Pipeline(self.pipeline_steps) if self.pipeline_steps is not None else None
 
     def database(self) -> DatabaseUrl:
         """The configured database, or the embedded one (started on first use)."""
@@ -112,11 +123,14 @@ def load_settings(**overrides: Any) -> Settings:
     try:
         return Settings(**{key: value for key, value in overrides.items() if value is not None})
     except ValidationError as exc:
-        problems = "; ".join(
-            f"OUTBOX_{'_'.join(str(p) for p in err['loc']).upper() or 'SETTINGS'}: {_message(err)}"
-            for err in exc.errors(include_url=False, include_input=False)
-        )
+        problems = "; ".join(_problem(err) for err in exc.errors(include_url=False, include_input=False))
         raise ConfigurationError(f"invalid settings: {problems}") from None
+
+
+def _problem(err: Any) -> str:
+    """One setting's problem, named by its variable (a check across settings names them in its message)."""
+    name = "_".join(str(part) for part in err["loc"]).upper()
+    return f"OUTBOX_{name}: {_message(err)}" if name else _message(err)
 
 
 def _message(err: Any) -> str:

@@ -36,13 +36,29 @@ class Checkpoint:
     cursor: Cursor
     events_applied: int
     updated_at: dt.datetime | None
+    fold_config_version: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class LockedCheckpoint:
+    """A checkpoint row as locked: where the partition is, and the fold configuration it folds with."""
+
+    partition: int
+    cursor: Cursor
+    fold_config_version: int
 
 
 @dataclass(frozen=True, slots=True)
 class CommitResult:
-    jobs_changed: int
     dead_letters: int
     committed_at: dt.datetime
+
+
+@dataclass(frozen=True, slots=True)
+class JobsWritten:
+    jobs_changed: int
+    jobs_deferred: int  # of a partition catching up: folded when its catch-up closes
+    jobs_blocked: list[uuid.UUID]  # rows another transaction held locked: tried again later
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,14 +94,20 @@ def checkpoint_get(conn: Connection, partition: int) -> Checkpoint:
     row = conn.execute(QUERIES["checkpoint_get"], {"partition": partition}).fetchone()
     if row is None:
         raise PartitionMissingError(partition)
-    return Checkpoint(_cursor(*row[:4]), row[4], row[5])
+    return Checkpoint(_cursor(*row[:4]), row[4], row[5], row[6])
 
 
-def checkpoint_lock(conn: Connection, partition: int) -> Cursor:
+def checkpoint_lock(conn: Connection, partition: int) -> LockedCheckpoint:
     row = conn.execute(QUERIES["checkpoint_lock"], {"partition": partition}).fetchone()
     if row is None:
         raise PartitionMissingError(partition)
-    return _cursor(*row)
+    return LockedCheckpoint(partition, _cursor(*row[:4]), row[4])
+
+
+def checkpoints_lock_all(conn: Connection) -> dict[int, LockedCheckpoint]:
+    """Lock every partition's checkpoint, in partition order (see the query)."""
+    rows = conn.execute(QUERIES["checkpoints_lock_all"]).fetchall()
+    return {row[0]: LockedCheckpoint(row[0], _cursor(*row[1:5]), row[5]) for row in rows}
 
 
 def events_probe(conn: Connection, partition: int, cursor: Cursor) -> bool:
@@ -150,18 +172,24 @@ def dirty_jobs_add_applied(conn: Connection, partition: int, old_done: Snapshot,
 
 @dataclass(frozen=True, slots=True)
 class PendingSummary:
-    count: int
-    oldest_age_seconds: float | None
+    """Pending work (the query events_pending_summary says what pending means)."""
+
+    count: int  # events whose effect is not in job state yet
+    oldest_age_seconds: float | None  # of the oldest such event or waiting job
     by_event_type: dict[str, int]
     top_jobs: list[dict[str, Any]]
+    jobs_waiting: int  # in outbox_dirty_jobs
+
+    @property
+    def total(self) -> int:
+        return self.count + self.jobs_waiting
 
 
-def events_pending_summary(conn: Connection, partition: int, cursor: Cursor, *, top: int = 10) -> PendingSummary:
-    row = conn.execute(
-        QUERIES["events_pending_summary"], {"partition": partition, "top": top, **_cursor_params(cursor)}
-    ).fetchone()
+def events_pending_summary(conn: Connection, partition: int | None, *, top: int = 10) -> PendingSummary:
+    """Pending work of ``partition`` (None: of every partition)."""
+    row = conn.execute(QUERIES["events_pending_summary"], {"partition": partition, "top": top}).fetchone()
     assert row is not None
-    return PendingSummary(int(row[0]), row[1], dict(row[2]), list(row[3]))
+    return PendingSummary(int(row[0]), row[1], dict(row[2]), list(row[3]), int(row[4]))
 
 
 def variant_states_upsert(
@@ -202,22 +230,9 @@ def dirty_jobs_exist(conn: Connection, partition: int) -> bool:
     return bool(row and row[0])
 
 
-def dirty_jobs_count(conn: Connection, partition: int) -> int:
-    row = conn.execute(QUERIES["dirty_jobs_count"], {"partition": partition}).fetchone()
-    assert row is not None
-    return int(row[0])
-
-
 def work_pending(conn: Connection, partition: int | None = None) -> int:
-    """Events not applied yet plus jobs waiting to be folded (of every partition by default): 0 when caught up."""
-    total = 0
-    with one_snapshot(conn):  # one partition count, and checkpoints as of one moment
-        for p in [partition] if partition is not None else range(partitions_get(conn)):
-            cursor = checkpoint_get(conn, p).cursor
-            total += events_pending_summary(conn, p, cursor, top=0).count + dirty_jobs_count(conn, p)
-            # A catch-up still open (its last batch was full) has its jobs to fold once it closes.
-            total += cursor.target is not None
-    return total
+    """Pending events plus jobs waiting to be folded (of every partition by default): 0 when caught up."""
+    return events_pending_summary(conn, partition, top=0).total
 
 
 @contextmanager
@@ -238,45 +253,87 @@ def dirty_jobs_add_flagged(conn: Connection, partition: int) -> None:
     conn.execute(QUERIES["dirty_jobs_add_flagged"], {"partition": partition})
 
 
-def dirty_jobs_take(conn: Connection, partition: int, limit: int) -> list[uuid.UUID]:
-    rows = conn.execute(QUERIES["dirty_jobs_take"], {"partition": partition, "limit": limit}).fetchall()
-    return [row[0] for row in rows]
+def dirty_jobs_take(conn: Connection, partition: int, limit: int) -> tuple[list[uuid.UUID], float | None]:
+    """Up to ``limit`` jobs ready to be folded, and in how many seconds the next waiting one is due."""
+    row = conn.execute(QUERIES["dirty_jobs_take"], {"partition": partition, "limit": limit}).fetchone()
+    assert row is not None
+    return list(row[0]), row[1]
 
 
 def batch_commit(
     conn: Connection,
     partition: int,
     *,
-    jobs: dict[uuid.UUID, JobState],
-    flags: dict[uuid.UUID, str],
-    folded: Sequence[uuid.UUID] = (),
     dead_letters: Sequence[DeadLetter],
     cursor: Cursor,
     event_count: int,
     last_event_id: int | None = None,
 ) -> CommitResult:
-    """Write job states, flags, dead letters and the new checkpoint in one statement."""
+    """Write dead letters and the new checkpoint in one statement (the jobs: jobs_write, just before)."""
     row = conn.execute(
         QUERIES["batch_commit"],
         {
             "partition": partition,
-            "job_ids": list(jobs),
-            "job_statuses": [state.status.value for state in jobs.values()],
-            "job_steps": [state.current_step for state in jobs.values()],
-            "folded_job_ids": list(folded),
-            "flag_job_ids": list(flags),
-            "flag_reasons": list(flags.values()),
             "dead_event_ids": [d.event_id for d in dead_letters],
             "dead_job_ids": [d.job_id for d in dead_letters],
             "dead_variant_ids": [d.variant_id for d in dead_letters],
             "dead_reasons": [d.reason for d in dead_letters],
+            "dead_holds_job": [d.holds_job for d in dead_letters],
             "event_count": event_count,
             "last_applied_event_id": last_event_id,
             **_cursor_params(cursor),
         },
     ).fetchone()
     assert row is not None
-    return CommitResult(jobs_changed=row[0], dead_letters=row[1], committed_at=row[2])
+    return CommitResult(dead_letters=row[0], committed_at=row[1])
+
+
+def jobs_write(
+    conn: Connection,
+    *,
+    jobs: dict[uuid.UUID, JobState],
+    flags: dict[uuid.UUID, str],
+    folded: Sequence[uuid.UUID],
+    deferred_partitions: Iterable[int] = (),
+) -> JobsWritten:
+    """Write job states and flags (see the query: jobs of ``deferred_partitions`` and locked rows wait)."""
+    row = conn.execute(
+        QUERIES["jobs_write"],
+        {
+            "job_ids": list(jobs),
+            "job_statuses": [state.status.value for state in jobs.values()],
+            "job_steps": [state.current_step for state in jobs.values()],
+            "folded_job_ids": list(folded),
+            "flag_job_ids": list(flags),
+            "flag_reasons": list(flags.values()),
+            "deferred_partitions": sorted(deferred_partitions),
+        },
+    ).fetchone()
+    assert row is not None
+    return JobsWritten(row[0], row[1], list(row[2]))
+
+
+@dataclass(frozen=True, slots=True)
+class RowLockHolder:
+    """Who holds a job row locked (None where it cannot be told: a lock shared by several)."""
+
+    job_id: uuid.UUID
+    pid: int | None
+    application_name: str | None
+    state: str | None
+    since: dt.datetime | None
+
+    def describe(self) -> str:
+        if self.pid is None:
+            return "another transaction"
+        return f"backend pid {self.pid} ({self.application_name or 'no application_name'}, {self.state}, " + (
+            f"transaction open since {self.since.isoformat(timespec='seconds')})" if self.since else "transaction)"
+        )
+
+
+def jobs_lock_holders(conn: Connection, job_ids: Sequence[uuid.UUID]) -> list[RowLockHolder]:
+    rows = conn.execute(QUERIES["jobs_lock_holders"], {"job_ids": list(job_ids)}).fetchall()
+    return [RowLockHolder(*row) for row in rows]
 
 
 def session_configure(conn: Connection, *, statement_timeout: float, session_timeout: float) -> None:
@@ -311,11 +368,11 @@ def consumer_lock_holder(conn: Connection, partition: int) -> LockHolder | None:
 
 
 def event_rows(rows: Sequence[Sequence[Any]]) -> list[EventRow]:
-    """EventRow from the first nine columns of an outbox_events query."""
+    """EventRow from the first ten columns of an outbox_events query (the tenth: version_issued)."""
     return [
         EventRow(
             event_id=r[0], txid=int(r[1]), event_type=r[2], schema_version=r[3], job_id=r[4],
-            variant_id=r[5], variant_version=r[6], payload=r[7], created_at=r[8],
+            variant_id=r[5], variant_version=r[6], payload=r[7], created_at=r[8], version_issued=bool(r[9]),
         )
         for r in rows
     ]  # fmt: skip
@@ -334,13 +391,18 @@ def _state_params(states: Sequence[tuple[VariantState, int]]) -> dict[str, Any]:
     }
 
 
-def job_ids_all(conn: Connection, partition: int) -> list[uuid.UUID]:
+def job_ids_all(conn: Connection, partition: int | None) -> list[uuid.UUID]:
+    """Every job (of ``partition``, or of all)."""
     return [row[0] for row in conn.execute(QUERIES["jobs_all"], {"partition": partition})]
 
 
-def job_ids_with_events_since(conn: Connection, partition: int, since: dt.datetime) -> list[uuid.UUID]:
+def job_ids_with_events_since(conn: Connection, partition: int | None, since: dt.datetime) -> list[uuid.UUID]:
     rows = conn.execute(QUERIES["jobs_with_events_since"], {"partition": partition, "since": since})
     return [row[0] for row in rows]
+
+
+def job_ids_existing(conn: Connection, job_ids: Sequence[uuid.UUID]) -> list[uuid.UUID]:
+    return [row[0] for row in conn.execute(QUERIES["jobs_existing"], {"job_ids": list(job_ids)})]
 
 
 def jobs_get(conn: Connection, job_ids: Iterable[uuid.UUID]) -> dict[uuid.UUID, tuple[str | None, str | None]]:
@@ -352,42 +414,28 @@ def replay_variants_of_jobs(conn: Connection, job_ids: Sequence[uuid.UUID]) -> l
     return [row[0] for row in conn.execute(QUERIES["replay_variants_of_jobs"], {"job_ids": list(job_ids)})]
 
 
-def replay_latest_events(
-    conn: Connection, partition: int, cursor: Cursor, variant_ids: Sequence[uuid.UUID]
-) -> list[EventRow]:
-    rows = conn.execute(
-        QUERIES["replay_latest_events"],
-        {"partition": partition, "variant_ids": list(variant_ids), **_cursor_params(cursor)},
-    ).fetchall()
-    return event_rows(rows)
+def variant_states_rebuild(conn: Connection, variant_ids: Sequence[uuid.UUID]) -> set[uuid.UUID]:
+    """Rebuild these variants' states from the baseline and applied events; return the jobs to fold again.
+
+    The caller holds every checkpoint's lock (checkpoints_lock_all).
+    """
+    rows = conn.execute(QUERIES["variant_states_rebuild"], {"variant_ids": list(variant_ids)}).fetchall()
+    return {row[0] for row in rows if row[0] is not None}
 
 
-def variant_baseline_get(conn: Connection, variant_ids: Sequence[uuid.UUID]) -> list[tuple[VariantState, int]]:
-    rows = conn.execute(QUERIES["variant_baseline_get"], {"variant_ids": list(variant_ids)}).fetchall()
-    return [
-        (VariantState(r[1], r[0], r[2], VariantStatus(r[3]) if r[3] else None, r[4], r[5], r[6]), r[7]) for r in rows
-    ]
-
-
-def variant_states_replace(
-    conn: Connection, variant_ids: Sequence[uuid.UUID], states: Sequence[tuple[VariantState, int]]
-) -> None:
-    conn.execute(QUERIES["variant_states_delete"], {"variant_ids": list(variant_ids)})
-    conn.execute(QUERIES["variant_states_insert"], _state_params(states))
-
-
-def variant_baseline_upsert(conn: Connection, states: Sequence[tuple[VariantState, int]]) -> None:
-    if states:
-        conn.execute(QUERIES["variant_baseline_upsert"], _state_params(states))
+def prune_chunk(
+    conn: Connection, partition: int, *, cutoff: dt.datetime, done: Snapshot, limit: int
+) -> tuple[int, int]:
+    """Fold up to ``limit`` prunable events into the baseline and delete them: (events deleted, baselines)."""
+    row = conn.execute(
+        QUERIES["prune_chunk"], {"partition": partition, "cutoff": cutoff, "done": str(done), "limit": limit}
+    ).fetchone()
+    assert row is not None
+    return int(row[0]), int(row[1] or 0)
 
 
 def dirty_jobs_add(conn: Connection, partition: int, job_ids: Iterable[uuid.UUID]) -> None:
     conn.execute(QUERIES["dirty_jobs_add"], {"partition": partition, "job_ids": list(job_ids)})
-
-
-def cursor_params(cursor: Cursor) -> dict[str, Any]:
-    """The cursor as query parameters, for the operations' queries."""
-    return _cursor_params(cursor)
 
 
 # Wake-up by NOTIFY (OUTBOX_WAKEUP=notify; processor/wakeup.py, schema/migrations/0003_notify_wakeup.sql).

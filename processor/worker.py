@@ -18,13 +18,20 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 
-import psycopg
 import tenacity
 
-from processor import rebase, store
-from processor.batch import BatchResult, FencedError, FoldContext, apply_batch, refold_dirty_jobs
-from processor.database import DatabaseUrl, check_direct_session, connect, redact
+from processor import fold_config, rebase, store
+from processor.batch import (
+    BatchResult,
+    FencedError,
+    FoldConfigChangedError,
+    FoldContext,
+    apply_batch,
+    refold_dirty_jobs,
+)
+from processor.database import DatabaseUrl, check_direct_session, connect, redact, session_lost
 from processor.errors import ConfigurationError, ConsumerBusyError, PartitionMissingError
+from processor.fold_config import FoldConfig
 from processor.metrics import WorkerMetrics
 from processor.migrate import check_ready
 from processor.settings import Settings, Wakeup
@@ -51,6 +58,7 @@ class _LoopState:
     cursor: Cursor
     dirty: bool = False  # jobs wait in outbox_dirty_jobs to be folded
     probe: bool = True  # check for events before opening a batch transaction
+    retry_at: float | None = None  # monotonic time when a job whose row was locked is due again
 
 
 @dataclass
@@ -90,7 +98,7 @@ class Worker:
         self._owned: dict[int, _LoopState] = {}  # the partitions this worker holds, and where each is
         self._claim_offset = random.randrange(1 << 16)
         self._announced = False  # the standby message was logged
-        self._pipeline = settings.pipeline  # validated once, not at every step
+        self._config: FoldConfig | None = None  # the database's, loaded with each session
 
     def stop(self) -> None:
         """Ask the loop to finish the batch in hand and return."""
@@ -109,7 +117,7 @@ class Worker:
         unmigrated schema) stops the worker.
         """
         retrying = tenacity.Retrying(
-            retry=tenacity.retry_if_exception_type(psycopg.OperationalError),
+            retry=tenacity.retry_if_exception(session_lost),
             wait=self._backoff,
             stop=lambda _state: until_idle or self._stopping.is_set(),
             sleep=self._sleep,
@@ -155,6 +163,7 @@ class Worker:
                     )
                     check_ready(conn)
                     self._partition_count(conn)  # the settings match the database
+                    self._load_config(conn)
                     store.members_join(conn)
                     if settings.wakeup is Wakeup.NOTIFY:
                         self.waiter.listen(conn)  # before the first batch: what commits after it notifies
@@ -172,6 +181,15 @@ class Worker:
         finally:
             self.connected.clear()
             watchdog.stop()
+
+    def _load_config(self, conn: Connection) -> FoldConfig:
+        """The database's fold configuration, checked against this process's own settings."""
+        config = fold_config.load(conn)
+        fold_config.check_setting(config, self.settings.pipeline_steps, self.settings.failure_policy)
+        if self._config is not None and self._config.version != config.version:
+            log.info("fold configuration changed: %s", config.describe())
+        self._config = config
+        return config
 
     def _partition_count(self, conn: Connection) -> int:
         """The database's partition count, checked against OUTBOX_PARTITIONS and OUTBOX_PARTITION."""
@@ -241,6 +259,10 @@ class Worker:
                     break
                 if partition not in self._owned and store.consumer_lock_try(conn, partition):
                     claimed.append(partition)
+            # Jobs queued by an operation (a replay during a catch-up, a job row it found locked).
+            for partition, state in self._owned.items():
+                if not state.dirty and state.retry_at is None and store.dirty_jobs_exist(conn, partition):
+                    state.dirty = True
         for partition in claimed:
             try:
                 self._owned[partition] = self._prepare(conn, partition, watchdog)
@@ -306,13 +328,22 @@ class Worker:
             self._announced = False
 
     def _context(self, partition: int) -> FoldContext:
-        return FoldContext(partition, self._pipeline, self.settings.failure_policy)
+        assert self._config is not None
+        return FoldContext(partition, self._config)
 
     def _step_partition(self, conn: Connection, watchdog: CallWatchdog, partition: int) -> _Outcome:
         """One step for one partition, each watched for a dead connection."""
         try:
             with watchdog.guard(conn):
                 return self._step(conn, self._context(partition), self._owned[partition])
+        except FoldConfigChangedError as exc:
+            # `outbox pipeline set`: fold with the new configuration (it queued every job to be
+            # folded again), unless this process was told another one.
+            log.info("%s; reloading it", exc)
+            with watchdog.guard(conn):
+                self._load_config(conn)
+                self._owned[partition] = self._load_state(conn, partition)
+            return _Outcome.MORE
         except FencedError as exc:
             # Another consumer got past the advisory lock (a pooler?), or `outbox repartition`
             # moved the checkpoint: back off, then resume from where the checkpoint is now.
@@ -331,11 +362,17 @@ class Worker:
         """Fold dirty jobs when caught up, else apply the next batch."""
         batch_size = self.settings.batch_size
         cursor = state.cursor
+        if state.retry_at is not None and time.monotonic() >= state.retry_at:
+            state.dirty, state.retry_at = True, None  # a job whose row was locked is due again
         if state.dirty and cursor.target is None:
-            taken, changed = refold_dirty_jobs(conn, ctx, cursor=cursor, limit=batch_size)
-            self.stats.jobs_changed += changed
-            state.dirty = taken == batch_size
-            return _Outcome.MORE
+            refolded = refold_dirty_jobs(conn, ctx, cursor=cursor, limit=batch_size)
+            self.stats.jobs_changed += refolded.jobs_changed
+            state.dirty = refolded.taken == batch_size
+            if refolded.next_retry_in is not None:
+                state.retry_at = time.monotonic() + max(0.0, refolded.next_retry_in)
+            if refolded.taken:
+                return _Outcome.MORE
+            # None was ready (the rest wait for a locked row): on to the events.
         # When idle, a read-only check first: a batch transaction locks the checkpoint row.
         if state.probe and cursor.target is None and not store.events_probe(conn, ctx.partition, cursor):
             return _Outcome.IDLE

@@ -48,17 +48,22 @@
 --                                                                       restore; never the payload)
 --   outbox_variant_versions     USAGE (nextval)                         USAGE (verify --repair)
 --   outbox_checkpoints          -                                       SELECT, UPDATE
---   outbox_dirty_jobs           -                                       SELECT, INSERT, DELETE
+--   outbox_dirty_jobs           -                                       SELECT, INSERT, UPDATE, DELETE
 --   outbox_job_flags, outbox_variant_states, outbox_dead_letters, outbox_throughput
 --                               -                                       SELECT, INSERT, UPDATE, DELETE
 --   outbox_variant_baseline     -                                       SELECT, INSERT, UPDATE
 --   outbox_schema_migrations, outbox_partitioning
 --                               -                                       SELECT
+--   outbox_fold_config          -                                       SELECT, UPDATE (`outbox pipeline set`)
 --   outbox_partition_of, outbox_partition_hash, outbox_append_variant_event
 --                               EXECUTE                                 EXECUTE
 --   outbox_refuse_variant       EXECUTE (capture calls it to refuse     -
 --                               a bad status or step)
---   outbox_event_applied, outbox_variant_states_merge, outbox_event_payload, outbox_payload_fits
+--   outbox_capture_current      EXECUTE (capture calls it for changes   -
+--                               made inside other triggers, 0009)
+--   outbox_event_applied, outbox_variant_states_merge, outbox_event_payload, outbox_payload_fits,
+--   outbox_state_newer, outbox_variant_states_newest, outbox_variant_baseline_merge,
+--   outbox_event_decode, outbox_versions_issued, outbox_unreadable_problem, outbox_events_pending
 --                               -                                       EXECUTE
 --   outbox_capture_variant_change, outbox_capture_variant_update, outbox_wakeup_notify
 --                               nobody (a trigger function's EXECUTE is checked when the
@@ -99,7 +104,7 @@ REVOKE ALL ON TABLE jobs, jobs_variants FROM outbox_writer, outbox_processor;
 REVOKE ALL ON TABLE
     outbox_events, outbox_checkpoints, outbox_dirty_jobs, outbox_job_flags, outbox_variant_states,
     outbox_dead_letters, outbox_throughput, outbox_variant_baseline, outbox_schema_migrations,
-    outbox_partitioning
+    outbox_partitioning, outbox_fold_config
     FROM PUBLIC, outbox_writer, outbox_processor;
 REVOKE ALL ON SEQUENCE outbox_variant_versions FROM PUBLIC, outbox_writer, outbox_processor;
 REVOKE ALL ON FUNCTION
@@ -116,7 +121,15 @@ REVOKE ALL ON FUNCTION
     outbox_partitions_set(integer),
     outbox_wakeup_notify(),
     outbox_wakeup_enable(),
-    outbox_wakeup_disable()
+    outbox_wakeup_disable(),
+    outbox_capture_current(uuid, uuid, uuid),
+    outbox_state_newer(bigint, bigint, bigint, bigint),
+    outbox_variant_states_newest(outbox_variant_states[]),
+    outbox_variant_baseline_merge(outbox_variant_states[]),
+    outbox_event_decode(text, integer, uuid, uuid, bigint, jsonb, bigint),
+    outbox_versions_issued(),
+    outbox_unreadable_problem(bigint, text),
+    outbox_events_pending(integer)
     FROM PUBLIC, outbox_writer, outbox_processor;
 
 -- Connecting to this database and resolving the names in its schema (PUBLIC usually has both;
@@ -141,7 +154,8 @@ GRANT EXECUTE ON FUNCTION
     outbox_partition_of(uuid),
     outbox_partition_hash(uuid, integer),
     outbox_append_variant_event(text, uuid, uuid, text, text),
-    outbox_refuse_variant(text, text)
+    outbox_refuse_variant(text, text),
+    outbox_capture_current(uuid, uuid, uuid)
     TO outbox_writer;
 
 -- An adopted jobs table may have columns of the application's own: writers keep updating those.
@@ -170,7 +184,8 @@ GRANT INSERT (partition, event_type, schema_version, job_id, variant_id, variant
     ON outbox_events TO outbox_processor;
 GRANT USAGE ON SEQUENCE outbox_variant_versions TO outbox_processor;
 GRANT SELECT, UPDATE ON outbox_checkpoints TO outbox_processor;
-GRANT SELECT, INSERT, DELETE ON outbox_dirty_jobs TO outbox_processor;
+GRANT SELECT, INSERT, UPDATE, DELETE ON outbox_dirty_jobs TO outbox_processor;
+GRANT SELECT, UPDATE ON outbox_fold_config TO outbox_processor;
 GRANT SELECT, INSERT, UPDATE, DELETE
     ON outbox_job_flags, outbox_variant_states, outbox_dead_letters, outbox_throughput TO outbox_processor;
 GRANT SELECT, INSERT, UPDATE ON outbox_variant_baseline TO outbox_processor;
@@ -182,5 +197,12 @@ GRANT EXECUTE ON FUNCTION
     outbox_event_applied(xid8, bigint, pg_snapshot, pg_snapshot, xid8, bigint),
     outbox_variant_states_merge(outbox_variant_states[]),
     outbox_event_payload(jsonb),
-    outbox_payload_fits(jsonb)
+    outbox_payload_fits(jsonb),
+    outbox_state_newer(bigint, bigint, bigint, bigint),
+    outbox_variant_states_newest(outbox_variant_states[]),
+    outbox_variant_baseline_merge(outbox_variant_states[]),
+    outbox_event_decode(text, integer, uuid, uuid, bigint, jsonb, bigint),
+    outbox_versions_issued(),
+    outbox_unreadable_problem(bigint, text),
+    outbox_events_pending(integer)
     TO outbox_processor;

@@ -21,8 +21,12 @@ import sqlalchemy
 from psycopg import sql
 
 from processor.database import DatabaseUrl, connect
+from processor.fold import Pipeline
 from processor.migrate import migrate
 from processor.settings import Settings, load_settings
+
+# The pipeline of the test databases (the template is migrated with it; subprocess_env sets it).
+TEST_STEPS = ("ingest", "detect", "segment", "iou_eval")
 
 _counter = itertools.count()
 
@@ -88,7 +92,7 @@ def template_db(server_url: DatabaseUrl) -> Iterator[str]:
     drop_database(server_url, name)
     db = create_database(server_url, name)
     with connect(db, application_name="outbox-tests") as conn:
-        migrate(conn)
+        migrate(conn, pipeline=Pipeline(TEST_STEPS))
     yield name
     drop_database(server_url, name)
 

@@ -151,3 +151,39 @@ def make_jobs(engine: Any, count: int, rng: Any) -> dict[Any, list[Any]]:
             job_id, variants = outbox.create_job(conn, variants=rng.randint(2, 6))
             jobs[job_id] = variants
     return jobs
+
+
+def fold_context(settings: Settings, partition: int = 0) -> Any:
+    """How a worker folds ``partition`` (processor.batch.FoldContext): the database's fold configuration."""
+    from processor import fold_config
+    from processor.batch import FoldContext
+    from processor.database import connect
+
+    with connect(settings.database(), application_name="outbox-tests") as conn:
+        return FoldContext(partition, fold_config.load(conn))
+
+
+def job_in_partition(partition: int, partitions: int) -> Any:
+    """A new job id that the documented hash puts in ``partition`` of ``partitions``."""
+    import uuid
+
+    from tests.reference import partition_of
+
+    return next(job for job in iter(uuid.uuid4, None) if partition_of(job, partitions) == partition)
+
+
+# Re-queues a variant done at a step that is not the last one onto the next step: a second UPDATE
+# of the row, run by an AFTER trigger of the first.
+AUTO_ADVANCE = """
+CREATE FUNCTION app_auto_advance() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    steps text[] := ARRAY['ingest', 'detect', 'segment', 'iou_eval'];
+    next_step text := steps[array_position(steps, NEW.current_step) + 1];
+BEGIN
+    IF NEW.status = 'done' AND next_step IS NOT NULL THEN
+        UPDATE jobs_variants SET status = 'queued', current_step = next_step
+        WHERE job_variants_id = NEW.job_variants_id;
+    END IF;
+    RETURN NULL;
+END $$;
+"""

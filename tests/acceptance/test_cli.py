@@ -67,7 +67,7 @@ def test_sigterm_stops_the_worker_cleanly(db, tmp_path):
 @pytest.mark.parametrize(
     ("args", "extra_env", "code", "message"),
     [
-        (["run", "--batch-size", "0"], {}, 1, "OUTBOX_BATCH_SIZE"),
+        (["run", "--batch-size", "0"], {}, 2, "OUTBOX_BATCH_SIZE"),
         (["run"], {"OUTBOX_PIPELINE_STEPS": "a,b,a"}, 1, "OUTBOX_PIPELINE_STEPS: pipeline steps must be unique"),
         (["run"], {"OUTBOX_PIPELINE_STEPS": ""}, 1, "OUTBOX_PIPELINE_STEPS"),
         (["run"], {"OUTBOX_POLL_INTERVAL_MAX": "-1"}, 1, "OUTBOX_POLL_INTERVAL_MAX"),

@@ -7,11 +7,13 @@ from pathlib import Path
 
 import pytest
 
+from processor import fold_config
 from processor.database import connect
 from processor.errors import SchemaError
+from processor.fold import Pipeline
 from processor.migrate import check_ready, migrate, migrations
 from processor.worker import Worker
-from tests.fix_database import make_settings
+from tests.fix_database import TEST_STEPS, make_settings
 from tests.helpers import drain, job_state
 
 LEGACY_SCHEMA = (Path(__file__).parents[1] / "sql" / "legacy_schema.sql").read_text()
@@ -19,7 +21,7 @@ LEGACY_SCHEMA = (Path(__file__).parents[1] / "sql" / "legacy_schema.sql").read_t
 
 def test_migrate_twice_changes_nothing_the_second_time(empty_db):
     with connect(empty_db, application_name="t") as conn:
-        first = migrate(conn)
+        first = migrate(conn, pipeline=Pipeline(TEST_STEPS))
         second = migrate(conn)
         assert [m.version for m in first.applied] == [m.version for m in migrations()]
         assert second.applied == [] and second.already_applied == len(migrations())
@@ -50,7 +52,7 @@ def test_adoption_keeps_data_and_computes_existing_jobs_from_their_variants(empt
                 [uuid.uuid4(), job, status, step],
             )
 
-        report = migrate(conn)
+        report = migrate(conn, pipeline=Pipeline(TEST_STEPS))
         assert report.removed_triggers == [("check_all_variants_done_trigger", "check_all_variants_done()")]
         drain(make_settings(empty_db))
 
@@ -70,7 +72,7 @@ def test_the_worker_refuses_an_unmigrated_database_or_a_legacy_trigger(empty_db)
     with pytest.raises(SchemaError, match="run `outbox migrate` first"):
         Worker(settings, empty_db).run(until_idle=True)
     with connect(empty_db, application_name="t") as conn:
-        migrate(conn)
+        migrate(conn, pipeline=Pipeline(TEST_STEPS))
         conn.execute(
             "CREATE FUNCTION sneaky() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
             "UPDATE jobs SET status = 'done' WHERE job_id = NEW.job_id; RETURN NEW; END $$;"
@@ -94,6 +96,7 @@ def test_a_step_missing_from_the_pipeline_flags_the_job_until_the_setting_is_fix
     (reason,) = conn.execute("SELECT reason FROM outbox_job_flags WHERE job_id = %s", [job]).fetchone()
     assert "'polish' is not in the pipeline" in reason
 
+    fold_config.change(conn, Pipeline(("ingest", "detect", "polish", "segment", "iou_eval")), None)
     drain(make_settings(db, pipeline_steps="ingest,detect,polish,segment,iou_eval"))
     assert job_state(conn, job) == ("running", "polish")
     assert conn.execute("SELECT count(*) FROM outbox_job_flags").fetchone()[0] == 0

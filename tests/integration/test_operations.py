@@ -7,7 +7,6 @@ import threading
 
 import outbox
 from processor.backlog import collect_backlog
-from processor.batch import FoldContext
 from processor.database import connect
 from processor.dead_letters import discard, list_dead_letters, retry
 from processor.prune import parse_duration, prune
@@ -20,10 +19,6 @@ from tests.reference import actual_job_states, reference_job_states
 
 STEPS = ("ingest", "detect", "segment", "iou_eval")
 MOVE = "UPDATE jobs_variants SET status = %s, current_step = %s WHERE job_variants_id = %s"
-
-
-def context(settings) -> FoldContext:
-    return FoldContext(0, settings.pipeline, settings.failure_policy)
 
 
 def random_moves(conn, jobs, rng: random.Random, count: int) -> int:
@@ -82,14 +77,13 @@ def test_replay_restores_corrupted_jobs_and_dry_run_changes_nothing(conn, engine
         "DELETE FROM outbox_variant_states WHERE variant_id IN (SELECT variant_id FROM outbox_variant_states LIMIT 5)"
     )
     corrupted = actual_job_states(conn)
-    ctx = context(settings)
     all_jobs = job_ids_all(conn, 0)
 
-    preview = replay(conn, ctx, all_jobs, dry_run=True)
+    preview = replay(conn, all_jobs, dry_run=True)
     assert actual_job_states(conn) == corrupted
     assert {c.job_id for c in preview} == {j for j in good if good[j] != corrupted[j]}
 
-    changes = replay(conn, ctx, all_jobs, dry_run=False, chunk_size=7)
+    changes = replay(conn, all_jobs, dry_run=False, chunk_size=7)
     assert actual_job_states(conn) == good
     assert {c.job_id for c in changes} == {c.job_id for c in preview}
 
@@ -116,7 +110,7 @@ def test_replay_during_live_processing_under_concurrent_writers_equals_the_refer
         try:
             with connect(db, application_name="replayer") as rconn:
                 while not stop.is_set():
-                    replay(rconn, context(settings), job_ids_all(rconn, 0), dry_run=False, chunk_size=13)
+                    replay(rconn, job_ids_all(rconn, 0), dry_run=False, chunk_size=13)
         except BaseException as exc:
             errors.append(exc)
 
@@ -139,7 +133,7 @@ def test_replay_during_live_processing_under_concurrent_writers_equals_the_refer
     all_ids = [row[0] for row in conn.execute("SELECT event_id FROM outbox_events")]
     drained_rest = conn.execute("SELECT events_applied FROM outbox_checkpoints").fetchone()[0] - len(applied)
     assert len(set(applied)) == len(applied) and len(applied) + drained_rest == len(all_ids)
-    assert verify(conn, context(settings)).drift is False
+    assert verify(conn).drift is False
 
 
 def test_verify_reports_drift_and_repair_restores_through_the_processor(conn, engine, settings):
@@ -148,8 +142,7 @@ def test_verify_reports_drift_and_repair_restores_through_the_processor(conn, en
     finish_all(conn, list(jobs)[:5])
     random_moves(conn, {j: v for j, v in list(jobs.items())[5:]}, rng, 20)
     drain(settings)
-    ctx = context(settings)
-    assert not verify(conn, ctx).drift
+    assert not verify(conn).drift
 
     stuck_job = next(iter(jobs))
     conn.execute("UPDATE jobs SET status = 'running' WHERE job_id = %s", [stuck_job])  # the original symptom
@@ -158,16 +151,16 @@ def test_verify_reports_drift_and_repair_restores_through_the_processor(conn, en
     conn.execute(MOVE, ["done", "iou_eval", hidden_variant])
     conn.execute("ALTER TABLE jobs_variants ENABLE TRIGGER USER")
 
-    report = verify(conn, ctx)
+    report = verify(conn)
     assert report.drift
     assert [d["job_id"] for d in report.stuck_jobs] == [str(stuck_job)]
     assert str(stuck_job) in {d["job_id"] for d in report.job_drift}
     assert [d["variant_id"] for d in report.variant_drift] == [str(hidden_variant)]
 
-    events, rebuilt = repair(conn, ctx, report)
-    assert events == 1 and rebuilt >= 1
+    repaired = repair(conn, report, wait=0)  # the worker is not running: the resync event waits for it
+    assert repaired.resync_events == 1 and repaired.jobs_rebuilt >= 1 and repaired.not_applied == 1
     drain(settings)  # the worker applies the resync event
-    assert not verify(conn, ctx).drift
+    assert not verify(conn).drift
     assert actual_job_states(conn) == reference_job_states(conn, STEPS)
 
 
@@ -190,13 +183,12 @@ def test_dead_letters_do_not_stop_later_events_and_retry_applies_them_once_fixed
     flagged = conn.execute("SELECT job_id FROM outbox_job_flags").fetchall()
     assert flagged == [(bad_job,)]  # the job is visibly flagged, its state left alone
 
-    ctx = context(settings)
-    assert retry(conn, ctx, [letter["event_id"]])[letter["event_id"]].startswith("still failing")
+    assert retry(conn, [letter["event_id"]])[letter["event_id"]].startswith("still failing")
     conn.execute(
         'UPDATE outbox_events SET payload = \'{"status": "running", "step": "detect"}\' WHERE event_id = %s',
         [letter["event_id"]],
     )  # the operator fixes the payload
-    assert retry(conn, ctx, [letter["event_id"]]) == {letter["event_id"]: "applied"}
+    assert retry(conn, [letter["event_id"]]) == {letter["event_id"]: "applied"}
     assert list_dead_letters(conn) == []
     assert job_state(conn, bad_job) == ("running", "ingest")
     assert conn.execute("SELECT count(*) FROM outbox_job_flags").fetchone()[0] == 0
@@ -210,7 +202,7 @@ def test_dead_letters_do_not_stop_later_events_and_retry_applies_them_once_fixed
     drain(settings)
     (letter,) = list_dead_letters(conn)
     assert conn.execute("SELECT job_id FROM outbox_job_flags").fetchall() == [(third_job,)]
-    assert discard(conn, ctx, [letter["event_id"]]) == {letter["event_id"]: "discarded"}
+    assert discard(conn, [letter["event_id"]]) == {letter["event_id"]: "discarded"}
     assert conn.execute("SELECT count(*) FROM outbox_job_flags").fetchone()[0] == 0
     # (The bad job's events were edited by hand above, so only the others can match jobs_variants.)
     assert actual_job_states(conn)[third_job] == reference_job_states(conn, STEPS)[third_job]
@@ -221,22 +213,21 @@ def test_prune_then_replay_gives_the_same_state_as_replay_without_prune(conn, en
     jobs = make_jobs(engine, 15, rng)
     random_moves(conn, jobs, rng, 80)
     drain(settings)
-    ctx = context(settings)
     all_jobs = job_ids_all(conn, 0)
-    replay(conn, ctx, all_jobs, dry_run=False)
+    replay(conn, all_jobs, dry_run=False)
     expected = actual_job_states(conn)
     states_before = conn.execute("SELECT * FROM outbox_variant_states ORDER BY variant_id").fetchall()
 
     # An unapplied event (its transaction still open) must survive any prune.
     with connect(settings.database(), application_name="open", autocommit=False) as open_tx:
         open_tx.execute(MOVE, ["running", "segment", jobs[all_jobs[0]][0]])
-        result = prune(conn, ctx, parse_duration("0s"), chunk_size=33)
+        result = prune(conn, 0, parse_duration("0s"), chunk_size=33)
         open_tx.commit()
     assert result.events_deleted > 0
     assert conn.execute("SELECT count(*) FROM outbox_events").fetchone()[0] == 1
 
     conn.execute("UPDATE jobs SET status = NULL, current_step = NULL")
-    replay(conn, ctx, all_jobs, dry_run=False)
+    replay(conn, all_jobs, dry_run=False)
     assert actual_job_states(conn) == expected
     assert conn.execute("SELECT * FROM outbox_variant_states ORDER BY variant_id").fetchall() == states_before
     drain(settings)  # the surviving event still applies
@@ -250,12 +241,11 @@ def test_replay_of_one_job_never_writes_another_job_from_part_of_its_variants(co
     conn.execute(MOVE, ["done", "iou_eval", moving])
     conn.execute(MOVE, ["running", "segment", b_running])
     drain(settings)
-    ctx = context(settings)
-    prune(conn, ctx, parse_duration("0s"))  # the baseline now says `moving` is in job A
+    prune(conn, 0, parse_duration("0s"))  # the baseline now says `moving` is in job A
     conn.execute("UPDATE jobs_variants SET job_id = %s WHERE job_variants_id = %s", [job_b, moving])
     drain(settings)
     assert job_state(conn, job_b) == ("running", "segment")
-    replay(conn, ctx, [job_a], dry_run=False)
+    replay(conn, [job_a], dry_run=False)
     assert job_state(conn, job_b) == ("running", "segment")
     assert actual_job_states(conn) == reference_job_states(conn, STEPS)
 
@@ -272,7 +262,7 @@ def test_replay_ignores_events_that_could_never_apply(conn, engine, settings):
     )
     drain(settings)
     assert job_state(conn, job) == ("running", "detect")
-    replay(conn, context(settings), [job], dry_run=False)
+    replay(conn, [job], dry_run=False)
     assert job_state(conn, job) == ("running", "detect")
 
 
@@ -286,11 +276,10 @@ def test_repair_of_a_variant_detached_behind_the_outbox_removes_it_from_its_job(
     conn.execute("ALTER TABLE jobs_variants DISABLE TRIGGER USER")
     conn.execute("UPDATE jobs_variants SET job_id = NULL WHERE job_variants_id = %s", [v2])
     conn.execute("ALTER TABLE jobs_variants ENABLE TRIGGER USER")
-    ctx = context(settings)
-    report = verify(conn, ctx)
+    report = verify(conn)
     assert [d["variant_id"] for d in report.variant_drift] == [str(v2)]
-    repair(conn, ctx, report)
+    repair(conn, report, wait=0)
     drain(settings)
     assert job_state(conn, job) == ("done", "iou_eval")
     assert conn.execute("SELECT count(*) FROM outbox_dead_letters").fetchone()[0] == 0
-    assert not verify(conn, ctx).drift
+    assert not verify(conn).drift

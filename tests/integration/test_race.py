@@ -7,8 +7,9 @@ import uuid
 from pathlib import Path
 
 from processor.database import connect
+from processor.fold import Pipeline
 from processor.migrate import migrate
-from tests.fix_database import make_settings
+from tests.fix_database import TEST_STEPS, make_settings
 from tests.helpers import drain, job_state, wait_for, waiting_on_lock
 
 LEGACY_SCHEMA = (Path(__file__).parents[1] / "sql" / "legacy_schema.sql").read_text()
@@ -69,7 +70,7 @@ def test_the_legacy_trigger_leaves_the_job_running_and_the_product_finishes_it(e
         assert job_state(conn, job) == ("running", "iou_eval")
 
         # Adopting the product on this database removes the trigger and repairs the stuck job.
-        report = migrate(conn)
+        report = migrate(conn, pipeline=Pipeline(TEST_STEPS))
         assert report.removed_triggers == [("check_all_variants_done_trigger", "check_all_variants_done()")]
         settings = make_settings(empty_db)
         drain(settings)

@@ -114,3 +114,57 @@ def test_a_stopped_worker_is_replaced_and_applies_nothing_after_it_resumes(db, e
                 worker.signal(signal.SIGCONT)
                 worker.signal(signal.SIGTERM)
                 worker.wait(timeout=30)
+
+
+def test_a_worker_frozen_inside_its_batch_past_the_session_timeout_becomes_a_standby(db, conn, engine):
+    """The server ends the frozen worker's session (idle_in_transaction_session_timeout, SQLSTATE 25P03):
+    its batch rolls back, a standby takes over, and the resumed worker reconnects as a standby instead
+    of exiting."""
+    import threading
+
+    from processor.worker import Worker
+    from tests.fix_database import make_settings
+
+    settings = make_settings(db, session_timeout=2, standby_interval=0.1, poll_interval_max=0.05)
+    standby_active = threading.Event()
+    frozen = threading.Event()
+
+    def freeze_once() -> None:  # the first batch's transaction stays open until the standby took over
+        if not frozen.is_set():
+            frozen.set()
+            assert standby_active.wait(timeout=60), "the standby never took over"
+
+    first = Worker(settings, db, before_commit=freeze_once)
+    second = Worker(settings, db)
+    errors: list[BaseException] = []
+
+    def run(worker: Worker) -> None:
+        try:
+            worker.run()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(w,)) for w in (first, second)]
+    threads[0].start()
+    wait_for(first.active.is_set, what="the first worker to take the lock")
+    threads[1].start()
+    finish_jobs(engine, 3)
+    wait_for(frozen.is_set, what="the first worker to freeze inside a batch")
+    wait_for(second.active.is_set, timeout=30, what="the standby to take over from the frozen worker")
+    standby_active.set()
+    try:
+        wait_for(lambda: pending_work(conn) == 0, what="the new active worker to apply")
+        time_to_apply(conn, engine)
+        wait_for(lambda: first.connected.is_set(), timeout=30, what="the frozen worker to reconnect")
+        assert not errors, repr(errors[0])
+        assert threads[0].is_alive(), "the frozen worker exited instead of becoming a standby"
+        assert not first.active.is_set()
+        assert first.stats.events == 0  # its frozen batch rolled back; it applied nothing after
+        assert second.stats.events == conn.execute("SELECT count(*) FROM outbox_events").fetchone()[0]
+        assert_exactly_once(conn)
+    finally:
+        for worker in (first, second):
+            worker.stop()
+        for thread in threads:
+            thread.join(timeout=30)
+    assert not errors, repr(errors[0])

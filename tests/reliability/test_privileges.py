@@ -26,12 +26,10 @@ from psycopg import sql
 
 import outbox
 from processor.backlog import collect_backlog
-from processor.batch import FoldContext
 from processor.database import DatabaseUrl, connect
 from processor.dead_letters import discard, list_dead_letters, retry
 from processor.prune import prune
 from processor.replay import replay
-from processor.settings import Settings
 from processor.store import job_ids_all
 from processor.verify import repair, verify
 from tests.fix_database import make_settings
@@ -53,7 +51,7 @@ TABLES: dict[str, dict[str, str]] = {
     "jobs_variants": {WRITER: "SELECT INSERT UPDATE DELETE", PROCESSOR: ""},
     "outbox_events": {WRITER: "", PROCESSOR: "SELECT DELETE"},
     "outbox_checkpoints": {WRITER: "", PROCESSOR: "SELECT UPDATE"},
-    "outbox_dirty_jobs": {WRITER: "", PROCESSOR: "SELECT INSERT DELETE"},
+    "outbox_dirty_jobs": {WRITER: "", PROCESSOR: "SELECT INSERT UPDATE DELETE"},
     "outbox_job_flags": {WRITER: "", PROCESSOR: "SELECT INSERT UPDATE DELETE"},
     "outbox_variant_states": {WRITER: "", PROCESSOR: "SELECT INSERT UPDATE DELETE"},
     "outbox_dead_letters": {WRITER: "", PROCESSOR: "SELECT INSERT UPDATE DELETE"},
@@ -61,6 +59,7 @@ TABLES: dict[str, dict[str, str]] = {
     "outbox_variant_baseline": {WRITER: "", PROCESSOR: "SELECT INSERT UPDATE"},
     "outbox_schema_migrations": {WRITER: "", PROCESSOR: "SELECT"},
     "outbox_partitioning": {WRITER: "", PROCESSOR: "SELECT"},
+    "outbox_fold_config": {WRITER: "", PROCESSOR: "SELECT UPDATE"},  # `outbox pipeline set`
 }
 # Column-level privileges, for the tables where they differ from the table-level ones; elsewhere a
 # column has exactly the table's SELECT/INSERT/UPDATE/REFERENCES.
@@ -104,8 +103,17 @@ FUNCTIONS: dict[str, dict[str, bool]] = {
     "outbox_variant_states_merge(outbox_variant_states[])": {WRITER: False, PROCESSOR: True},
     "outbox_event_payload(jsonb)": {WRITER: False, PROCESSOR: True},
     "outbox_payload_fits(jsonb)": {WRITER: False, PROCESSOR: True},
-    # Capture calls it, with the writer's rights, to refuse a bad status or step.
+    "outbox_state_newer(bigint,bigint,bigint,bigint)": {WRITER: False, PROCESSOR: True},
+    "outbox_variant_states_newest(outbox_variant_states[])": {WRITER: False, PROCESSOR: True},
+    "outbox_variant_baseline_merge(outbox_variant_states[])": {WRITER: False, PROCESSOR: True},
+    "outbox_event_decode(text,integer,uuid,uuid,bigint,jsonb,bigint)": {WRITER: False, PROCESSOR: True},
+    "outbox_versions_issued()": {WRITER: False, PROCESSOR: True},
+    "outbox_unreadable_problem(bigint,text)": {WRITER: False, PROCESSOR: True},
+    "outbox_events_pending(integer)": {WRITER: False, PROCESSOR: True},
+    # Capture calls these, with the writer's rights: to refuse a bad status or step, and for a
+    # change made inside another trigger.
     "outbox_refuse_variant(text,text)": {WRITER: True, PROCESSOR: False},
+    "outbox_capture_current(uuid,uuid,uuid)": {WRITER: True, PROCESSOR: False},
     # Checked when the trigger is created (by migrate), not when it fires.
     "outbox_capture_variant_change()": {WRITER: False, PROCESSOR: False},
     "outbox_capture_variant_update()": {WRITER: False, PROCESSOR: False},
@@ -281,10 +289,6 @@ def test_roles_sql_is_idempotent_and_resets_extra_grants(logins: Logins, admin: 
 # (b) The whole flow under the two roles -----------------------------------------------------------
 
 
-def _context(settings: Settings) -> FoldContext:
-    return FoldContext(0, settings.pipeline, settings.failure_policy)
-
-
 def _write_jobs(logins: Logins, rng: random.Random, count: int) -> dict[uuid.UUID, list[uuid.UUID]]:
     """As the writer: jobs through the API (SQLAlchemy and psycopg) and through plain SQL."""
     jobs: dict[uuid.UUID, list[uuid.UUID]] = {}
@@ -345,7 +349,6 @@ def _assert_matches_reference(admin: psycopg.Connection[Any]) -> None:
 def test_whole_flow_under_the_writer_and_processor_roles(logins: Logins, admin: psycopg.Connection[Any]) -> None:
     rng = random.Random(20240611)
     settings = make_settings(logins.processor)
-    ctx = _context(settings)
     jobs = _write_jobs(logins, rng, 24)
     _move_variants(logins, jobs, rng, 150)
     # Capture's refusals reach the writer as such, not as a missing privilege (outbox_refuse_variant).
@@ -371,10 +374,10 @@ def test_whole_flow_under_the_writer_and_processor_roles(logins: Logins, admin: 
         # Replay: job state lost (by the owner) is rebuilt from the events.
         expected = actual_job_states(admin)
         admin.execute("UPDATE jobs SET status = NULL, current_step = NULL")
-        changes = replay(ops, ctx, job_ids_all(ops, 0), dry_run=False, chunk_size=7)
+        changes = replay(ops, job_ids_all(ops, 0), dry_run=False, chunk_size=7)
         assert {c.job_id for c in changes} >= set(expected)
         assert actual_job_states(admin) == expected
-        assert not verify(ops, ctx).drift
+        assert not verify(ops).drift
 
         # verify --repair: a change the trigger did not capture (the owner, triggers off) is found
         # and resynced through an event (the processor locks the row and appends it).
@@ -385,12 +388,12 @@ def test_whole_flow_under_the_writer_and_processor_roles(logins: Logins, admin: 
                 "UPDATE jobs_variants SET status = 'running', current_step = 'segment' WHERE job_variants_id = %s",
                 [drifted],
             )
-        report = verify(ops, ctx)
+        report = verify(ops)
         assert [d["variant_id"] for d in report.variant_drift] == [str(drifted)]
-        assert repair(ops, ctx, report)[0] == 1
+        assert repair(ops, report, wait=0).resync_events == 1
         drain(settings)
         _assert_matches_reference(admin)
-        assert not verify(ops, ctx).drift
+        assert not verify(ops).drift
 
         # Dead letters: two unusable events (written by the owner); one fixed by the owner and
         # retried, one discarded, both by the processor.
@@ -412,25 +415,25 @@ def test_whole_flow_under_the_writer_and_processor_roles(logins: Logins, admin: 
             " FROM jobs_variants AS v WHERE e.event_id = %s AND v.job_variants_id = e.variant_id",
             [bad_events[0]],
         )
-        assert retry(ops, ctx, [bad_events[0]]) == {bad_events[0]: "applied"}
-        assert discard(ops, ctx, [bad_events[1]]) == {bad_events[1]: "discarded"}
+        assert retry(ops, [bad_events[0]]) == {bad_events[0]: "applied"}
+        assert discard(ops, [bad_events[1]]) == {bad_events[1]: "discarded"}
         _assert_matches_reference(admin)
         assert collect_backlog(ops, 0)["flagged_jobs"] == 0
 
         # Prune everything applied, then replay: the same state, from the baseline.
         expected = actual_job_states(admin)
-        result = prune(ops, ctx, dt.timedelta(0), chunk_size=50)
+        result = prune(ops, 0, dt.timedelta(0), chunk_size=50)
         assert result.events_deleted > 0
         assert admin.execute("SELECT count(*) FROM outbox_events").fetchone()[0] == 0  # type: ignore[index]
         admin.execute("UPDATE jobs SET status = NULL, current_step = NULL")
-        replay(ops, ctx, job_ids_all(ops, 0), dry_run=False)
+        replay(ops, job_ids_all(ops, 0), dry_run=False)
         assert actual_job_states(admin) == expected
 
         # And the writers keep writing, the worker keeps applying.
         _move_variants(logins, jobs, rng, 40)
         drain(settings)
         _assert_matches_reference(admin)
-        assert not verify(ops, ctx).drift
+        assert not verify(ops).drift
         assert collect_backlog(ops, 0)["pending_events"] == 0
 
 

@@ -21,12 +21,11 @@ from typing import Any
 import psycopg
 
 import outbox
-from processor.batch import FoldContext
 from processor.database import DatabaseUrl, connect
-from processor.fold import FailurePolicy, Pipeline
+from processor.fold import Pipeline
 from processor.migrate import migrate
 from processor.verify import verify
-from tests.fix_database import subprocess_env
+from tests.fix_database import TEST_STEPS, subprocess_env
 from tests.helpers import WorkerProcess, consumer_os_pid, pending_work, wait_for
 from tests.reference import actual_job_states, reference_job_states
 from tests.reliability.fix_server import OwnedServer
@@ -157,7 +156,7 @@ def applied_after(db: DatabaseUrl, count: int, *, timeout: float, what: str) -> 
 def test_worker_resumes_after_immediate_restarts_and_nothing_is_lost(own_server: OwnedServer, tmp_path):
     db = own_server.url
     with connect(db, application_name="reliability-setup") as conn:
-        migrate(conn)
+        migrate(conn, pipeline=Pipeline(TEST_STEPS))
         conn.execute(WRITES_DDL)
         variants: list[uuid.UUID] = []
         with conn.transaction():
@@ -215,8 +214,7 @@ def test_worker_resumes_after_immediate_restarts_and_nothing_is_lost(own_server:
                 row[0]: (row[1], row[2])
                 for row in conn.execute("SELECT job_variants_id, status, current_step FROM jobs_variants").fetchall()
             }
-            ctx = FoldContext(0, Pipeline(STEPS), FailurePolicy.SETTLED)
-            report = verify(conn, ctx)
+            report = verify(conn)
         assert worker.process.poll() is None, f"the worker exited:\n{worker.output()}"
         worker.signal(signal.SIGTERM)
         assert worker.wait(30) == 0, worker.output()

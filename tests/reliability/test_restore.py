@@ -11,7 +11,6 @@ import pytest
 from psycopg import sql
 
 import outbox
-from processor.batch import FoldContext
 from processor.database import DatabaseUrl, connect
 from processor.verify import verify
 from tests.fix_database import make_settings
@@ -74,7 +73,7 @@ def test_restore_into_a_fresh_cluster_neither_skips_nor_stalls(db, engine, own_s
         stats = drain(settings)
         assert stats.events == 45
         assert actual_job_states(conn) == reference_job_states(conn, STEPS)
-        assert not verify(conn, FoldContext(0, settings.pipeline, settings.failure_policy)).drift
+        assert not verify(conn).drift
     print(
         f"\nrestore: dump taken at xid {source_xmax}, restored into a cluster at xid {cluster_xmax}; "
         "pending and post-restore events applied after the rebase, later events applied normally"

@@ -16,8 +16,9 @@ import pytest
 
 import outbox as outbox_api
 from processor.database import connect
+from processor.fold import Pipeline
 from processor.migrate import migrate
-from tests.fix_database import subprocess_env
+from tests.fix_database import TEST_STEPS, subprocess_env
 from tests.helpers import WorkerProcess, wait_for
 from tests.reliability.fix_server import OwnedServer, make_password, password_forms, url_with_password
 
@@ -39,7 +40,7 @@ def assert_no_password(text: str, *passwords: str) -> None:
 @pytest.fixture
 def migrated(own_server: OwnedServer) -> OwnedServer:
     with connect(own_server.url, application_name="secrets-setup") as conn:
-        migrate(conn)
+        migrate(conn, pipeline=Pipeline(TEST_STEPS))
     return own_server
 
 

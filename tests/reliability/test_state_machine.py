@@ -40,7 +40,6 @@ from hypothesis.stateful import (
 
 import outbox
 from processor import store
-from processor.batch import FoldContext
 from processor.database import DatabaseUrl, connect
 from processor.errors import ConsumerBusyError
 from processor.replay import replay
@@ -428,8 +427,7 @@ class JobStateMachine(RuleBasedStateMachine):
     @rule()
     def replay_all(self) -> None:
         """Replay rebuilds every job from the applied events: the same state as live processing."""
-        ctx = FoldContext(0, self.settings_by_batch[1000].pipeline, self.settings_by_batch[1000].failure_policy)
-        replay(self.conn, ctx, store.job_ids_all(self.conn, 0), dry_run=False)
+        replay(self.conn, store.job_ids_all(self.conn, 0), dry_run=False)
         self.seen["replay"] += 1
 
     @invariant()

@@ -65,10 +65,22 @@ def test_bad_events_become_dead_letters_and_flag_their_job(event, reason):
         fold_job([decoded.state], PIPELINE)
 
 
-def test_an_event_without_ids_is_only_a_dead_letter():
+def test_an_event_without_ids_is_only_a_dead_letter_that_holds_its_job():
     decoded = decode_event(row({"status": "done"}, variant_id=None))
     assert decoded.state is None
-    assert "no job_id, variant_id" in decoded.dead_letter.reason
+    assert decoded.dead_letter.reason == "event has no variant_id"
+    assert decoded.dead_letter.holds_job  # its job is flagged until it is retried or discarded
+    missing_version = decode_event(row({"status": "done"}, variant_version=None))
+    assert missing_version.state is None and missing_version.dead_letter.reason == "event has no variant_version"
+    assert missing_version.dead_letter.holds_job
+    no_job = decode_event(row({"status": "done"}, job_id=None, variant_id=None))
+    assert no_job.dead_letter.reason == "event has no job_id or variant_id" and not no_job.dead_letter.holds_job
+
+
+def test_a_version_capture_never_issued_is_a_dead_letter_that_holds_its_job():
+    decoded = decode_event(row({"status": "done", "step": "iou_eval"}, version_issued=False))
+    assert decoded.state is None  # no state at a version nothing could ever pass
+    assert "never issued" in decoded.dead_letter.reason and decoded.dead_letter.holds_job
 
 
 def test_a_step_missing_from_the_pipeline_is_kept_and_flags_the_job():

@@ -65,5 +65,8 @@ def test_a_password_given_as_a_query_parameter_is_hidden_too():
 
 
 def test_waits_must_stay_below_the_session_timeout():
-    with pytest.raises(ConfigurationError, match="standby_interval must be less than half of session_timeout"):
+    with pytest.raises(ConfigurationError) as info:
         load_settings(session_timeout=2, standby_interval=1.5)
+    assert str(info.value) == (
+        "invalid settings: OUTBOX_STANDBY_INTERVAL (1.5) must be less than half of OUTBOX_SESSION_TIMEOUT (2 s)"
+    )
