@@ -57,6 +57,9 @@ def prune(
     cutoff = row[0]
     while True:
         with conn.transaction():
+            # The outbox's lock before the checkpoint's, in the order `outbox repartition` takes them
+            # (it holds the writers back with a SHARE lock, then locks the checkpoints): no deadlock.
+            conn.execute(QUERIES["prune_lock_events"])
             locked = store.checkpoint_lock(conn, partition)  # the worker waits for us
             deleted, baselines = store.prune_chunk(
                 conn, partition, cutoff=cutoff, done=locked.cursor.done, limit=chunk_size

@@ -508,8 +508,8 @@ SELECT job_variants_id FROM jobs_variants WHERE job_id = ANY(%(job_ids)s::uuid[]
 -- and its applied events, each event judged applied by its own partition's checkpoint, so that a
 -- variant that moved between jobs of two partitions is rebuilt from both. Discarded dead letters
 -- and events with no place in the order (no job, or a version capture never issued) never count;
--- an unreadable newest event gives a problem state (its dead letter's reason). A variant with
--- nothing at all loses its stored state. Returns the jobs the variants were in before and are in
+-- a dead letter (or an unreadable event) gives a problem state with its reason, as the drain made
+-- it. A variant with nothing at all loses its stored state. Returns the jobs the variants were in before and are in
 -- now: each of them is folded again.
 WITH issued AS MATERIALIZED (
     SELECT outbox_versions_issued() AS versions
@@ -518,9 +518,11 @@ WITH issued AS MATERIALIZED (
     FROM outbox_variant_baseline AS b
     WHERE b.variant_id = ANY(%(variant_ids)s::uuid[])
     UNION ALL
+    -- As the drain made it: a dead letter is the problem state of its version (whatever its payload
+    -- says now: `dead-letters retry` is what applies a fixed one), else the decoded state.
     SELECT (e.variant_id, e.job_id, e.variant_version,
-            CASE WHEN d.readable THEN d.status END, CASE WHEN d.readable THEN d.step END, d.readable AND d.removed,
-            CASE WHEN NOT d.readable THEN outbox_unreadable_problem(e.event_id, dl.reason) END,
+            CASE WHEN usable THEN d.status END, CASE WHEN usable THEN d.step END, usable AND d.removed,
+            CASE WHEN NOT usable THEN outbox_unreadable_problem(e.event_id, dl.reason) END,
             e.event_id, NULL)::outbox_variant_states
     FROM outbox_events AS e
     JOIN outbox_checkpoints AS c ON c.partition = e.partition
@@ -528,11 +530,14 @@ WITH issued AS MATERIALIZED (
     CROSS JOIN LATERAL outbox_event_decode(
         e.event_type, e.schema_version, e.job_id, e.variant_id, e.variant_version, e.payload, i.versions) AS d
     LEFT JOIN outbox_dead_letters AS dl ON dl.event_id = e.event_id
+    CROSS JOIN LATERAL (SELECT dl.event_id IS NULL AND d.readable AS usable) AS u
     WHERE e.variant_id = ANY(%(variant_ids)s::uuid[])
       AND e.job_id IS NOT NULL
       AND e.variant_version BETWEEN 1 AND i.versions
       AND outbox_event_applied(e.txid, e.event_id, c.done_snapshot, c.target_snapshot, c.last_txid, c.last_event_id)
+      -- Discarded, or holding its job (it has no place in the order): never a state.
       AND dl.discarded_at IS NULL
+      AND NOT coalesce(dl.holds_job, false)
 ), rebuilt AS MATERIALIZED (
     SELECT * FROM outbox_variant_states_newest(ARRAY(SELECT state FROM candidates))
 ), before AS MATERIALIZED (
@@ -908,3 +913,21 @@ FROM jobs_variants
 WHERE current_step IS NOT NULL
 GROUP BY current_step
 ORDER BY count(*) DESC
+
+-- name: prune_lock_events
+-- The lock prune's DELETE takes anyway, taken first (see processor/prune.py).
+LOCK TABLE outbox_events IN ROW EXCLUSIVE MODE
+
+-- name: repartition_serialise
+-- One repartition at a time (transaction-level; the migrations' lock is key -1).
+SELECT pg_advisory_xact_lock(%(lock_class)s, -2)
+
+-- name: repartition_relabel_dirty_jobs
+-- Jobs waiting to be folded go with their job's new partition (the outbox is drained, so there are
+-- normally none; one queued by a worker of a partition being removed is not left behind).
+WITH moved AS (
+    DELETE FROM outbox_dirty_jobs WHERE partition <> outbox_partition_of(job_id) RETURNING job_id, queued_at
+)
+INSERT INTO outbox_dirty_jobs (partition, job_id, queued_at)
+SELECT outbox_partition_of(job_id), job_id, min(queued_at) FROM moved GROUP BY job_id
+ON CONFLICT (partition, job_id) DO NOTHING

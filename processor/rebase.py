@@ -46,8 +46,9 @@ def check(conn: Connection, partition: int, cursor: Cursor) -> tuple[bool, bool]
 def rebase(conn: Connection, ctx: FoldContext) -> None:
     """Anchor the checkpoint in this cluster, then rebuild every job."""
     with conn.transaction():
-        store.checkpoint_lock(conn, ctx.partition)
+        # The outbox's lock first, then the checkpoint's: the order `outbox repartition` and prune take them.
         conn.execute(QUERIES["rebase_lock_events"])
+        store.checkpoint_lock(conn, ctx.partition)
         marked = conn.execute(QUERIES["rebase_events_from_another_cluster"]).rowcount
         conn.execute(QUERIES["rebase_checkpoint"], {"partition": ctx.partition})
     log.warning("the checkpoint came from another cluster (a restored database): %s events re-marked", marked)

@@ -92,11 +92,13 @@ def repartition(
         with conn.transaction():
             conn.execute(QUERIES["transaction_lock_timeout"], {"lock_timeout": remaining_ms()})
             try:
+                conn.execute(QUERIES["repartition_serialise"], {"lock_class": store.CONSUMER_LOCK_CLASS})
+                conn.execute(QUERIES["transaction_lock_timeout"], {"lock_timeout": remaining_ms()})
                 conn.execute(QUERIES["repartition_hold_writers"])
             except psycopg.errors.LockNotAvailable:
                 raise NotDrainedError(
-                    f"could not hold the writers back within {timeout:g} s (a long transaction wrote events?); "
-                    "nothing was changed"
+                    f"could not hold the writers back within {timeout:g} s (a long transaction wrote events, or "
+                    "another repartition runs?); nothing was changed"
                 ) from None
             while True:
                 state = pending(conn)
@@ -115,11 +117,18 @@ def repartition(
             conn.execute(QUERIES["repartition_set"], {"partitions": partitions})
             moved = conn.execute(QUERIES["repartition_relabel_events"]).rowcount
             conn.execute(QUERIES["repartition_relabel_dead_letters"])
+            conn.execute(QUERIES["repartition_relabel_dirty_jobs"])
             conn.execute(QUERIES["repartition_checkpoints"], {"partitions": partitions})
     except psycopg.errors.QueryCanceled:
         raise NotDrainedError(
             f"the switch did not finish within {timeout:g} s (relabelling the applied events; `outbox prune` "
             "makes it shorter, or give a longer --timeout); nothing was changed"
+        ) from None
+    except psycopg.errors.DeadlockDetected:
+        # Every product path takes the outbox's lock before the checkpoints', as this does; an
+        # application transaction may not. PostgreSQL chose this transaction to roll back.
+        raise NotDrainedError(
+            "a deadlock with another transaction stopped it; nothing was changed, run it again"
         ) from None
     return RepartitionReport(before, partitions, moved, time.monotonic() - held)
 

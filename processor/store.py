@@ -105,9 +105,19 @@ def checkpoint_lock(conn: Connection, partition: int) -> LockedCheckpoint:
 
 
 def checkpoints_lock_all(conn: Connection) -> dict[int, LockedCheckpoint]:
-    """Lock every partition's checkpoint, in partition order (see the query)."""
-    rows = conn.execute(QUERIES["checkpoints_lock_all"]).fetchall()
-    return {row[0]: LockedCheckpoint(row[0], _cursor(*row[1:5]), row[5]) for row in rows}
+    """Lock every partition's checkpoint, in partition order (see the query), inside a transaction.
+
+    A statement that waited for a lock sees the rows of its own snapshot, taken before the wait: if
+    it waited for `outbox repartition`, the checkpoints that one created are not among them. So the
+    lock is taken again, by a new statement, until two in a row find the same partitions.
+    """
+    locked: dict[int, LockedCheckpoint] = {}
+    while True:
+        rows = conn.execute(QUERIES["checkpoints_lock_all"]).fetchall()
+        again = {row[0]: LockedCheckpoint(row[0], _cursor(*row[1:5]), row[5]) for row in rows}
+        if again.keys() == locked.keys():
+            return again
+        locked = again
 
 
 def events_probe(conn: Connection, partition: int, cursor: Cursor) -> bool:
@@ -250,7 +260,14 @@ def one_snapshot(conn: Connection) -> Iterator[None]:
 
 
 def dirty_jobs_add_flagged(conn: Connection, partition: int) -> None:
-    conn.execute(QUERIES["dirty_jobs_add_flagged"], {"partition": partition})
+    """Queue the partition's flagged jobs to be folded again, under its checkpoint's lock.
+
+    Raises PartitionMissingError when a repartition removed the partition meanwhile: nothing is
+    queued for a partition no worker will take.
+    """
+    with conn.transaction():
+        checkpoint_lock(conn, partition)
+        conn.execute(QUERIES["dirty_jobs_add_flagged"], {"partition": partition})
 
 
 def dirty_jobs_take(conn: Connection, partition: int, limit: int) -> tuple[list[uuid.UUID], float | None]:

@@ -133,11 +133,14 @@ def repair(conn: Connection, report: VerifyReport, *, wait: float = 30.0) -> Rep
         state_job = uuid.UUID(drift["events"]["job_id"]) if drift["events"] else None
         with conn.transaction():
             # The row's state as a new event, under the row's lock (its version orders after every
-            # change already made to the variant). A stored state whose version capture never issued
-            # is rebuilt from the events too: no new event could ever be newer.
+            # change already made to the variant).
             conn.execute(QUERIES["variant_resync"], {"variant_id": variant_id, "state_job_id": state_job})
-            if state_job is not None:
-                rebuild_jobs(conn, [state_job], variant_ids=[variant_id], dry_run=False)
+        if state_job is not None:
+            # A stored state whose version capture never issued is rebuilt from the events too: no
+            # new event could ever be newer. Its own transaction: appending the event above took the
+            # outbox's lock, which must not be held while waiting for the checkpoints (the order of
+            # `outbox repartition`).
+            rebuild_jobs(conn, [state_job], variant_ids=[variant_id], dry_run=False)
         result.resync_events += 1
         resynced.append(variant_id)
     jobs = sorted({uuid.UUID(d["job_id"]) for d in report.job_drift + report.stuck_jobs})

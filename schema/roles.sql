@@ -59,7 +59,7 @@
 --                               EXECUTE                                 EXECUTE
 --   outbox_refuse_variant       EXECUTE (capture calls it to refuse     -
 --                               a bad status or step)
---   outbox_capture_current      EXECUTE (capture calls it for changes   -
+--   outbox_capture_change      EXECUTE (capture calls it for changes   -
 --                               made inside other triggers, 0009)
 --   outbox_event_applied, outbox_variant_states_merge, outbox_event_payload, outbox_payload_fits,
 --   outbox_state_newer, outbox_variant_states_newest, outbox_variant_baseline_merge,
@@ -122,7 +122,7 @@ REVOKE ALL ON FUNCTION
     outbox_wakeup_notify(),
     outbox_wakeup_enable(),
     outbox_wakeup_disable(),
-    outbox_capture_current(uuid, uuid, uuid),
+    outbox_capture_change(uuid, uuid, uuid, uuid, text, text),
     outbox_state_newer(bigint, bigint, bigint, bigint),
     outbox_variant_states_newest(outbox_variant_states[]),
     outbox_variant_baseline_merge(outbox_variant_states[]),
@@ -155,7 +155,7 @@ GRANT EXECUTE ON FUNCTION
     outbox_partition_hash(uuid, integer),
     outbox_append_variant_event(text, uuid, uuid, text, text),
     outbox_refuse_variant(text, text),
-    outbox_capture_current(uuid, uuid, uuid)
+    outbox_capture_change(uuid, uuid, uuid, uuid, text, text)
     TO outbox_writer;
 
 -- An adopted jobs table may have columns of the application's own: writers keep updating those.

@@ -151,26 +151,42 @@ INSERT INTO outbox_fold_config DEFAULT VALUES;
 
 ALTER TABLE outbox_checkpoints ADD COLUMN fold_config_version integer NOT NULL DEFAULT 0;
 
--- 5. Capture keeps a variant's versions in the order its row took its states, whatever the
--- application's own triggers do. An AFTER trigger of the application that changes the same row
--- again (an "auto-advance" that re-queues a finished step onto the next) runs, and has its change
--- captured, before the capture of the change that fired it when its name sorts first: that
--- earlier change would then get the newer version. So a change made from inside another trigger
--- (trigger depth above 1) marks the transaction (outbox.capture_nested, local to it), and while
--- it is marked, capture appends the row's state as it is now rather than as this change left it:
--- the newest version carries the row's last state. The common update of a transaction that no
--- trigger changed variants in keeps 0008's one-expression path.
-CREATE FUNCTION outbox_capture_current(p_old_id uuid, p_old_job uuid, p_new_id uuid) RETURNS void
+-- 5. Capture keeps a variant's newest version carrying the state its row has at commit, whatever
+-- runs inside the writer's transaction. A change's capture fires after the change, but not always
+-- before a later change of the same row is made and captured: an AFTER trigger of the application
+-- that changes the row again (an "auto-advance" that re-queues a finished step onto the next) and
+-- whose name sorts first, a function called from the statement (in RETURNING, in a SET expression
+-- of a later row, in the outer query of a data-modifying CTE), a cascade. The earlier change would
+-- then get the newer version.
+-- The rule that holds whatever the order: the first capture of a transaction appends the change as
+-- the statement wrote it (NEW); every later capture of the transaction appends the row as it is at
+-- that moment, read from the table. The last capture of a row fires after every change of it, so
+-- if it is not the transaction's first capture it reads the row's final state; if it is the first,
+-- it is the row's only captured change. outbox.captured (a setting local to the transaction, and
+-- to a savepoint that rolls back) marks that a capture happened. A transaction that changes one
+-- variant (the common writer) stays on the one-expression path of 0008; each further change of a
+-- transaction pays a read of its row.
+CREATE FUNCTION outbox_capture_change(
+    p_old_id uuid, p_old_job uuid, p_new_id uuid, p_new_job uuid, p_new_status text, p_new_step text
+) RETURNS void
 LANGUAGE plpgsql
 AS $$
 DECLARE
     v_row record;
 BEGIN
-    IF pg_trigger_depth() > 1 THEN
-        PERFORM set_config('outbox.capture_nested', 'on', true);
+    IF current_setting('outbox.captured', true) IS DISTINCT FROM 'on' THEN
+        -- The transaction's first capture: the change as written (the rules of 0007 and 0008).
+        PERFORM set_config('outbox.captured', 'on', true);
+        IF p_old_job IS NOT NULL AND (p_new_id IS DISTINCT FROM p_old_id OR p_new_job IS DISTINCT FROM p_old_job) THEN
+            PERFORM outbox_append_variant_event('variant_removed', p_old_job, p_old_id, NULL, NULL);
+        END IF;
+        IF p_new_job IS NOT NULL THEN
+            PERFORM outbox_append_variant_event('variant_changed', p_new_job, p_new_id, p_new_status, p_new_step);
+        END IF;
+        RETURN;
     END IF;
-    -- The old job loses the variant, unless the variant is in it now. First: the row's own state
-    -- takes the newest version.
+    -- A later capture: the rows as they are now. The old job loses the variant unless the variant
+    -- is in it now; first, so that the row's own state takes the newest version.
     IF p_old_job IS NOT NULL
        AND NOT EXISTS (SELECT FROM jobs_variants WHERE job_variants_id = p_old_id AND job_id = p_old_job) THEN
         PERFORM outbox_append_variant_event('variant_removed', p_old_job, p_old_id, NULL, NULL);
@@ -191,17 +207,13 @@ BEGIN
 END
 $$;
 
--- Capture of inserts and deletes (0007), with the case above.
+-- Capture of inserts and deletes (0007), through the rule above.
 CREATE OR REPLACE FUNCTION outbox_capture_variant_change() RETURNS trigger
 LANGUAGE plpgsql
 AS $$
 BEGIN
     IF TG_OP = 'DELETE' THEN
-        IF pg_trigger_depth() > 1 OR current_setting('outbox.capture_nested', true) = 'on' THEN
-            PERFORM outbox_capture_current(OLD.job_variants_id, OLD.job_id, NULL);
-        ELSIF OLD.job_id IS NOT NULL THEN
-            PERFORM outbox_append_variant_event('variant_removed', OLD.job_id, OLD.job_variants_id, NULL, NULL);
-        END IF;
+        PERFORM outbox_capture_change(OLD.job_variants_id, OLD.job_id, NULL, NULL, NULL, NULL);
         RETURN NULL;
     END IF;
     -- The status always (as 0001), the step's size only when it is written into an event.
@@ -209,19 +221,14 @@ BEGIN
        OR (NEW.job_id IS NOT NULL AND octet_length(NEW.current_step::text) > 65000) THEN
         PERFORM outbox_refuse_variant(NEW.status::text, NEW.current_step::text);
     END IF;
-    IF pg_trigger_depth() > 1 OR current_setting('outbox.capture_nested', true) = 'on' THEN
-        PERFORM outbox_capture_current(NULL, NULL, NEW.job_variants_id);
-    ELSIF NEW.job_id IS NOT NULL THEN
-        -- A variant without a job has nothing to fold; it is captured once it gets one.
-        PERFORM outbox_append_variant_event(
-            'variant_changed', NEW.job_id, NEW.job_variants_id, NEW.status::text, NEW.current_step::text);
-    END IF;
+    PERFORM outbox_capture_change(
+        NULL, NULL, NEW.job_variants_id, NEW.job_id, NEW.status::text, NEW.current_step::text);
     RETURN NULL;
 END
 $$;
 
--- Capture of updates (0008), with the case above: the one-expression path also checks that the
--- change is surely the row's latest.
+-- Capture of updates (0008), through the rule above: the one-expression path is the transaction's
+-- first capture (the test of outbox.captured, then setting it, end the expression).
 CREATE OR REPLACE FUNCTION outbox_capture_variant_update() RETURNS trigger
 LANGUAGE plpgsql
 AS $$
@@ -230,7 +237,8 @@ BEGIN
        AND NEW.status::text IN ('queued', 'running', 'done', 'failed')
        AND coalesce(octet_length(NEW.current_step::text), 0) <= 65000
        AND (NEW.status IS DISTINCT FROM OLD.status OR NEW.current_step IS DISTINCT FROM OLD.current_step)
-       AND pg_trigger_depth() = 1 AND current_setting('outbox.capture_nested', true) IS DISTINCT FROM 'on' THEN
+       AND current_setting('outbox.captured', true) IS DISTINCT FROM 'on'
+       AND set_config('outbox.captured', 'on', true) = 'on' THEN
         INSERT INTO outbox_events (event_type, schema_version, partition, job_id, variant_id, variant_version, payload)
         VALUES (
             'variant_changed', 1, outbox_partition_of(NEW.job_id), NEW.job_id, NEW.job_variants_id,
@@ -249,19 +257,8 @@ BEGIN
        OR (NEW.job_id IS NOT NULL AND octet_length(NEW.current_step::text) > 65000) THEN
         PERFORM outbox_refuse_variant(NEW.status::text, NEW.current_step::text);
     END IF;
-    IF pg_trigger_depth() > 1 OR current_setting('outbox.capture_nested', true) = 'on' THEN
-        PERFORM outbox_capture_current(OLD.job_variants_id, OLD.job_id, NEW.job_variants_id);
-        RETURN NULL;
-    END IF;
-    -- The variant leaves its job: given another id, detached, or moved to another job (0006).
-    IF (NEW.job_id IS DISTINCT FROM OLD.job_id OR NEW.job_variants_id IS DISTINCT FROM OLD.job_variants_id)
-       AND OLD.job_id IS NOT NULL THEN
-        PERFORM outbox_append_variant_event('variant_removed', OLD.job_id, OLD.job_variants_id, NULL, NULL);
-    END IF;
-    IF NEW.job_id IS NOT NULL THEN
-        PERFORM outbox_append_variant_event(
-            'variant_changed', NEW.job_id, NEW.job_variants_id, NEW.status::text, NEW.current_step::text);
-    END IF;
+    PERFORM outbox_capture_change(
+        OLD.job_variants_id, OLD.job_id, NEW.job_variants_id, NEW.job_id, NEW.status::text, NEW.current_step::text);
     RETURN NULL;
 END
 $$;

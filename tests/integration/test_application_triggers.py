@@ -1,4 +1,4 @@
-"""The application's own triggers change variants again inside the writer's transaction.
+"""The application's own triggers and functions change variants again inside the writer's transaction.
 
 Whatever their names, number and kind, the processor must end with each variant's state as the
 row has it once the transaction commits: the events of one variant are ordered by version, so the
@@ -8,6 +8,8 @@ the SQL reference.
 """
 
 from __future__ import annotations
+
+import uuid
 
 import pytest
 
@@ -66,6 +68,26 @@ CASES = {
         CREATE TRIGGER a_apply AFTER INSERT ON app_commands FOR EACH ROW EXECUTE FUNCTION app_apply_command();
         CREATE TRIGGER a_auto_advance AFTER UPDATE ON jobs_variants FOR EACH ROW EXECUTE FUNCTION app_auto_advance();
     """,
+    # Not triggers: functions called from the writer's own statement change the row again (the
+    # writes below call them when they exist; see FUNCTION_WRITES).
+    "functions in the statement": """
+        CREATE FUNCTION app_advance(p_id uuid) RETURNS int LANGUAGE plpgsql AS $$
+        BEGIN
+            UPDATE jobs_variants SET status = 'queued', current_step = 'segment' WHERE job_variants_id = p_id;
+            RETURN 1;
+        END $$;
+        CREATE FUNCTION app_fail_other(p_other uuid) RETURNS text LANGUAGE plpgsql AS $$
+        BEGIN
+            UPDATE jobs_variants SET status = 'failed' WHERE job_variants_id = p_other;
+            RETURN 'running';
+        END $$;
+        CREATE FUNCTION app_reinsert(p_id uuid, p_job uuid) RETURNS int LANGUAGE plpgsql AS $$
+        BEGIN
+            INSERT INTO jobs_variants (job_variants_id, job_id, status, current_step)
+            VALUES (p_id, p_job, 'queued', 'segment');
+            RETURN 1;
+        END $$;
+    """,
     # A deferred constraint trigger that re-queues at commit.
     "deferred constraint trigger": AUTO_ADVANCE
     + """
@@ -73,6 +95,43 @@ CASES = {
             DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION app_auto_advance();
     """,
 }
+
+
+def function_writes(conn, variants, index: int) -> None:
+    """The writer's statements call functions that change a row the statement changed (by turns)."""
+    first, _, third = variants
+    kind = index % 4
+    if kind == 0:  # RETURNING changes the same row again
+        conn.execute(
+            "UPDATE jobs_variants SET status = 'done', current_step = 'detect' WHERE job_variants_id = %s"
+            " RETURNING app_advance(job_variants_id)",
+            [third],
+        )
+    elif kind == 1:  # the outer query of a data-modifying CTE does
+        conn.execute(
+            "WITH x AS (UPDATE jobs_variants SET status = 'done', current_step = 'detect' WHERE job_variants_id = %s"
+            " RETURNING job_variants_id) SELECT app_advance(job_variants_id) FROM x",
+            [third],
+        )
+    elif kind == 2:  # a delete whose RETURNING puts the row back
+        conn.execute(
+            "DELETE FROM jobs_variants WHERE job_variants_id = %s RETURNING app_reinsert(job_variants_id, job_id)",
+            [third],
+        )
+    else:  # the SET expression of one row changes another row the same statement changed first
+        job = conn.execute("SELECT job_id FROM jobs_variants WHERE job_variants_id = %s", [first]).fetchone()[0]
+        earlier, later = uuid.uuid4(), uuid.uuid4()
+        conn.execute(  # inserted together: in a sequential scan, earlier comes first
+            "INSERT INTO jobs_variants (job_variants_id, job_id, status) VALUES (%s, %s, 'queued'), (%s, %s, 'queued')",
+            [earlier, job, later, job],
+        )
+        conn.execute("SET LOCAL enable_indexscan = off")
+        conn.execute("SET LOCAL enable_bitmapscan = off")
+        conn.execute(
+            "UPDATE jobs_variants SET status = CASE WHEN job_variants_id = %(later)s"
+            " THEN app_fail_other(%(earlier)s) ELSE 'running' END WHERE job_variants_id IN (%(earlier)s, %(later)s)",
+            {"earlier": earlier, "later": later},
+        )
 
 
 def stored_states(conn) -> dict:
@@ -107,6 +166,8 @@ def test_the_newest_event_of_a_variant_carries_its_row_as_committed(case, conn, 
             )
             if case == "trigger on another table":
                 conn.execute("INSERT INTO app_commands VALUES (%s, 'done', 'detect')", [variants[2]])
+            elif case == "functions in the statement":
+                function_writes(conn, variants, index)
             else:
                 conn.execute(
                     "UPDATE jobs_variants SET status = 'done', current_step = 'detect' WHERE job_variants_id = %s",

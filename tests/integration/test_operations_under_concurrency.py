@@ -20,7 +20,7 @@ from processor.replay import replay
 from processor.verify import verify
 from processor.worker import application_name
 from tests.fix_database import make_settings
-from tests.helpers import drain, fold_context, job_in_partition, job_state, make_jobs
+from tests.helpers import drain, fold_context, job_in_partition, job_state, make_jobs, wait_for
 from tests.reference import actual_job_states, reference_job_states
 
 STEPS = ("ingest", "detect", "segment", "iou_eval")
@@ -250,3 +250,110 @@ def test_a_pipeline_change_refolds_every_job_it_affects(db, conn, engine, settin
     assert outbox_cli("verify", env=new_env).returncode == 0
     unset = {k: v for k, v in env.items() if k != "OUTBOX_PIPELINE_STEPS"}
     assert outbox_cli("verify", env=unset).returncode == 0  # unset: the database's pipeline
+
+
+def _repartition_held_open(db, partitions: int):
+    """`outbox repartition N`, statement by statement, left open at the end of its switch."""
+    from processor.store import QUERIES
+
+    held = connect(db, application_name=application_name("repartition"), autocommit=False)
+    held.execute(QUERIES["repartition_hold_writers"])
+    store.checkpoints_lock_all(held)
+    held.execute(QUERIES["repartition_set"], {"partitions": partitions})
+    held.execute(QUERIES["repartition_relabel_events"])
+    held.execute(QUERIES["repartition_checkpoints"], {"partitions": partitions})
+    return held
+
+
+def test_an_operation_that_waited_for_a_repartition_holds_the_checkpoints_it_created(db, conn):
+    import threading
+
+    from tests.helpers import waiting_on_lock
+
+    held = _repartition_held_open(db, 3)
+    locked: dict[int, object] = {}
+    with connect(db, application_name=application_name("replay")) as op:
+
+        def lock_all() -> None:
+            with op.transaction():
+                locked.update(store.checkpoints_lock_all(op))
+
+        thread = threading.Thread(target=lock_all)
+        thread.start()
+        wait_for(lambda: waiting_on_lock(conn, op.info.backend_pid), what="the operation to wait for the repartition")
+        held.commit()
+        held.close()
+        thread.join(timeout=30)
+    assert sorted(locked) == [0, 1, 2]  # not only the one checkpoint that existed when it started
+
+
+def test_prune_and_repartition_do_not_deadlock(db, conn, engine):
+    import threading
+
+    from tests.helpers import waiting_on_lock
+
+    repartition_now(db, 2)
+    with engine.begin() as sa:
+        for partition in (0, 1):
+            outbox.create_job(sa, job_id=job_in_partition(partition, 2), variants=1)
+    drain_all(db)
+    conn.execute("UPDATE jobs_variants SET status = 'running'")  # pending: the repartition waits for it
+    results: dict[str, object] = {}
+
+    def run(key, function) -> None:
+        try:
+            results[key] = function()
+        except Exception as exc:
+            results[key] = exc
+
+    with (
+        connect(db, application_name=application_name("repartition")) as rconn,
+        connect(db, application_name=application_name("prune")) as pconn,
+    ):
+        repartitioning = threading.Thread(target=run, args=("repartition", lambda: repartition(rconn, 3, timeout=60)))
+        repartitioning.start()
+        wait_for(
+            lambda: conn.execute(
+                "SELECT count(*) FROM pg_locks WHERE pid = %s AND relation = 'outbox_events'::regclass AND mode = "
+                "'ShareLock' AND granted",
+                [rconn.info.backend_pid],
+            ).fetchone()[0],
+            what="the repartition to hold the writers back",
+        )
+        pruning = threading.Thread(target=run, args=("prune", lambda: prune(pconn, 1, parse_duration("0s"))))
+        pruning.start()
+        wait_for(lambda: waiting_on_lock(conn, pconn.info.backend_pid), what="prune to wait")
+        drain_all(db)  # the workers apply what was pending: the repartition goes on, then prune
+        repartitioning.join(timeout=60)
+        pruning.join(timeout=60)
+    assert not isinstance(results["repartition"], Exception), results["repartition"]
+    assert not isinstance(results["prune"], Exception), results["prune"]
+    assert store.partitions_get(conn) == 3
+
+
+def test_a_worker_claiming_a_partition_a_repartition_removes_leaves_no_job_behind(db, conn, engine):
+    import threading
+
+    repartition_now(db, 4)
+    job = job_in_partition(3, 4)
+    with engine.begin() as sa:
+        outbox.create_job(sa, job_id=job, variants=1)
+    conn.execute("UPDATE jobs_variants SET status = 'running', current_step = 'not-a-step' WHERE job_id = %s", [job])
+    drain_all(db)
+    assert conn.execute("SELECT count(*) FROM outbox_job_flags").fetchone()[0] == 1
+    held = _repartition_held_open(db, 2)
+    worker = threading.Thread(target=lambda: drain_all(db))  # claims the old partitions, flagged job's included
+    worker.start()
+    wait_for(
+        lambda: conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE %s AND wait_event_type = 'Lock'",
+            ["outbox-worker:%"],
+        ).fetchone()[0],
+        what="the worker to wait for the repartition",
+    )
+    held.commit()
+    held.close()
+    worker.join(timeout=60)
+    drain_all(db)
+    assert store.work_pending(conn) == 0  # nothing left for a partition no worker takes
+    assert conn.execute("SELECT partition FROM outbox_dirty_jobs").fetchall() == []

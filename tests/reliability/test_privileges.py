@@ -113,7 +113,7 @@ FUNCTIONS: dict[str, dict[str, bool]] = {
     # Capture calls these, with the writer's rights: to refuse a bad status or step, and for a
     # change made inside another trigger.
     "outbox_refuse_variant(text,text)": {WRITER: True, PROCESSOR: False},
-    "outbox_capture_current(uuid,uuid,uuid)": {WRITER: True, PROCESSOR: False},
+    "outbox_capture_change(uuid,uuid,uuid,uuid,text,text)": {WRITER: True, PROCESSOR: False},
     # Checked when the trigger is created (by migrate), not when it fires.
     "outbox_capture_variant_change()": {WRITER: False, PROCESSOR: False},
     "outbox_capture_variant_update()": {WRITER: False, PROCESSOR: False},
