@@ -10,14 +10,17 @@ Writers that run plain SQL on ``jobs_variants`` need no change: the capture trig
 """
 
 from outbox.events import EventType, VariantChanged, VariantRemoved, VariantStatus
-from outbox.writer import VariantNotFoundError, create_job, update_variant
+from outbox.writer import UnknownStepError, VariantNotFoundError, create_job, hold_job, release_job, update_variant
 
 __all__ = [
     "EventType",
+    "UnknownStepError",
     "VariantChanged",
     "VariantNotFoundError",
     "VariantRemoved",
     "VariantStatus",
     "create_job",
+    "hold_job",
+    "release_job",
     "update_variant",
 ]

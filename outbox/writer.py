@@ -28,6 +28,10 @@ class VariantNotFoundError(LookupError):
     """``update_variant`` was given the id of a variant that does not exist."""
 
 
+class UnknownStepError(ValueError):
+    """A step that is not in the pipeline every worker folds with (`outbox pipeline show`)."""
+
+
 def create_job(
     conn: AnyConnection,
     *,
@@ -50,6 +54,8 @@ def create_job(
             raise ValueError("a job needs at least one variant")
     job_id = uuid.uuid4() if job_id is None else _as_uuid(job_id, "job id")
     VariantChanged(status=VariantStatus.QUEUED, step=step)  # validates step
+    if step is not None:
+        _check_step(conn, step)
     _execute(conn, _QUERIES["job_insert"], {"job_id": job_id, "step": step})
     _execute(conn, _QUERIES["variants_insert"], {"job_id": job_id, "step": step, "variant_ids": variant_ids})
     return job_id, variant_ids
@@ -76,7 +82,19 @@ def update_variant(
         {"variant_id": _as_uuid(variant_id, "variant id"), "status": change.status.value, "step": change.step},
     )
     if updated == 0:
+        if change.step is not None:
+            _check_step(conn, change.step)  # raises when the step is the reason
         raise VariantNotFoundError(f"no variant with id {variant_id}")
+
+
+def _check_step(conn: AnyConnection, step: str) -> None:
+    """Refuse a step the pipeline lacks: its job could not be folded (the worker would flag it)."""
+    row = _fetch_one(conn, _QUERIES["pipeline_has_step"], {"step": step})
+    if row is not None and not row[0]:
+        steps = ", ".join(row[1] or [])
+        raise UnknownStepError(
+            f"step {step!r} is not in the pipeline ({steps}); change the pipeline with `outbox pipeline set`"
+        )
 
 
 def _as_uuid(value: uuid.UUID | str, what: str) -> uuid.UUID:
@@ -86,6 +104,14 @@ def _as_uuid(value: uuid.UUID | str, what: str) -> uuid.UUID:
         return uuid.UUID(str(value))
     except ValueError:
         raise ValueError(f"{what} must be a UUID (got {value!r})") from None
+
+
+def _fetch_one(conn: AnyConnection, query: str, params: dict[str, Any]) -> Any:
+    if isinstance(conn, psycopg.Connection):
+        return conn.execute(query, params).fetchone()
+    if isinstance(conn, SAConnection):
+        return conn.exec_driver_sql(query, params).fetchone()
+    raise TypeError(f"expected a SQLAlchemy or psycopg Connection, got {type(conn).__name__}")
 
 
 def _execute(conn: AnyConnection, query: str, params: dict[str, Any]) -> int:
@@ -98,3 +124,33 @@ def _execute(conn: AnyConnection, query: str, params: dict[str, Any]) -> int:
         # psycopg and psycopg2 both take %(name)s parameters.
         return int(conn.exec_driver_sql(query, params).rowcount)
     raise TypeError(f"expected a SQLAlchemy or psycopg Connection, got {type(conn).__name__}")
+
+
+def hold_job(
+    conn: AnyConnection,
+    job_id: uuid.UUID | str,
+    *,
+    status: VariantStatus | str,
+    step: str | None = None,
+    reason: str,
+) -> None:
+    """Set a job's state yourself (a support "cancel"), in the caller's transaction.
+
+    The processor owns ``jobs.status`` and ``jobs.current_step``: a plain UPDATE of them is refused
+    (it would be undone by the job's next event). A hold writes them and keeps the processor off the
+    job until ``release_job``, which hands it back: the processor then folds it from its variants.
+    """
+    status = VariantStatus(status)
+    if not reason:
+        raise ValueError("a hold needs a reason")
+    _fetch_one(
+        conn,
+        _QUERIES["job_hold"],
+        {"job_id": _as_uuid(job_id, "job id"), "status": status.value, "step": step, "reason": reason},
+    )
+
+
+def release_job(conn: AnyConnection, job_id: uuid.UUID | str) -> bool:
+    """Hand a held job back to the processor, which folds it from its variants again; False if it was not held."""
+    row = _fetch_one(conn, _QUERIES["job_release"], {"job_id": _as_uuid(job_id, "job id")})
+    return bool(row and row[0])

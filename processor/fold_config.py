@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from processor import app_schema
 from processor.errors import ConfigurationError, SchemaError
 from processor.fold import FailurePolicy, Pipeline
 from processor.store import QUERIES, Connection
@@ -106,6 +107,7 @@ def change(conn: Connection, pipeline: Pipeline | None, policy: FailurePolicy | 
             raise ConfigurationError(
                 f"jobs_variants uses steps that pipeline lacks: {describe_outside(outside)}; nothing was changed"
             )
+        app_schema.check_values(conn, app_schema.columns(conn), new_pipeline)
         _, queued = store_config(conn, new_pipeline, policy or before.policy, refold=True)
         after = load(conn)
     return ConfigChange(before, after, queued)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from psycopg import sql
 
-from processor import fold_config, store
+from processor import app_schema, fold_config, store
 from processor.errors import ConfigurationError, SchemaError
 from processor.fold import FailurePolicy, Pipeline
 from processor.store import QUERIES, Connection
@@ -85,7 +85,12 @@ def migrate(
             conn.execute(migration.sql().encode())  # no parameters: several statements at once
             conn.execute(QUERIES["migration_record"], {"version": migration.version, "name": migration.name})
             report.applied.append(migration)
+        # The application's column types: the casts the product writes them through, and whether
+        # every status and step fits (refused before anything is committed).
+        columns = app_schema.columns(conn)
+        app_schema.write_casts(conn, columns)
         report.config_set = _set_fold_config(conn, pipeline, policy)
+        app_schema.check_values(conn, columns, fold_config.load(conn).pipeline)
         # Two writers of job state must not coexist: the legacy trigger is what lost updates.
         # Checked on every migrate, in case one was put back.
         for trigger, function in legacy_triggers(conn):

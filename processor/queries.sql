@@ -312,10 +312,16 @@ SELECT (SELECT count(*) FROM parked) AS dead_letters,
 -- outbox_dirty_jobs for the catch-up to close: a job shows only states of complete snapshots. A
 -- job row that another transaction holds locked is not waited for (SKIP LOCKED): the job goes to
 -- outbox_dirty_jobs, to be tried again a second later, and the rest go on. Flags of the jobs
--- folded are cleared, or set with the reason. Returns what was written, deferred and blocked.
-WITH incoming AS MATERIALIZED (
-    SELECT * FROM unnest(%(job_ids)b::uuid[], %(job_statuses)b::text[], %(job_steps)b::text[])
-        AS t (job_id, status, current_step)
+-- folded are cleared, or set with the reason. Held jobs are left alone. The columns' own types
+-- are written through their cast functions. Returns what was written, deferred and blocked.
+WITH writer AS MATERIALIZED (
+    -- Who writes: outbox_guard_job_state (migration 0010) lets the processor through.
+    SELECT set_config('outbox.job_writer', 'processor', true) AS name
+), incoming AS MATERIALIZED (
+    SELECT t.*
+    FROM unnest(%(job_ids)b::uuid[], %(job_statuses)b::text[], %(job_steps)b::text[]) AS t (job_id, status, current_step)
+    -- A held job's row is the application's until the hold is released (outbox.hold_job).
+    WHERE NOT EXISTS (SELECT FROM outbox_job_holds AS h WHERE h.job_id = t.job_id)
 ), deferred AS MATERIALIZED (
     SELECT DISTINCT job_id
     FROM unnest(%(folded_job_ids)b::uuid[] || %(flag_job_ids)b::uuid[]) AS t (job_id)
@@ -328,6 +334,7 @@ WITH incoming AS MATERIALIZED (
     JOIN jobs AS j USING (job_id)
     WHERE (j.status::text, j.current_step::text) IS DISTINCT FROM (i.status, i.current_step)
       AND NOT EXISTS (SELECT FROM deferred AS d WHERE d.job_id = i.job_id)
+      AND (SELECT name FROM writer) = 'processor'  -- set before any row is written
 ), locked AS MATERIALIZED (
     SELECT j.job_id
     FROM jobs AS j
@@ -335,7 +342,7 @@ WITH incoming AS MATERIALIZED (
     FOR NO KEY UPDATE OF j SKIP LOCKED
 ), updated AS (
     UPDATE jobs AS j
-    SET status = c.status, current_step = c.current_step, updated_at = now()
+    SET status = outbox_job_status(c.status), current_step = outbox_job_step(c.current_step), updated_at = now()
     FROM changing AS c
     JOIN locked AS l USING (job_id)
     WHERE j.job_id = c.job_id
@@ -931,3 +938,23 @@ WITH moved AS (
 INSERT INTO outbox_dirty_jobs (partition, job_id, queued_at)
 SELECT outbox_partition_of(job_id), job_id, min(queued_at) FROM moved GROUP BY job_id
 ON CONFLICT (partition, job_id) DO NOTHING
+
+-- name: app_column_types
+-- The types of the application's columns that the product reads and writes (processor/app_schema.py).
+SELECT c.relname, a.attname, format_type(a.atttypid, a.atttypmod), format_type(a.atttypid, NULL),
+       information_schema._pg_char_max_length(a.atttypid, a.atttypmod)
+FROM pg_attribute AS a
+JOIN pg_class AS c ON c.oid = a.attrelid
+WHERE a.attrelid IN (to_regclass('jobs'), to_regclass('jobs_variants'))
+  AND a.attname IN ('status', 'current_step')
+  AND NOT a.attisdropped
+ORDER BY c.relname, a.attname
+
+-- name: app_cast_function_get
+-- A cast function's return type, and who may execute it ("-": PUBLIC).
+SELECT format_type(p.prorettype, NULL),
+       ARRAY(SELECT CASE WHEN a.grantee = 0 THEN '-' ELSE (SELECT rolname FROM pg_roles WHERE oid = a.grantee) END
+             FROM aclexplode(coalesce(p.proacl, acldefault('f', p.proowner))) AS a
+             WHERE a.privilege_type = 'EXECUTE')
+FROM pg_proc AS p
+WHERE p.oid = to_regprocedure(%(name)s || '(text)')

@@ -54,13 +54,21 @@
 --   outbox_variant_baseline     -                                       SELECT, INSERT, UPDATE
 --   outbox_schema_migrations, outbox_partitioning
 --                               -                                       SELECT
---   outbox_fold_config          -                                       SELECT, UPDATE (`outbox pipeline set`)
+--   outbox_fold_config          SELECT (update_variant checks a step)   SELECT, UPDATE (`outbox pipeline set`)
+--   outbox_job_holds            - (outbox_hold_job writes it)           SELECT
 --   outbox_partition_of, outbox_partition_hash, outbox_append_variant_event
 --                               EXECUTE                                 EXECUTE
 --   outbox_refuse_variant       EXECUTE (capture calls it to refuse     -
 --                               a bad status or step)
 --   outbox_capture_change      EXECUTE (capture calls it for changes   -
 --                               made inside other triggers, 0009)
+--   outbox_job_status, outbox_job_step, outbox_variant_status, outbox_variant_step (the casts of the
+--   application's column types, 0010)
+--                               EXECUTE                                 EXECUTE
+--   outbox_hold_job, outbox_release_job
+--                               EXECUTE (they run with the owner's      -
+--                               rights: holds, 0010)
+--   outbox_guard_job_state      nobody (a trigger function)
 --   outbox_event_applied, outbox_variant_states_merge, outbox_event_payload, outbox_payload_fits,
 --   outbox_state_newer, outbox_variant_states_newest, outbox_variant_baseline_merge,
 --   outbox_event_decode, outbox_versions_issued, outbox_unreadable_problem, outbox_events_pending
@@ -104,7 +112,7 @@ REVOKE ALL ON TABLE jobs, jobs_variants FROM outbox_writer, outbox_processor;
 REVOKE ALL ON TABLE
     outbox_events, outbox_checkpoints, outbox_dirty_jobs, outbox_job_flags, outbox_variant_states,
     outbox_dead_letters, outbox_throughput, outbox_variant_baseline, outbox_schema_migrations,
-    outbox_partitioning, outbox_fold_config
+    outbox_partitioning, outbox_fold_config, outbox_job_holds
     FROM PUBLIC, outbox_writer, outbox_processor;
 REVOKE ALL ON SEQUENCE outbox_variant_versions FROM PUBLIC, outbox_writer, outbox_processor;
 REVOKE ALL ON FUNCTION
@@ -129,7 +137,14 @@ REVOKE ALL ON FUNCTION
     outbox_event_decode(text, integer, uuid, uuid, bigint, jsonb, bigint),
     outbox_versions_issued(),
     outbox_unreadable_problem(bigint, text),
-    outbox_events_pending(integer)
+    outbox_events_pending(integer),
+    outbox_guard_job_state(),
+    outbox_hold_job(uuid, text, text, text),
+    outbox_release_job(uuid),
+    outbox_job_status(text),
+    outbox_job_step(text),
+    outbox_variant_status(text),
+    outbox_variant_step(text)
     FROM PUBLIC, outbox_writer, outbox_processor;
 
 -- Connecting to this database and resolving the names in its schema (PUBLIC usually has both;
@@ -155,8 +170,15 @@ GRANT EXECUTE ON FUNCTION
     outbox_partition_hash(uuid, integer),
     outbox_append_variant_event(text, uuid, uuid, text, text),
     outbox_refuse_variant(text, text),
-    outbox_capture_change(uuid, uuid, uuid, uuid, text, text)
+    outbox_capture_change(uuid, uuid, uuid, uuid, text, text),
+    outbox_job_status(text),
+    outbox_job_step(text),
+    outbox_variant_status(text),
+    outbox_variant_step(text),
+    outbox_hold_job(uuid, text, text, text),
+    outbox_release_job(uuid)
     TO outbox_writer;
+GRANT SELECT ON outbox_fold_config TO outbox_writer;
 
 -- An adopted jobs table may have columns of the application's own: writers keep updating those.
 DO $$
@@ -186,6 +208,7 @@ GRANT USAGE ON SEQUENCE outbox_variant_versions TO outbox_processor;
 GRANT SELECT, UPDATE ON outbox_checkpoints TO outbox_processor;
 GRANT SELECT, INSERT, UPDATE, DELETE ON outbox_dirty_jobs TO outbox_processor;
 GRANT SELECT, UPDATE ON outbox_fold_config TO outbox_processor;
+GRANT SELECT ON outbox_job_holds TO outbox_processor;
 GRANT SELECT, INSERT, UPDATE, DELETE
     ON outbox_job_flags, outbox_variant_states, outbox_dead_letters, outbox_throughput TO outbox_processor;
 GRANT SELECT, INSERT, UPDATE ON outbox_variant_baseline TO outbox_processor;
@@ -204,5 +227,7 @@ GRANT EXECUTE ON FUNCTION
     outbox_event_decode(text, integer, uuid, uuid, bigint, jsonb, bigint),
     outbox_versions_issued(),
     outbox_unreadable_problem(bigint, text),
-    outbox_events_pending(integer)
+    outbox_events_pending(integer),
+    outbox_job_status(text),
+    outbox_job_step(text)
     TO outbox_processor;

@@ -2,7 +2,8 @@
 
 The server is, in order of preference: OUTBOX_TEST_DATABASE_URL (a maintenance database on a
 server where the tests may create databases; CI points it at the local server), a testcontainers
-PostgreSQL when Docker is available, else the embedded pgserver. A template database is migrated
+PostgreSQL when Docker is available, else a server of the session's own built from the embedded
+server's binaries (pgserver ships them: nothing but Python is needed). A template database is migrated
 once per session; each test gets a ``CREATE DATABASE ... TEMPLATE`` copy (as Procrastinate does).
 """
 
@@ -10,7 +11,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -62,10 +62,14 @@ def server_url() -> Iterator[DatabaseUrl]:
         with PostgresContainer("postgres:16-alpine", driver="psycopg") as container:
             yield DatabaseUrl.parse(container.get_connection_url())
         return
-    from processor.embedded import embedded_database_url
+    # The embedded server's binaries, as a server of the session's own that listens on TCP: the
+    # tests that need TCP (a proxy, PgBouncer) or client tools of the same version (pg_dump) run
+    # on it as on any server. (The embedded server itself, as users get it, is tested by the tests
+    # marked `embedded`.)
+    from tests.reliability.fix_server import bundled_bindir, running_server
 
-    with tempfile.TemporaryDirectory(prefix="outbox-test-pg-") as data_dir:
-        yield DatabaseUrl.parse(embedded_database_url(Path(data_dir)))
+    with running_server(bundled_bindir()) as server:
+        yield server.url
 
 
 def _admin(server: DatabaseUrl) -> psycopg.Connection[Any]:

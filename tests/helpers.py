@@ -187,3 +187,14 @@ BEGIN
     RETURN NULL;
 END $$;
 """
+
+
+def write_jobs_behind_the_processor(conn: psycopg.Connection[Any], query: str, params: Any = ()) -> None:
+    """Write job state around the processor (a corruption for it to find and repair).
+
+    outbox_guard_job_state refuses such writes; this one says it is the processor's, as its own
+    statement does.
+    """
+    with conn.transaction():
+        conn.execute("SELECT set_config('outbox.job_writer', 'processor', true)")
+        conn.execute(query, params)

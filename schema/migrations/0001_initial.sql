@@ -22,8 +22,20 @@ CREATE TABLE IF NOT EXISTS jobs_variants (
     updated_at      timestamptz
 );
 
--- The fold looks up all variants of a job; legacy tables may lack this index.
-CREATE INDEX IF NOT EXISTS outbox_jobs_variants_job_id_idx ON jobs_variants (job_id);
+-- The fold looks up all variants of a job; legacy tables may lack this index. An index of the
+-- application's that leads with job_id serves as well, and is used instead of a second one.
+DO $$
+BEGIN
+    IF NOT EXISTS (
+        SELECT FROM pg_index
+        WHERE indrelid = 'jobs_variants'::regclass
+          AND indkey[0] = (SELECT attnum FROM pg_attribute WHERE attrelid = 'jobs_variants'::regclass AND attname = 'job_id')
+          AND indpred IS NULL AND indisvalid
+    ) THEN
+        CREATE INDEX outbox_jobs_variants_job_id_idx ON jobs_variants (job_id);
+    END IF;
+END
+$$;
 
 -- The outbox. Append-only on the hot path.
 -- txid is the writing transaction's id: the processor applies the events of the transactions that
@@ -127,7 +139,7 @@ CREATE TRIGGER outbox_capture_variant_update
 -- Adoption: one event per existing variant, carrying its current state, so the processor's first
 -- run computes every existing job (stuck ones included) from its variants. A variant whose status
 -- the trigger would refuse becomes a dead letter and flags its job; it is not dropped silently.
-SELECT outbox_append_variant_event('variant_changed', job_id, job_variants_id, status, current_step)
+SELECT outbox_append_variant_event('variant_changed', job_id, job_variants_id, status::text, current_step::text)
 FROM jobs_variants
 WHERE job_id IS NOT NULL
 ORDER BY job_id, job_variants_id;

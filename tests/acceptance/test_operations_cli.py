@@ -9,7 +9,7 @@ import outbox
 from processor.database import connect
 from tests.acceptance.test_cli import outbox_cli
 from tests.fix_database import subprocess_env
-from tests.helpers import WorkerProcess, consumer_os_pid, pending_work, wait_for
+from tests.helpers import WorkerProcess, consumer_os_pid, pending_work, wait_for, write_jobs_behind_the_processor
 
 
 def write_jobs(engine, count: int) -> list:
@@ -66,7 +66,7 @@ def test_replay_verify_and_dead_letters_from_the_command_line(db, engine):
     assert code == 0 and report["drift"] is False
 
     with connect(db, application_name="vandal") as conn:
-        conn.execute("UPDATE jobs SET status = 'running' WHERE job_id = %s", [jobs[0]])
+        write_jobs_behind_the_processor(conn, "UPDATE jobs SET status = 'running' WHERE job_id = %s", [jobs[0]])
         conn.execute(
             "INSERT INTO outbox_events (event_type, schema_version, job_id, variant_id, variant_version, payload) "
             "SELECT 'variant_changed', 7, job_id, job_variants_id, nextval('outbox_variant_versions'), '{}' "
@@ -87,7 +87,9 @@ def test_replay_verify_and_dead_letters_from_the_command_line(db, engine):
     assert code == 0, report
 
     with connect(db, application_name="vandal") as conn:
-        conn.execute("UPDATE jobs SET status = 'queued', current_step = NULL WHERE job_id = %s", [jobs[2]])
+        write_jobs_behind_the_processor(
+            conn, "UPDATE jobs SET status = 'queued', current_step = NULL WHERE job_id = %s", [jobs[2]]
+        )
     code, repaired = cli_json("verify", "--repair", env=env)
     assert code == 0 and repaired["drift"] is True and repaired["repaired"]["jobs_rebuilt"] == 1
     code, report = cli_json("verify", env=env)

@@ -14,7 +14,7 @@ from processor.replay import replay
 from processor.store import job_ids_all
 from processor.verify import repair, verify
 from processor.worker import Worker
-from tests.helpers import drain, job_state, make_jobs
+from tests.helpers import drain, job_state, make_jobs, write_jobs_behind_the_processor
 from tests.reference import actual_job_states, reference_job_states
 
 STEPS = ("ingest", "detect", "segment", "iou_eval")
@@ -72,7 +72,7 @@ def test_replay_restores_corrupted_jobs_and_dry_run_changes_nothing(conn, engine
     good = actual_job_states(conn)
     assert good == reference_job_states(conn, STEPS)
 
-    conn.execute("UPDATE jobs SET status = 'running', current_step = 'ingest'")  # corrupted by hand
+    write_jobs_behind_the_processor(conn, "UPDATE jobs SET status = 'running', current_step = 'ingest'")
     conn.execute(
         "DELETE FROM outbox_variant_states WHERE variant_id IN (SELECT variant_id FROM outbox_variant_states LIMIT 5)"
     )
@@ -145,7 +145,7 @@ def test_verify_reports_drift_and_repair_restores_through_the_processor(conn, en
     assert not verify(conn).drift
 
     stuck_job = next(iter(jobs))
-    conn.execute("UPDATE jobs SET status = 'running' WHERE job_id = %s", [stuck_job])  # the original symptom
+    write_jobs_behind_the_processor(conn, "UPDATE jobs SET status = 'running' WHERE job_id = %s", [stuck_job])
     hidden_variant = jobs[list(jobs)[6]][0]
     conn.execute("ALTER TABLE jobs_variants DISABLE TRIGGER USER")  # a write the outbox never saw
     conn.execute(MOVE, ["done", "iou_eval", hidden_variant])
@@ -226,7 +226,7 @@ def test_prune_then_replay_gives_the_same_state_as_replay_without_prune(conn, en
     assert result.events_deleted > 0
     assert conn.execute("SELECT count(*) FROM outbox_events").fetchone()[0] == 1
 
-    conn.execute("UPDATE jobs SET status = NULL, current_step = NULL")
+    write_jobs_behind_the_processor(conn, "UPDATE jobs SET status = NULL, current_step = NULL")
     replay(conn, all_jobs, dry_run=False)
     assert actual_job_states(conn) == expected
     assert conn.execute("SELECT * FROM outbox_variant_states ORDER BY variant_id").fetchall() == states_before

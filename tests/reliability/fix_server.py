@@ -1,9 +1,14 @@
 """A PostgreSQL server owned by one test, which the test may stop, start and crash at will.
 
-Built from the installed PostgreSQL 15 binaries (initdb, pg_ctl). Tests run as root in CI and
-postgres refuses to run as root, so the binaries then run as the ``postgres`` OS user (runuser).
-The server listens on 127.0.0.1 on a free port with password authentication (scram-sha-256) for
-the superuser ``outbox_admin``, whose password holds the characters a URL must encode (@#:/).
+Built from PostgreSQL binaries (initdb, pg_ctl): OUTBOX_TEST_PG_BINDIR, else the system's
+PostgreSQL 15 when the tests run against a server of their own (OUTBOX_TEST_DATABASE_URL), else
+the ones the embedded server ships (pgserver), so that a machine with nothing but Python has them
+too. Tests run as root in CI and postgres refuses to run as root, so the binaries then run as the
+``postgres`` OS user (runuser), or as the ``pgserver`` one the embedded server creates. The server
+listens on 127.0.0.1 on a free port with password authentication (scram-sha-256) for the superuser
+``outbox_admin``, whose password holds the characters a URL must encode (@#:/). Without a test
+database, the whole session runs on such a server (tests/fix_database.py), so that the tests that
+need TCP (a proxy, PgBouncer) and matching client tools (pg_dump) work there too.
 Register with ``-p tests.reliability.fix_server`` (or ``pytest_plugins``).
 """
 
@@ -18,6 +23,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import quote
 
@@ -25,7 +31,43 @@ import pytest
 
 from processor.database import DatabaseUrl
 
-PG_BINDIR = Path(os.environ.get("OUTBOX_TEST_PG_BINDIR", "/usr/lib/postgresql/15/bin"))
+SYSTEM_BINDIR = Path("/usr/lib/postgresql/15/bin")
+
+
+def bundled_bindir() -> Path:
+    """The binaries the embedded server (pgserver) ships."""
+    from pgserver._commands import POSTGRES_BIN_PATH  # type: ignore[import-not-found]
+
+    return Path(POSTGRES_BIN_PATH)
+
+
+def pg_bindir() -> Path:
+    """Where the test servers' binaries come from (see the module's docstring)."""
+    explicit = os.environ.get("OUTBOX_TEST_PG_BINDIR")
+    if explicit:
+        return Path(explicit)
+    if os.environ.get("OUTBOX_TEST_DATABASE_URL") and (SYSTEM_BINDIR / "postgres").is_file():
+        return SYSTEM_BINDIR
+    return bundled_bindir()
+
+
+def server_os_user() -> str | None:
+    """The OS user a test server runs as: None (this one) unless running as root."""
+    if os.geteuid() != 0:
+        return None
+    for name in ("postgres", "pgserver"):
+        try:
+            pwd.getpwnam(name)
+            return name
+        except KeyError:
+            continue
+    from pgserver.utils import ensure_user_exists  # type: ignore[import-not-found]
+
+    ensure_user_exists("pgserver")  # as the embedded server itself does
+    return "pgserver"
+
+
+PG_BINDIR = pg_bindir()
 ADMIN_ROLE = "outbox_admin"
 _PG_CTL_TIMEOUT = 60  # seconds; pg_ctl -w itself waits up to this for start or stop
 
@@ -59,8 +101,9 @@ def _free_port() -> int:
 class OwnedServer:
     """A private PostgreSQL cluster in a temporary folder; ``url`` connects as ``outbox_admin``."""
 
-    def __init__(self, base: Path, *, run_as: str | None) -> None:
+    def __init__(self, base: Path, *, run_as: str | None, bindir: Path | None = None) -> None:
         self.base = base
+        self.bindir = bindir or PG_BINDIR
         self.data_dir = base / "data"
         self.log_path = base / "postgres.log"
         self.port = _free_port()
@@ -72,7 +115,7 @@ class OwnedServer:
 
     # Commands run as the server's OS user, from a folder it can read.
     def _run(self, *args: str, timeout: float = _PG_CTL_TIMEOUT) -> subprocess.CompletedProcess[str]:
-        command = [str(PG_BINDIR / args[0]), *args[1:]]
+        command = [str(self.bindir / args[0]), *args[1:]]
         if self._run_as is not None:
             command = ["runuser", "-u", self._run_as, "--", *command]
         result = subprocess.run(command, cwd=self.base, capture_output=True, text=True, timeout=timeout, check=False)
@@ -143,7 +186,7 @@ class OwnedServer:
 
     @property
     def running(self) -> bool:
-        command = [str(PG_BINDIR / "pg_ctl"), "status", "-D", str(self.data_dir)]
+        command = [str(self.bindir / "pg_ctl"), "status", "-D", str(self.data_dir)]
         if self._run_as is not None:
             command = ["runuser", "-u", self._run_as, "--", *command]
         return subprocess.run(command, cwd=self.base, capture_output=True, check=False).returncode == 0
@@ -154,30 +197,25 @@ class OwnedServer:
         return "\n".join(self.log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
 
 
-def _skip_reason() -> str | None:
+def skip_reason(bindir: Path | None = None) -> str | None:
+    bindir = bindir or PG_BINDIR
     for binary in ("initdb", "pg_ctl", "postgres"):
-        if not (PG_BINDIR / binary).is_file():
-            return f"PostgreSQL binaries not found: {PG_BINDIR / binary} is missing"
-    if os.geteuid() == 0:
-        if shutil.which("runuser") is None:
-            return "running as root and runuser is missing (postgres refuses to run as root)"
-        try:
-            pwd.getpwnam("postgres")
-        except KeyError:
-            return "running as root and there is no `postgres` OS user to run the server as"
+        if not (bindir / binary).is_file():
+            return f"PostgreSQL binaries not found: {bindir / binary} is missing"
+    if os.geteuid() == 0 and shutil.which("runuser") is None:
+        return "running as root and runuser is missing (postgres refuses to run as root)"
     return None
 
 
-@pytest.fixture
-def own_server() -> Iterator[OwnedServer]:
-    """A running PostgreSQL server for this test alone; stopped and removed at teardown."""
-    reason = _skip_reason()
-    if reason:
-        pytest.skip(reason)
-    run_as = "postgres" if os.geteuid() == 0 else None
+@contextmanager
+def running_server(bindir: Path | None = None) -> Iterator[OwnedServer]:
+    """A running PostgreSQL server in a temporary folder; stopped and removed on the way out."""
+    run_as = server_os_user()
     # Under /tmp: the server's OS user must be able to reach it (pytest's tmp_path is root-only).
     base = Path(tempfile.mkdtemp(prefix="outbox-own-pg-", dir="/tmp" if run_as else None))
-    server = OwnedServer(base, run_as=run_as)
+    if run_as:
+        base.chmod(0o755)
+    server = OwnedServer(base, run_as=run_as, bindir=bindir)
     try:
         server._own(base)  # the data folder and the log belong to the server's OS user
         server.init()
@@ -189,3 +227,13 @@ def own_server() -> Iterator[OwnedServer]:
                 server.stop("immediate")  # nothing to keep: crash-stop is the fastest
         finally:
             shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def own_server() -> Iterator[OwnedServer]:
+    """A running PostgreSQL server for this test alone; stopped and removed at teardown."""
+    reason = skip_reason()
+    if reason:
+        pytest.skip(reason)
+    with running_server() as server:
+        yield server

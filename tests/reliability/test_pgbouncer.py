@@ -35,6 +35,7 @@ from tests.helpers import (
     pending_work,
     wait_for,
 )
+from tests.reliability.fix_server import server_os_user
 
 PGBOUNCER = shutil.which("pgbouncer") or next(
     (path for path in ("/usr/sbin/pgbouncer", "/usr/bin/pgbouncer") if os.access(path, os.X_OK)), None
@@ -91,8 +92,9 @@ class PgBouncer:
         )
         config.chmod(0o644)
         command = [str(PGBOUNCER)]
-        if os.geteuid() == 0:
-            command += ["-u", "postgres"]  # "PgBouncer should not run as root"
+        run_as = server_os_user()
+        if run_as is not None:
+            command += ["-u", run_as]  # "PgBouncer should not run as root"
         command.append(str(config))
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT)

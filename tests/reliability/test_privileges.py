@@ -33,7 +33,7 @@ from processor.replay import replay
 from processor.store import job_ids_all
 from processor.verify import repair, verify
 from tests.fix_database import make_settings
-from tests.helpers import drain
+from tests.helpers import drain, write_jobs_behind_the_processor
 from tests.reference import actual_job_states, reference_job_states
 
 ROLES_SQL = Path(__file__).resolve().parents[2] / "schema" / "roles.sql"
@@ -59,7 +59,8 @@ TABLES: dict[str, dict[str, str]] = {
     "outbox_variant_baseline": {WRITER: "", PROCESSOR: "SELECT INSERT UPDATE"},
     "outbox_schema_migrations": {WRITER: "", PROCESSOR: "SELECT"},
     "outbox_partitioning": {WRITER: "", PROCESSOR: "SELECT"},
-    "outbox_fold_config": {WRITER: "", PROCESSOR: "SELECT UPDATE"},  # `outbox pipeline set`
+    "outbox_fold_config": {WRITER: "SELECT", PROCESSOR: "SELECT UPDATE"},  # `outbox pipeline set`
+    "outbox_job_holds": {WRITER: "", PROCESSOR: "SELECT"},  # written by outbox_hold_job (owner's rights)
 }
 # Column-level privileges, for the tables where they differ from the table-level ones; elsewhere a
 # column has exactly the table's SELECT/INSERT/UPDATE/REFERENCES.
@@ -114,6 +115,14 @@ FUNCTIONS: dict[str, dict[str, bool]] = {
     # change made inside another trigger.
     "outbox_refuse_variant(text,text)": {WRITER: True, PROCESSOR: False},
     "outbox_capture_change(uuid,uuid,uuid,uuid,text,text)": {WRITER: True, PROCESSOR: False},
+    # The casts of the application's column types (0010), and holds (owner's rights).
+    "outbox_job_status(text)": {WRITER: True, PROCESSOR: True},
+    "outbox_job_step(text)": {WRITER: True, PROCESSOR: True},
+    "outbox_variant_status(text)": {WRITER: True, PROCESSOR: False},
+    "outbox_variant_step(text)": {WRITER: True, PROCESSOR: False},
+    "outbox_hold_job(uuid,text,text,text)": {WRITER: True, PROCESSOR: False},
+    "outbox_release_job(uuid)": {WRITER: True, PROCESSOR: False},
+    "outbox_guard_job_state()": {WRITER: False, PROCESSOR: False},
     # Checked when the trigger is created (by migrate), not when it fires.
     "outbox_capture_variant_change()": {WRITER: False, PROCESSOR: False},
     "outbox_capture_variant_update()": {WRITER: False, PROCESSOR: False},
@@ -373,7 +382,7 @@ def test_whole_flow_under_the_writer_and_processor_roles(logins: Logins, admin: 
 
         # Replay: job state lost (by the owner) is rebuilt from the events.
         expected = actual_job_states(admin)
-        admin.execute("UPDATE jobs SET status = NULL, current_step = NULL")
+        write_jobs_behind_the_processor(admin, "UPDATE jobs SET status = NULL, current_step = NULL")
         changes = replay(ops, job_ids_all(ops, 0), dry_run=False, chunk_size=7)
         assert {c.job_id for c in changes} >= set(expected)
         assert actual_job_states(admin) == expected
@@ -425,7 +434,7 @@ def test_whole_flow_under_the_writer_and_processor_roles(logins: Logins, admin: 
         result = prune(ops, 0, dt.timedelta(0), chunk_size=50)
         assert result.events_deleted > 0
         assert admin.execute("SELECT count(*) FROM outbox_events").fetchone()[0] == 0  # type: ignore[index]
-        admin.execute("UPDATE jobs SET status = NULL, current_step = NULL")
+        write_jobs_behind_the_processor(admin, "UPDATE jobs SET status = NULL, current_step = NULL")
         replay(ops, job_ids_all(ops, 0), dry_run=False)
         assert actual_job_states(admin) == expected
 
