@@ -92,7 +92,8 @@ def check_values(conn: Connection, found: list[Column], pipeline: Pipeline) -> N
                 )
             try:
                 with conn.transaction():  # a savepoint: a failed cast leaves the caller's transaction usable
-                    conn.execute(sql.SQL("SELECT {}(%s)").format(sql.Identifier(col.cast_function)), [value])
+                    # The column's own type (the cast functions may not exist yet: migrate --dry-run).
+                    conn.execute(sql.SQL("SELECT %s::text::{}").format(sql.SQL(col.base_type)), [value])
             except psycopg.DataError as exc:
                 what = "status" if col.column == "status" else "pipeline step"
                 raise ConfigurationError(

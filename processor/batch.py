@@ -144,7 +144,10 @@ def apply_batch(
         defer = dirty or not complete or expected.target is not None
         # The events the statement could not read (rare): problem states and dead letters.
         changes, dead = decode_batch(store.events_get(conn, applied.unreadable)) if applied.unreadable else ([], [])
+        parked = store.dead_letters_park(conn, partition, dead) if dead else 0
         affected = store.variant_states_upsert(conn, partition, changes, defer=defer)
+        # A dead letter that holds its job (no place in its variant's order) flags it, through the fold.
+        affected.update(d.job_id for d in dead if d.holds_job and d.job_id is not None and not defer)
         if defer:
             if applied.moved_from:
                 store.dirty_jobs_add(conn, partition, applied.moved_from)
@@ -167,7 +170,6 @@ def apply_batch(
         result = store.batch_commit(
             conn,
             partition,
-            dead_letters=dead,
             cursor=new,
             event_count=applied.count,
             last_event_id=applied.event_ids[-1] if applied.event_ids else None,
@@ -180,7 +182,7 @@ def apply_batch(
         partition=partition,
         events=applied.count,
         jobs_changed=written.jobs_changed,
-        dead_letters=result.dead_letters,
+        dead_letters=parked,
         cursor=new,
         committed_at=result.committed_at,
         complete=complete,

@@ -74,6 +74,12 @@ LogLevelOption = Annotated[
     str, typer.Option("--log-level", envvar="OUTBOX_LOG_LEVEL", help="DEBUG, INFO, WARNING or ERROR.")
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+
+
+def _json_requested() -> bool:
+    return "--json" in sys.argv[1:]
+
+
 PipelineOption = Annotated[
     str | None,
     typer.Option(
@@ -118,11 +124,16 @@ def _setup(database_url: str | None, log_level: str, **overrides: Any) -> tuple[
 def _migrate(db: DatabaseUrl, console: Console, settings: Settings, *, quiet: bool = False) -> None:
     with connect(db, application_name=application_name("migrate")) as conn:
         report = run_migrations(conn, pipeline=settings.pipeline, policy=settings.failure_policy)
-    for trigger, function in report.removed_triggers:
+    for legacy in report.removed_triggers:
         console.print(
-            f"removed legacy trigger {trigger} on jobs_variants (function {function} is kept): it wrote job "
-            "state from variant counts, which loses updates under concurrent commits; the outbox processor "
-            "now owns job state"
+            f"removed legacy trigger {legacy.trigger} on jobs_variants (function {legacy.function} is kept; "
+            f"{legacy.how}): a trigger that writes job state from variant counts loses updates under concurrent "
+            "commits; the outbox processor now owns job state"
+        )
+    for restored in report.restored_triggers:
+        console.print(
+            f"restored trigger {restored.trigger} on {restored.table} (it was {restored.state}); changes made "
+            "meanwhile were not captured: run `outbox verify --repair`"
         )
     if report.applied:
         names = ", ".join(f"{m.version:04d}_{m.name}" for m in report.applied)
@@ -138,6 +149,9 @@ def migrate(
     database_url: DatabaseOption = None,
     pipeline_steps: PipelineOption = None,
     failure_policy: PolicyOption = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print what would be done (and what would be refused); change nothing.")
+    ] = False,
     wakeup: Annotated[
         Wakeup | None,
         typer.Option(
@@ -157,6 +171,17 @@ def migrate(
     settings, db, console = _setup(
         database_url, log_level, pipeline_steps=pipeline_steps, failure_policy=failure_policy
     )
+    if dry_run:
+        from processor.migrate import plan
+
+        with connect(db, application_name=application_name("migrate")) as conn:
+            found = plan(conn, pipeline=settings.pipeline, policy=settings.failure_policy)
+        console.print(f"outbox migrate on {db.redacted()} would (nothing was changed):")
+        for step in found.steps:
+            console.print(f"  - {step}")
+        if found.refusal:
+            raise OutboxError(f"migrate would refuse: {found.refusal}")
+        return
     _migrate(db, console, settings)
     if settings.partitions is not None:
         _repartition(db, console, settings.partitions, timeout=60.0, as_json=False)
@@ -255,7 +280,7 @@ def run(
     refresh_stop = threading.Event()
     if metrics is not None and metrics_port is not None:
         try:
-            server = serve(metrics, metrics_port, healthy=worker.connected.is_set)
+            server = serve(metrics, metrics_port, problems=worker.health_problems)
         except OSError as exc:
             raise OutboxError(f"cannot serve metrics on port {metrics_port}: {exc.strerror}") from None
         threading.Thread(target=metrics.refresh_from_database, args=(db, refresh_stop), daemon=True).start()
@@ -316,6 +341,34 @@ def demo(
         render_report(report, console)
     if report.jobs_stuck or report.jobs_done != report.jobs:
         raise OutboxError(f"{report.jobs_stuck} jobs stuck, {report.jobs - report.jobs_done} not done")
+
+
+@app.command()
+def check(
+    database_url: DatabaseOption = None,
+    max_lag: Annotated[
+        float, typer.Option(min=0, help="Fail when the oldest pending work is older than this many seconds.")
+    ] = 60.0,
+    as_json: JsonOption = False,
+    log_level: LogLevelOption = "WARNING",
+) -> None:
+    """One probe for monitoring: exit 1 on lag, a partition without a worker, flagged jobs, dead letters,
+    a missing or disabled trigger of the product, or a legacy writer of job state."""
+    from processor.health import as_document, run_checks
+
+    _, db, console = _setup(database_url, log_level)
+    with connect(db, application_name=application_name("check")) as conn:
+        checks = run_checks(conn, max_lag=max_lag)
+    document = as_document(checks)
+    if as_json:
+        print(json.dumps(document, indent=2))
+    else:
+        table = Table("check", "", "detail", title="outbox check", title_justify="left")
+        for item in checks:
+            table.add_row(item.name, "ok" if item.ok else "FAIL", item.detail)
+        console.print(table)
+    if not document["ok"]:
+        raise SystemExit(1)
 
 
 @app.command()
@@ -675,8 +728,13 @@ def prune(
     except OutboxError as exc:
         raise typer.BadParameter(str(exc), param_hint="--older-than") from None
     with _operation(database_url, log_level, partition, "prune") as (_, console, conn, partitions):
+        # Transient: the live count goes away at the end; the summary line below stays.
         progress = Progress(
-            TextColumn("pruning"), MofNCompleteColumn(), TimeElapsedColumn(), console=Console(stderr=True)
+            TextColumn("pruning"),
+            TextColumn("{task.completed:,} events"),
+            TimeElapsedColumn(),
+            console=Console(stderr=True),
+            transient=True,
         )
         deleted = baselines = 0
         with progress:
@@ -685,6 +743,8 @@ def prune(
                 result = run_prune(conn, p, age, on_chunk=lambda n: progress.advance(task, n))
                 deleted += result.events_deleted
                 baselines += result.baseline_updates
+        if deleted:
+            conn.execute(store.QUERIES["outbox_analyze"])  # `backlog` reports the outbox's size from its statistics
     console.print(f"pruned {deleted} events older than {older_than}; {baselines} variant baselines updated")
 
 
@@ -775,6 +835,8 @@ def _env_db() -> DatabaseUrl | None:
 
 def _fail(message: str, code: int = 1) -> None:
     print(f"error: {message}", file=sys.stderr)
+    if _json_requested():  # a --json caller always gets a document on stdout
+        print(json.dumps({"ok": False, "error": message}))
     raise SystemExit(code)
 
 

@@ -53,6 +53,12 @@ class WorkerMetrics:
         self.dead_letters = Gauge(
             "outbox_dead_letters", "Dead letters waiting for retry or discard.", registry=self.registry
         )
+        self.schema_problems = Gauge(
+            "outbox_schema_problems",
+            "Problems with the schema this worker found at its last check (a product trigger missing or "
+            "disabled, a legacy writer of job state); 0 when all is in place.",
+            registry=self.registry,
+        )
         self.active = Gauge(
             "outbox_active_consumer",
             "1 while this worker is the partition's consumer (lock held, checks done).",
@@ -109,15 +115,15 @@ class _QuietHandler(WSGIRequestHandler):
         pass
 
 
-def serve(metrics: WorkerMetrics, port: int, healthy: Callable[[], bool]) -> WSGIServer:
-    """Serve /metrics (Prometheus) and /health (200 while the worker loop runs, else 503)."""
+def serve(metrics: WorkerMetrics, port: int, problems: Callable[[], list[str]]) -> WSGIServer:
+    """Serve /metrics (Prometheus) and /health: 200 "ok" while ``problems`` is empty, else 503 and the problems."""
     metrics_app = make_wsgi_app(metrics.registry)
 
     def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         if environ.get("PATH_INFO") == "/health":
-            ok = healthy()
-            start_response("200 OK" if ok else "503 Service Unavailable", [("Content-Type", "text/plain")])
-            return [b"ok\n" if ok else b"unhealthy\n"]
+            found = problems()
+            start_response("503 Service Unavailable" if found else "200 OK", [("Content-Type", "text/plain")])
+            return ["".join(f"{line}\n" for line in found).encode() if found else b"ok\n"]
         return metrics_app(environ, start_response)  # type: ignore[no-any-return]
 
     server = make_server("", port, app, handler_class=_QuietHandler)

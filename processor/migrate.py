@@ -6,9 +6,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from psycopg import sql
-
-from processor import app_schema, fold_config, store
+from processor import app_schema, fold_config, schema_check, store
 from processor.errors import ConfigurationError, SchemaError
 from processor.fold import FailurePolicy, Pipeline
 from processor.store import QUERIES, Connection
@@ -29,12 +27,20 @@ class Migration:
     def sql(self) -> str:
         return self.path.read_text(encoding="utf-8")
 
+    def summary(self) -> str:
+        """The first line of the migration's header comment."""
+        for line in self.sql().splitlines():
+            if line.startswith("--"):
+                return line.lstrip("- ").strip()
+        return self.name
+
 
 @dataclass
 class MigrateReport:
     applied: list[Migration] = field(default_factory=list)
     already_applied: int = 0
-    removed_triggers: list[tuple[str, str]] = field(default_factory=list)
+    removed_triggers: list[schema_check.LegacyTrigger] = field(default_factory=list)
+    restored_triggers: list[schema_check.TriggerProblem] = field(default_factory=list)
     config_set: fold_config.FoldConfig | None = None  # the fold configuration, when this run set it
 
 
@@ -91,12 +97,92 @@ def migrate(
         app_schema.write_casts(conn, columns)
         report.config_set = _set_fold_config(conn, pipeline, policy)
         app_schema.check_values(conn, columns, fold_config.load(conn).pipeline)
+        # The product's triggers, as they must be (put back if dropped, enabled if disabled).
+        report.restored_triggers = schema_check.restore_triggers(conn)
         # Two writers of job state must not coexist: the legacy trigger is what lost updates.
         # Checked on every migrate, in case one was put back.
-        for trigger, function in legacy_triggers(conn):
-            conn.execute(sql.SQL("DROP TRIGGER {} ON jobs_variants").format(sql.Identifier(trigger)))
-            report.removed_triggers.append((trigger, function))
+        report.removed_triggers = schema_check.legacy_triggers(conn)
+        schema_check.drop_legacy(conn, report.removed_triggers)
     return report
+
+
+@dataclass
+class MigratePlan:
+    """What `outbox migrate` would do, read without changing anything (`outbox migrate --dry-run`)."""
+
+    migrations: list[Migration] = field(default_factory=list)
+    steps: list[str] = field(default_factory=list)  # one line each, in order
+    refusal: str | None = None  # why migrate would refuse, changing nothing
+
+
+def plan(conn: Connection, *, pipeline: Pipeline | None = None, policy: FailurePolicy | None = None) -> MigratePlan:
+    """Read what `migrate` would do, in a read-only transaction: nothing is written or locked for writers."""
+    result = MigratePlan()
+    with conn.transaction():
+        conn.execute(QUERIES["transaction_snapshot"])
+        exists = conn.execute(QUERIES["migrations_table_exists"]).fetchone()
+        done: set[int] = set()
+        if exists and exists[0]:
+            done = {row[0] for row in conn.execute(QUERIES["migrations_applied"]).fetchall()}
+        result.migrations = [m for m in migrations() if m.version not in done]
+        tables = conn.execute(QUERIES["app_tables_present"]).fetchone()
+        assert tables is not None
+        if 1 not in done:
+            for table, present in (("jobs", tables[0]), ("jobs_variants", tables[1])):
+                result.steps.append(f"{'adopt' if present else 'create'} table {table} (its columns and rows kept)")
+            index = conn.execute(QUERIES["app_job_id_index"]).fetchone() if tables[1] else None
+            result.steps.append(
+                f"use the existing index {index[0]} on jobs_variants (job_id)"
+                if index
+                else "create index outbox_jobs_variants_job_id_idx on jobs_variants (job_id) (writers of "
+                "jobs_variants wait while it is built: on a large table, create it CONCURRENTLY first)"
+            )
+            variants = conn.execute(QUERIES["app_variants_count"]).fetchone() if tables[1] else (0,)
+            result.steps.append(
+                f"append {variants[0] if variants else 0} events, one per variant with a job, so that the first "
+                "run folds every existing job (repairing the stuck ones)"
+            )
+        for migration in result.migrations:
+            result.steps.append(f"apply migration {migration.version:04d}_{migration.name}: {migration.summary()}")
+        if tables[0] and tables[1]:
+            columns = app_schema.columns(conn)
+            result.steps.append("column types: " + ", ".join(f"{c.name} {c.type}" for c in columns))
+            try:
+                current = fold_config.load(conn) if 9 in done else None
+            except SchemaError:
+                current = None
+            try:
+                if current is None:
+                    chosen = pipeline or DEFAULT_PIPELINE
+                    outside = fold_config.steps_outside(conn, chosen)
+                    if outside:
+                        raise ConfigurationError(
+                            f"jobs_variants uses steps that the pipeline {','.join(chosen.steps)} lacks: "
+                            f"{fold_config.describe_outside(outside)}; set OUTBOX_PIPELINE_STEPS to every step"
+                        )
+                    result.steps.append(
+                        f"set the pipeline to {','.join(chosen.steps)} and the failure policy to "
+                        f"{(policy or FailurePolicy.SETTLED).value}"
+                    )
+                else:
+                    fold_config.check_setting(current, pipeline.steps if pipeline else None, policy)
+                    chosen = current.pipeline
+                    result.steps.append(f"keep {current.describe()}")
+                app_schema.check_values(conn, columns, chosen)
+            except ConfigurationError as exc:
+                result.refusal = str(exc)
+        if done and not result.migrations:  # the product's triggers are all there once every migration is
+            for problem in schema_check.trigger_problems(conn):
+                result.steps.append(f"restore trigger {problem.trigger} on {problem.table} (it is {problem.state})")
+        if tables[1]:
+            for legacy in schema_check.legacy_triggers(conn):
+                result.steps.append(
+                    f"drop legacy trigger {legacy.trigger} on jobs_variants ({legacy.how}; its function is kept): "
+                    "two writers of job state must not coexist"
+                )
+        if not result.steps and not result.migrations:
+            result.steps.append("nothing: the database is up to date")
+    return result
 
 
 def _set_fold_config(
@@ -123,11 +209,6 @@ def _set_fold_config(
     return fold_config.load(conn)
 
 
-def legacy_triggers(conn: Connection) -> list[tuple[str, str]]:
-    """(trigger, function) pairs on jobs_variants that write job state behind the processor."""
-    return [(row[0], row[1]) for row in conn.execute(QUERIES["legacy_triggers_find"]).fetchall()]
-
-
 def check_ready(conn: Connection) -> None:
     """Refuse to process on a database that is not migrated or still has a legacy trigger."""
     exists = conn.execute(QUERIES["migrations_table_exists"]).fetchone()
@@ -145,9 +226,6 @@ def check_ready(conn: Connection) -> None:
             f"({latest_version()}): upgrade the worker"
         )
     fold_config.load(conn)  # refuses a database without a pipeline
-    legacy = legacy_triggers(conn)
+    legacy = schema_check.legacy_triggers(conn)
     if legacy:
-        names = ", ".join(name for name, _ in legacy)
-        raise SchemaError(
-            f"legacy trigger(s) {names} on jobs_variants write job state too: run `outbox migrate` to remove them"
-        )
+        raise SchemaError("; ".join(trigger.describe() for trigger in legacy))

@@ -275,17 +275,9 @@ SELECT ARRAY(SELECT job_id FROM taken),
         FROM outbox_dirty_jobs WHERE partition = %(partition)s AND retry_at > clock_timestamp())
 
 -- name: batch_commit
--- Dead letters, the checkpoint and the throughput count, in one statement of the batch's
--- transaction (its job states are written just before, by jobs_write).
-WITH parked AS (
-    INSERT INTO outbox_dead_letters (event_id, partition, job_id, variant_id, reason, holds_job)
-    SELECT event_id, %(partition)s, job_id, variant_id, reason, holds_job
-    FROM unnest(%(dead_event_ids)b::bigint[], %(dead_job_ids)b::uuid[], %(dead_variant_ids)b::uuid[],
-                %(dead_reasons)b::text[], %(dead_holds_job)b::boolean[])
-        AS t (event_id, job_id, variant_id, reason, holds_job)
-    ON CONFLICT (event_id) DO NOTHING
-    RETURNING event_id
-), advanced AS (
+-- The checkpoint and the throughput count: the batch's last statement (its variant states, job
+-- states and dead letters are written before, in the same transaction).
+WITH advanced AS (
     UPDATE outbox_checkpoints
     SET done_snapshot = %(done)s::pg_snapshot,
         target_snapshot = %(target)s::pg_snapshot,
@@ -303,8 +295,7 @@ WITH parked AS (
     WHERE %(event_count)s > 0
     ON CONFLICT (partition, bucket) DO UPDATE SET events = t.events + excluded.events
 )
-SELECT (SELECT count(*) FROM parked) AS dead_letters,
-       (SELECT updated_at FROM advanced) AS committed_at
+SELECT (SELECT updated_at FROM advanced) AS committed_at
 
 -- name: jobs_write
 -- Writing job state: the one statement that does it, for the worker's batches and every
@@ -428,19 +419,6 @@ SELECT coalesce(max(version), 0) FROM outbox_schema_migrations
 
 -- name: migration_record
 INSERT INTO outbox_schema_migrations (version, name) VALUES (%(version)s, %(name)s)
-
--- name: legacy_triggers_find
--- Triggers on jobs_variants, other than the product's own, that write job state: the legacy
--- aggregation trigger by name, or any trigger whose function updates jobs.
-SELECT t.tgname, p.oid::regprocedure::text
-FROM pg_trigger AS t
-JOIN pg_proc AS p ON p.oid = t.tgfoid
-WHERE t.tgrelid = to_regclass('jobs_variants')
-  AND NOT t.tgisinternal
-  AND t.tgname NOT LIKE 'outbox\_%%'
-  AND (t.tgname = 'check_all_variants_done_trigger'
-       OR p.prosrc ~* '\mupdate\s+("?\w+"?\.)?"?jobs"?\M')
-ORDER BY t.tgname
 
 -- name: demo_variant_update
 -- The demo's "unchanged writer": plain SQL, captured by the trigger.
@@ -958,3 +936,86 @@ SELECT format_type(p.prorettype, NULL),
              WHERE a.privilege_type = 'EXECUTE')
 FROM pg_proc AS p
 WHERE p.oid = to_regprocedure(%(name)s || '(text)')
+
+-- name: product_triggers_get
+-- The product's triggers on the application's tables, and whether each fires (processor/schema_check.py).
+SELECT c.relname, t.tgname, t.tgenabled
+FROM pg_trigger AS t
+JOIN pg_class AS c ON c.oid = t.tgrelid
+WHERE t.tgrelid IN (to_regclass('jobs'), to_regclass('jobs_variants'))
+  AND t.tgname LIKE 'outbox\_%%'
+  AND NOT t.tgisinternal
+
+-- name: app_triggers_get
+-- Triggers on jobs_variants other than the product's, with their function and its source.
+SELECT t.tgname, p.oid::regprocedure::text, p.prosrc
+FROM pg_trigger AS t
+JOIN pg_proc AS p ON p.oid = t.tgfoid
+WHERE t.tgrelid = to_regclass('jobs_variants')
+  AND NOT t.tgisinternal
+  AND t.tgname NOT LIKE 'outbox\_%%'
+ORDER BY t.tgname
+
+-- name: app_functions_get
+-- Functions of the application (not the system's, not the product's) by name, with their source.
+SELECT p.oid::regprocedure::text, p.prosrc
+FROM pg_proc AS p
+JOIN pg_namespace AS n ON n.oid = p.pronamespace
+WHERE lower(p.proname) = ANY(%(names)s::text[])
+  AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+  AND p.proname NOT LIKE 'outbox\_%%'
+
+-- name: trigger_create_outbox_capture_variant_insert_delete
+CREATE TRIGGER outbox_capture_variant_insert_delete
+    AFTER INSERT OR DELETE ON jobs_variants
+    FOR EACH ROW EXECUTE FUNCTION outbox_capture_variant_change()
+
+-- name: trigger_create_outbox_capture_variant_update
+CREATE TRIGGER outbox_capture_variant_update
+    AFTER UPDATE ON jobs_variants
+    FOR EACH ROW EXECUTE FUNCTION outbox_capture_variant_update()
+
+-- name: trigger_create_outbox_guard_job_state
+CREATE TRIGGER outbox_guard_job_state
+    BEFORE UPDATE OF status, current_step ON jobs
+    FOR EACH ROW
+    WHEN (OLD.status IS DISTINCT FROM NEW.status OR OLD.current_step IS DISTINCT FROM NEW.current_step)
+    EXECUTE FUNCTION outbox_guard_job_state()
+
+-- name: health_counts
+SELECT (SELECT count(*) FROM outbox_job_flags), (SELECT count(*) FROM outbox_dead_letters WHERE discarded_at IS NULL)
+
+-- name: app_tables_present
+SELECT to_regclass('jobs') IS NOT NULL, to_regclass('jobs_variants') IS NOT NULL
+
+-- name: app_job_id_index
+-- An index of jobs_variants that leads with job_id (migration 0001 uses one rather than add its own).
+SELECT i.indexrelid::regclass::text
+FROM pg_index AS i
+WHERE i.indrelid = 'jobs_variants'::regclass
+  AND i.indkey[0] = (SELECT attnum FROM pg_attribute WHERE attrelid = 'jobs_variants'::regclass AND attname = 'job_id')
+  AND i.indpred IS NULL AND i.indisvalid
+ORDER BY 1
+LIMIT 1
+
+-- name: app_variants_count
+SELECT count(*) FROM jobs_variants WHERE job_id IS NOT NULL
+
+-- name: outbox_analyze
+-- After a prune: fresh statistics for the planner and for `outbox backlog`'s size estimate (a
+-- WARNING, not an error, for a role that does not own the table).
+ANALYZE outbox_events
+
+-- name: dead_letters_park
+-- Events that cannot be applied, parked with the reason in the batch's transaction (the one that
+-- moves the checkpoint past them).
+WITH parked AS (
+    INSERT INTO outbox_dead_letters (event_id, partition, job_id, variant_id, reason, holds_job)
+    SELECT event_id, %(partition)s, job_id, variant_id, reason, holds_job
+    FROM unnest(%(dead_event_ids)b::bigint[], %(dead_job_ids)b::uuid[], %(dead_variant_ids)b::uuid[],
+                %(dead_reasons)b::text[], %(dead_holds_job)b::boolean[])
+        AS t (event_id, job_id, variant_id, reason, holds_job)
+    ON CONFLICT (event_id) DO NOTHING
+    RETURNING event_id
+)
+SELECT count(*) FROM parked

@@ -50,7 +50,6 @@ class LockedCheckpoint:
 
 @dataclass(frozen=True, slots=True)
 class CommitResult:
-    dead_letters: int
     committed_at: dt.datetime
 
 
@@ -277,18 +276,10 @@ def dirty_jobs_take(conn: Connection, partition: int, limit: int) -> tuple[list[
     return list(row[0]), row[1]
 
 
-def batch_commit(
-    conn: Connection,
-    partition: int,
-    *,
-    dead_letters: Sequence[DeadLetter],
-    cursor: Cursor,
-    event_count: int,
-    last_event_id: int | None = None,
-) -> CommitResult:
-    """Write dead letters and the new checkpoint in one statement (the jobs: jobs_write, just before)."""
+def dead_letters_park(conn: Connection, partition: int, dead_letters: Sequence[DeadLetter]) -> int:
+    """Park dead letters (before the batch folds its jobs: one that holds its job flags it); return how many."""
     row = conn.execute(
-        QUERIES["batch_commit"],
+        QUERIES["dead_letters_park"],
         {
             "partition": partition,
             "dead_event_ids": [d.event_id for d in dead_letters],
@@ -296,13 +287,32 @@ def batch_commit(
             "dead_variant_ids": [d.variant_id for d in dead_letters],
             "dead_reasons": [d.reason for d in dead_letters],
             "dead_holds_job": [d.holds_job for d in dead_letters],
+        },
+    ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def batch_commit(
+    conn: Connection,
+    partition: int,
+    *,
+    cursor: Cursor,
+    event_count: int,
+    last_event_id: int | None = None,
+) -> CommitResult:
+    """Move the checkpoint past the batch and count it (the batch's last statement)."""
+    row = conn.execute(
+        QUERIES["batch_commit"],
+        {
+            "partition": partition,
             "event_count": event_count,
             "last_applied_event_id": last_event_id,
             **_cursor_params(cursor),
         },
     ).fetchone()
     assert row is not None
-    return CommitResult(dead_letters=row[0], committed_at=row[1])
+    return CommitResult(committed_at=row[0])
 
 
 def jobs_write(

@@ -20,7 +20,7 @@ from enum import Enum
 
 import tenacity
 
-from processor import fold_config, rebase, store
+from processor import fold_config, rebase, schema_check, store
 from processor.batch import (
     BatchResult,
     FencedError,
@@ -99,6 +99,9 @@ class Worker:
         self._claim_offset = random.randrange(1 << 16)
         self._announced = False  # the standby message was logged
         self._config: FoldConfig | None = None  # the database's, loaded with each session
+        # The schema's problems found at the last check (processor/schema_check.py): /health
+        # answers 503 while there is one.
+        self.schema_problems: list[str] = []
 
     def stop(self) -> None:
         """Ask the loop to finish the batch in hand and return."""
@@ -238,6 +241,7 @@ class Worker:
         """
         settings = self.settings
         with watchdog.guard(conn):
+            self._check_schema(conn)
             count = self._partition_count(conn)
             for partition in [p for p in self._owned if p >= count]:
                 log.info("partition %s no longer exists (repartitioned); released", partition)
@@ -277,6 +281,22 @@ class Worker:
                 self.metrics.set_active(partition, True)
         if not self._owned:
             self._announce_standby(conn, until_idle, watchdog)
+
+    def _check_schema(self, conn: Connection) -> None:
+        """Log each problem of the schema once, when it appears and when it is gone (every standby interval)."""
+        found = schema_check.problems(conn)
+        for problem in found:
+            if problem not in self.schema_problems:
+                log.error("%s", problem)
+        if self.schema_problems and not found:
+            log.info("the schema's problems are gone: the product's triggers are in place, no legacy writer")
+        self.schema_problems = found
+        if self.metrics is not None:
+            self.metrics.schema_problems.set(len(found))
+
+    def health_problems(self) -> list[str]:
+        """What is wrong, for /health (empty: healthy): no connection, or the schema's problems."""
+        return ([] if self.connected.is_set() else ["not connected to the database"]) + list(self.schema_problems)
 
     def _announce_standby(self, conn: Connection, until_idle: bool, watchdog: CallWatchdog) -> None:
         with watchdog.guard(conn):

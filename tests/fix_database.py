@@ -68,7 +68,7 @@ def server_url() -> Iterator[DatabaseUrl]:
     # marked `embedded`.)
     from tests.reliability.fix_server import bundled_bindir, running_server
 
-    with running_server(bundled_bindir()) as server:
+    with running_server(bundled_bindir(), host_auth="trust", max_connections=200) as server:  # as CI's local server
         yield server.url
 
 

@@ -53,7 +53,9 @@ def test_adoption_keeps_data_and_computes_existing_jobs_from_their_variants(empt
             )
 
         report = migrate(conn, pipeline=Pipeline(TEST_STEPS))
-        assert report.removed_triggers == [("check_all_variants_done_trigger", "check_all_variants_done()")]
+        assert [(t.trigger, t.function) for t in report.removed_triggers] == [
+            ("check_all_variants_done_trigger", "check_all_variants_done()")
+        ]
         drain(make_settings(empty_db))
 
         assert job_state(conn, done_job) == ("done", "iou_eval")

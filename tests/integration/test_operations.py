@@ -250,20 +250,26 @@ def test_replay_of_one_job_never_writes_another_job_from_part_of_its_variants(co
     assert actual_job_states(conn) == reference_job_states(conn, STEPS)
 
 
-def test_replay_ignores_events_that_could_never_apply(conn, engine, settings):
+def test_an_event_that_could_never_apply_holds_its_job_until_discarded(conn, engine, settings):
     with engine.begin() as sa:
         job, (v1, v2) = outbox.create_job(sa, variants=2)
     conn.execute(MOVE, ["done", "iou_eval", v1])
     conn.execute(MOVE, ["running", "detect", v2])
-    conn.execute(
+    (event_id,) = conn.execute(
         "INSERT INTO outbox_events (event_type, schema_version, job_id, variant_id, variant_version, payload) "
-        'VALUES (\'variant_changed\', 1, %s, %s, NULL, \'{"status": "done", "step": "iou_eval"}\')',
+        'VALUES (\'variant_changed\', 1, %s, %s, NULL, \'{"status": "done", "step": "iou_eval"}\') RETURNING event_id',
         [job, v2],
-    )
+    ).fetchone()
     drain(settings)
-    assert job_state(conn, job) == ("running", "detect")
+    # It names the job but has no place in the variant's order: the job is held (flagged), not
+    # folded as if the event were not there, and never folded with it.
+    (reason,) = conn.execute("SELECT reason FROM outbox_job_flags WHERE job_id = %s", [job]).fetchone()
+    assert f"event {event_id} is a dead letter: event has no variant_version" in reason
     replay(conn, [job], dry_run=False)
+    assert conn.execute("SELECT count(*) FROM outbox_job_flags").fetchone()[0] == 1
+    assert discard(conn, [event_id]) == {event_id: "discarded"}
     assert job_state(conn, job) == ("running", "detect")
+    assert conn.execute("SELECT count(*) FROM outbox_job_flags").fetchone()[0] == 0
 
 
 def test_repair_of_a_variant_detached_behind_the_outbox_removes_it_from_its_job(conn, engine, settings):

@@ -71,7 +71,9 @@ def test_the_legacy_trigger_leaves_the_job_running_and_the_product_finishes_it(e
 
         # Adopting the product on this database removes the trigger and repairs the stuck job.
         report = migrate(conn, pipeline=Pipeline(TEST_STEPS))
-        assert report.removed_triggers == [("check_all_variants_done_trigger", "check_all_variants_done()")]
+        assert [(t.trigger, t.function) for t in report.removed_triggers] == [
+            ("check_all_variants_done_trigger", "check_all_variants_done()")
+        ]
         settings = make_settings(empty_db)
         drain(settings)
         assert job_state(conn, job) == ("done", "iou_eval")

@@ -101,8 +101,18 @@ def _free_port() -> int:
 class OwnedServer:
     """A private PostgreSQL cluster in a temporary folder; ``url`` connects as ``outbox_admin``."""
 
-    def __init__(self, base: Path, *, run_as: str | None, bindir: Path | None = None) -> None:
+    def __init__(
+        self,
+        base: Path,
+        *,
+        run_as: str | None,
+        bindir: Path | None = None,
+        host_auth: str = "scram-sha-256",
+        max_connections: int = 50,
+    ) -> None:
         self.base = base
+        self.host_auth = host_auth
+        self.max_connections = max_connections
         self.bindir = bindir or PG_BINDIR
         self.data_dir = base / "data"
         self.log_path = base / "postgres.log"
@@ -134,7 +144,7 @@ class OwnedServer:
         try:
             self._run(
                 "initdb", "-D", str(self.data_dir), "-U", ADMIN_ROLE, f"--pwfile={pwfile}",
-                "--auth-local=trust", "--auth-host=scram-sha-256", "-E", "UTF8", "--locale=C", "--no-sync",
+                "--auth-local=trust", f"--auth-host={self.host_auth}", "-E", "UTF8", "--locale=C", "--no-sync",
             )  # fmt: skip
         finally:
             pwfile.unlink()
@@ -142,11 +152,11 @@ class OwnedServer:
             conf.write(
                 f"\nlisten_addresses = '127.0.0.1'\nport = {self.port}\n"
                 f"unix_socket_directories = '{self.data_dir}'\npassword_encryption = 'scram-sha-256'\n"
-                "max_connections = 50\nlogging_collector = off\n"
+                f"max_connections = {self.max_connections}\nlogging_collector = off\n"
             )
         # Unix sockets (only the server's OS user can reach them) trust; TCP needs the password.
         (self.data_dir / "pg_hba.conf").write_text(
-            "local all all trust\nhost all all 127.0.0.1/32 scram-sha-256\n", encoding="utf-8"
+            f"local all all trust\nhost all all 127.0.0.1/32 {self.host_auth}\n", encoding="utf-8"
         )
 
     def _own(self, path: Path) -> None:
@@ -208,14 +218,20 @@ def skip_reason(bindir: Path | None = None) -> str | None:
 
 
 @contextmanager
-def running_server(bindir: Path | None = None) -> Iterator[OwnedServer]:
-    """A running PostgreSQL server in a temporary folder; stopped and removed on the way out."""
+def running_server(
+    bindir: Path | None = None, *, host_auth: str = "scram-sha-256", max_connections: int = 50
+) -> Iterator[OwnedServer]:
+    """A running PostgreSQL server in a temporary folder; stopped and removed on the way out.
+
+    ``host_auth``: how TCP connections from 127.0.0.1 authenticate (``trust``, as a local server
+    set up for tests does, lets the tests' own roles log in without a password).
+    """
     run_as = server_os_user()
     # Under /tmp: the server's OS user must be able to reach it (pytest's tmp_path is root-only).
     base = Path(tempfile.mkdtemp(prefix="outbox-own-pg-", dir="/tmp" if run_as else None))
     if run_as:
         base.chmod(0o755)
-    server = OwnedServer(base, run_as=run_as, bindir=bindir)
+    server = OwnedServer(base, run_as=run_as, bindir=bindir, host_auth=host_auth, max_connections=max_connections)
     try:
         server._own(base)  # the data folder and the log belong to the server's OS user
         server.init()

@@ -1,0 +1,84 @@
+"""`outbox check`: one probe for monitoring, failing on anything that needs a person.
+
+Each check is read-only and cheap enough to run every minute: the schema's version, the product's
+triggers, legacy writers of job state, the age of the oldest pending work, partitions with pending
+work and no worker, flagged jobs and dead letters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from processor import schema_check, store
+from processor.errors import SchemaError
+from processor.migrate import check_ready
+from processor.store import QUERIES, Connection
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    detail: str
+
+
+def run_checks(conn: Connection, *, max_lag: float) -> list[Check]:
+    try:
+        check_ready(conn)
+    except SchemaError as exc:
+        if "legacy trigger" not in str(exc):
+            return [Check("schema", False, str(exc))]
+    checks = [Check("schema", True, "migrated, with a pipeline")]
+    triggers = schema_check.trigger_problems(conn)
+    checks.append(
+        Check("triggers", not triggers, "; ".join(p.describe() for p in triggers) or "the product's triggers fire")
+    )
+    legacy = schema_check.legacy_triggers(conn)
+    checks.append(
+        Check("legacy writers", not legacy, "; ".join(t.describe() for t in legacy) or "no other writer of job state")
+    )
+    with store.one_snapshot(conn):
+        pending = store.events_pending_summary(conn, None, top=0)
+        lag = pending.oldest_age_seconds
+        checks.append(
+            Check(
+                "lag",
+                lag is None or lag <= max_lag,
+                "nothing pending"
+                if lag is None
+                else f"oldest pending work {lag:.1f} s old ({pending.count} events, "
+                f"{pending.jobs_waiting} jobs to fold; limit {max_lag:g} s)",
+            )
+        )
+        holders = store.consumer_lock_holders(conn)
+        idle = [
+            p
+            for p in range(store.partitions_get(conn))
+            if p not in holders and store.events_pending_summary(conn, p, top=0).total > 0
+        ]
+        checks.append(
+            Check(
+                "workers",
+                not idle,
+                f"partitions with pending work and no worker: {', '.join(map(str, idle))} (is `outbox run` running?)"
+                if idle
+                else "every partition with pending work has a worker",
+            )
+        )
+        counts = conn.execute(QUERIES["health_counts"]).fetchone()
+        assert counts is not None
+        flagged, dead = int(counts[0]), int(counts[1])
+        checks.append(
+            Check("flagged jobs", flagged == 0, f"{flagged} flagged jobs (see `outbox verify`)" if flagged else "none")
+        )
+        checks.append(
+            Check(
+                "dead letters", dead == 0, f"{dead} dead letters (see `outbox dead-letters list`)" if dead else "none"
+            )
+        )
+    return checks
+
+
+def as_document(checks: list[Check], error: str | None = None) -> dict[str, Any]:
+    return {"ok": error is None and all(c.ok for c in checks), "error": error, "checks": [asdict(c) for c in checks]}
