@@ -27,9 +27,22 @@ class Column:
     table: str
     column: str
     type: str  # as format_type() spells it, with its modifier: text, character varying(20), job_status
-    base_type: str  # the same without the modifier: what the cast function returns
-    max_length: int | None  # of a character type with a length
+    type_name: str  # the type itself, qualified, without a modifier (bpchar, not "character")
+    max_length: int | None  # of a character type with a length, through domains
+    is_string: bool  # a string type (through domains): text is assigned to it as it is
     cast_function: str  # the product's function that casts text to it
+
+    @property
+    def cast_returns(self) -> str:
+        """What the cast function returns. Text, for a string type: the column's assignment then checks
+        the length (an explicit cast to varchar(n) would cut a longer value short) and a domain's
+        constraints, and the function stays right when the column is widened or changes between
+        string types. Any other type (an enum, a domain over one) itself: text is not assigned to it."""
+        return "pg_catalog.text" if self.is_string else self.type_name
+
+    @property
+    def cast_body(self) -> str:
+        return "SELECT p" if self.is_string else f"SELECT p::{self.type_name}"
 
     @property
     def name(self) -> str:
@@ -45,7 +58,26 @@ def columns(conn: Connection) -> list[Column]:
         ("jobs_variants", "status"): "outbox_variant_status",
         ("jobs_variants", "current_step"): "outbox_variant_step",
     }
-    return [Column(t, c, type_, base, length, functions[(t, c)]) for t, c, type_, base, length in rows]
+    return [
+        Column(t, c, type_, name, length, bool(is_string), functions[(t, c)])
+        for t, c, type_, name, length, is_string in rows
+    ]
+
+
+def _cast_function(conn: Connection, col: Column) -> tuple[str, str, list[str]] | None:
+    """The cast function of ``col`` as it is: its return type, its body, who may execute it; None if absent."""
+    row = conn.execute(QUERIES["app_cast_function_get"], {"name": col.cast_function}).fetchone()
+    return None if row is None else (row[0], row[1].strip(), list(row[2]))
+
+
+def casts_to_write(conn: Connection, found: list[Column]) -> list[Column]:
+    """The columns whose cast function is absent, or written for another type (a column's type changed)."""
+    result = []
+    for col in found:
+        current = _cast_function(conn, col)
+        if current is None or current[:2] != (col.cast_returns, col.cast_body):
+            result.append(col)
+    return result
 
 
 def write_casts(conn: Connection, found: list[Column]) -> list[Column]:
@@ -54,29 +86,33 @@ def write_casts(conn: Connection, found: list[Column]) -> list[Column]:
     A function whose return type changes is dropped and created again (CREATE OR REPLACE cannot
     change it), with the same EXECUTE rights as before.
     """
-    changed = []
-    for col in found:
-        row = conn.execute(QUERIES["app_cast_function_get"], {"name": col.cast_function}).fetchone()
-        if row is not None and row[0] == col.base_type:
-            continue
-        grantees = list(row[1]) if row is not None else []
+    changed = casts_to_write(conn, found)
+    for col in changed:
+        current = _cast_function(conn, col)
         function = sql.Identifier(col.cast_function)
-        # format_type()'s output: a type name PostgreSQL itself quoted. Without its length: an explicit
-        # cast to varchar(n) would cut a longer value short, where the assignment refuses it.
-        type_ = sql.SQL(col.base_type)
         conn.execute(sql.SQL("DROP FUNCTION IF EXISTS {}(text)").format(function))
+        # STABLE, not IMMUTABLE: a cast from text to an enum is stable, and an immutable function
+        # would be folded while a statement is planned, where an error has no context. Still inlined.
         conn.execute(
-            sql.SQL(
-                "CREATE FUNCTION {}(p text) RETURNS {} LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$ SELECT p::{} $$"
-            ).format(function, type_, type_)
+            sql.SQL("CREATE FUNCTION {}(p text) RETURNS {} LANGUAGE sql STABLE PARALLEL SAFE AS {}").format(
+                function, sql.SQL(col.cast_returns), sql.Literal(col.cast_body)
+            )
         )
-        if row is not None:
+        if current is not None:
             conn.execute(sql.SQL("REVOKE ALL ON FUNCTION {}(text) FROM PUBLIC").format(function))
-            for grantee in grantees:
+            for grantee in current[2]:
                 target = sql.SQL("PUBLIC") if grantee == "-" else sql.Identifier(grantee)
                 conn.execute(sql.SQL("GRANT EXECUTE ON FUNCTION {}(text) TO {}").format(function, target))
-        changed.append(col)
     return changed
+
+
+def cast_problems(conn: Connection) -> list[str]:
+    """Cast functions that no longer fit their column (its type was changed after migrate)."""
+    return [
+        f"{col.name} is {col.type}, but {col.cast_function}() was written for another type: "
+        "run `outbox migrate` to write it again"
+        for col in casts_to_write(conn, columns(conn))
+    ]
 
 
 def check_values(conn: Connection, found: list[Column], pipeline: Pipeline) -> None:
@@ -93,7 +129,7 @@ def check_values(conn: Connection, found: list[Column], pipeline: Pipeline) -> N
             try:
                 with conn.transaction():  # a savepoint: a failed cast leaves the caller's transaction usable
                     # The column's own type (the cast functions may not exist yet: migrate --dry-run).
-                    conn.execute(sql.SQL("SELECT %s::text::{}").format(sql.SQL(col.base_type)), [value])
+                    conn.execute(sql.SQL("SELECT %s::text::{}").format(sql.SQL(col.type_name)), [value])
             except psycopg.DataError as exc:
                 what = "status" if col.column == "status" else "pipeline step"
                 raise ConfigurationError(

@@ -544,13 +544,18 @@ def _print_verify(report: Any, console: Console) -> None:
     for item in report.flagged:
         letters = f" (dead letters {', '.join(str(e) for e in item['dead_letters'])})" if item["dead_letters"] else ""
         console.print(f"job {item['job_id']} is flagged{letters}: {item['reason']}")
+    for item in report.held:
+        console.print(
+            f"job {item['job_id']} is held at {item['status']}/{item['current_step']} (not compared): {item['reason']}"
+        )
     console.print(_summary(report))
 
 
 def _summary(report: Any) -> str:
     return (
         f"{len(report.variant_drift)} variants and {len(report.job_drift)} jobs drifted, "
-        f"{len(report.stuck_jobs)} stuck; {report.flagged_jobs} flagged, {report.jobs_in_flight} in flight (skipped)"
+        f"{len(report.stuck_jobs)} stuck; {report.flagged_jobs} flagged, {len(report.held)} held, "
+        f"{report.jobs_in_flight} in flight (skipped)"
     )
 
 

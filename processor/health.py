@@ -1,8 +1,8 @@
 """`outbox check`: one probe for monitoring, failing on anything that needs a person.
 
 Each check is read-only and cheap enough to run every minute: the schema's version, the product's
-triggers, legacy writers of job state, the age of the oldest pending work, partitions with pending
-work and no worker, flagged jobs and dead letters.
+triggers, legacy writers of job state and the cast functions' fit, the age of the oldest pending
+work, partitions whose work waits with no worker, flagged jobs and dead letters.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from processor import schema_check, store
+from processor import app_schema, schema_check, store
 from processor.errors import SchemaError
 from processor.migrate import check_ready
 from processor.store import QUERIES, Connection
@@ -38,6 +38,8 @@ def run_checks(conn: Connection, *, max_lag: float) -> list[Check]:
     checks.append(
         Check("legacy writers", not legacy, "; ".join(t.describe() for t in legacy) or "no other writer of job state")
     )
+    casts = app_schema.cast_problems(conn)
+    checks.append(Check("column types", not casts, "; ".join(casts) or "the casts fit the columns"))
     with store.one_snapshot(conn):
         pending = store.events_pending_summary(conn, None, top=0)
         lag = pending.oldest_age_seconds
@@ -51,19 +53,23 @@ def run_checks(conn: Connection, *, max_lag: float) -> list[Check]:
                 f"{pending.jobs_waiting} jobs to fold; limit {max_lag:g} s)",
             )
         )
+        # A partition without a worker fails only once its work has waited longer than max_lag: a
+        # rolling restart, or work that arrived a moment before a worker took the partition, is no failure.
         holders = store.consumer_lock_holders(conn)
-        idle = [
-            p
-            for p in range(store.partitions_get(conn))
-            if p not in holders and store.events_pending_summary(conn, p, top=0).total > 0
-        ]
+        idle = []
+        for p in range(store.partitions_get(conn)):
+            if p not in holders:
+                age = store.events_pending_summary(conn, p, top=0).oldest_age_seconds
+                if age is not None and age > max_lag:
+                    idle.append(p)
         checks.append(
             Check(
                 "workers",
                 not idle,
-                f"partitions with pending work and no worker: {', '.join(map(str, idle))} (is `outbox run` running?)"
+                f"partitions with work pending over {max_lag:g} s and no worker: {', '.join(map(str, idle))} "
+                "(is `outbox run` running?)"
                 if idle
-                else "every partition with pending work has a worker",
+                else "no partition's work waits without a worker",
             )
         )
         counts = conn.execute(QUERIES["health_counts"]).fetchone()

@@ -28,11 +28,20 @@ class Migration:
         return self.path.read_text(encoding="utf-8")
 
     def summary(self) -> str:
-        """The first line of the migration's header comment."""
+        """The first paragraph of the migration's header comment, without its "NNNN:" label."""
+        lines: list[str] = []
         for line in self.sql().splitlines():
-            if line.startswith("--"):
-                return line.lstrip("- ").strip()
-        return self.name
+            text = line.lstrip("-").strip() if line.startswith("--") else None
+            if not text:
+                if lines or text is None:
+                    break
+                continue
+            lines.append(text)
+        summary = re.sub(r"^\d{4}:\s*", "", " ".join(lines))
+        return summary or self.name
+
+    def creates_triggers(self) -> set[str]:
+        return set(re.findall(r"^CREATE TRIGGER (\w+)", self.sql(), re.MULTILINE | re.IGNORECASE))
 
 
 @dataclass
@@ -171,9 +180,15 @@ def plan(conn: Connection, *, pipeline: Pipeline | None = None, policy: FailureP
                 app_schema.check_values(conn, columns, chosen)
             except ConfigurationError as exc:
                 result.refusal = str(exc)
-        if done and not result.migrations:  # the product's triggers are all there once every migration is
+        if tables[0] and tables[1]:
+            for col in app_schema.casts_to_write(conn, columns):
+                if not col.is_string or 10 in done:  # 0010 writes those of string types
+                    result.steps.append(f"write {col.cast_function}() for {col.name} ({col.type})")
+        if done:  # the product's triggers, but those a pending migration creates anyway
+            created = set().union(*(m.creates_triggers() for m in result.migrations))
             for problem in schema_check.trigger_problems(conn):
-                result.steps.append(f"restore trigger {problem.trigger} on {problem.table} (it is {problem.state})")
+                if problem.trigger not in created:
+                    result.steps.append(f"restore trigger {problem.trigger} on {problem.table} (it is {problem.state})")
         if tables[1]:
             for legacy in schema_check.legacy_triggers(conn):
                 result.steps.append(

@@ -319,17 +319,22 @@ WITH writer AS MATERIALIZED (
     WHERE cardinality(%(deferred_partitions)b::integer[]) > 0
       AND outbox_partition_of(job_id) = ANY(%(deferred_partitions)b::integer[])
 ), changing AS MATERIALIZED (
-    -- Only the rows whose state differs are written, and locked.
-    SELECT i.*
+    -- Only the rows whose state differs are written, and locked. The row's version as this
+    -- statement's snapshot saw it (xmin) is kept for the lock below.
+    SELECT i.*, j.xmin AS seen_xmin
     FROM incoming AS i
     JOIN jobs AS j USING (job_id)
     WHERE (j.status::text, j.current_step::text) IS DISTINCT FROM (i.status, i.current_step)
       AND NOT EXISTS (SELECT FROM deferred AS d WHERE d.job_id = i.job_id)
       AND (SELECT name FROM writer) = 'processor'  -- set before any row is written
 ), locked AS MATERIALIZED (
+    -- A row changed since the snapshot (a hold committed meanwhile: the lock takes the newest
+    -- version, and the hold's check above did not see it) is not written now but retried, under a
+    -- snapshot that sees the change: the xmin check is made again on the version locked.
     SELECT j.job_id
     FROM jobs AS j
-    WHERE j.job_id = ANY(ARRAY(SELECT job_id FROM changing))
+    JOIN changing AS c USING (job_id)
+    WHERE j.xmin = c.seen_xmin
     FOR NO KEY UPDATE OF j SKIP LOCKED
 ), updated AS (
     UPDATE jobs AS j
@@ -615,7 +620,7 @@ LIMIT %(limit)s
 -- the events knew when the row is gone or detached, under the row's lock so that its version
 -- orders after every change already made to it.
 WITH locked AS (
-    SELECT job_variants_id, job_id, status, current_step
+    SELECT job_variants_id, job_id, status::text, current_step::text  -- an enum or a domain: as text
     FROM jobs_variants
     WHERE job_variants_id = %(variant_id)s
     FOR UPDATE
@@ -918,19 +923,41 @@ SELECT outbox_partition_of(job_id), job_id, min(queued_at) FROM moved GROUP BY j
 ON CONFLICT (partition, job_id) DO NOTHING
 
 -- name: app_column_types
--- The types of the application's columns that the product reads and writes (processor/app_schema.py).
-SELECT c.relname, a.attname, format_type(a.atttypid, a.atttypmod), format_type(a.atttypid, NULL),
-       information_schema._pg_char_max_length(a.atttypid, a.atttypmod)
-FROM pg_attribute AS a
-JOIN pg_class AS c ON c.oid = a.attrelid
-WHERE a.attrelid IN (to_regclass('jobs'), to_regclass('jobs_variants'))
-  AND a.attname IN ('status', 'current_step')
-  AND NOT a.attisdropped
-ORDER BY c.relname, a.attname
+-- The types of the application's columns that the product reads and writes (processor/app_schema.py):
+-- as format_type() spells it; the type's own name, qualified (what a cast function returns: bpchar,
+-- not "character", which means char(1)); the length limit, through domains; and whether the type
+-- (through domains) is a string type, to which text is assigned as it is, length checked.
+WITH RECURSIVE col AS (
+    SELECT c.relname, a.attname, a.atttypid, a.atttypmod
+    FROM pg_attribute AS a
+    JOIN pg_class AS c ON c.oid = a.attrelid
+    WHERE a.attrelid IN (to_regclass('jobs'), to_regclass('jobs_variants'))
+      AND a.attname IN ('status', 'current_step')
+      AND NOT a.attisdropped
+), base AS (  -- down through domains: a domain's base may be a domain too
+    SELECT col.relname, col.attname, col.atttypid AS typid, col.atttypmod AS typmod
+    FROM col
+    UNION ALL
+    SELECT b.relname, b.attname, t.typbasetype, t.typtypmod
+    FROM base AS b
+    JOIN pg_type AS t ON t.oid = b.typid AND t.typtype = 'd'
+)
+SELECT col.relname, col.attname, format_type(col.atttypid, col.atttypmod),
+       quote_ident(n.nspname) || '.' || quote_ident(t.typname),
+       (SELECT min(information_schema._pg_char_max_length(b.typid, b.typmod)) FROM base AS b
+        WHERE b.relname = col.relname AND b.attname = col.attname),
+       (SELECT bt.typcategory = 'S' FROM base AS b JOIN pg_type AS bt ON bt.oid = b.typid
+        WHERE b.relname = col.relname AND b.attname = col.attname AND bt.typtype <> 'd')
+FROM col
+JOIN pg_type AS t ON t.oid = col.atttypid
+JOIN pg_namespace AS n ON n.oid = t.typnamespace
+ORDER BY col.relname, col.attname
 
 -- name: app_cast_function_get
--- A cast function's return type, and who may execute it ("-": PUBLIC).
-SELECT format_type(p.prorettype, NULL),
+-- A cast function's return type (as app_column_types names it), its body, and who may execute it ("-": PUBLIC).
+SELECT (SELECT quote_ident(n.nspname) || '.' || quote_ident(t.typname)
+        FROM pg_type AS t JOIN pg_namespace AS n ON n.oid = t.typnamespace WHERE t.oid = p.prorettype),
+       p.prosrc,
        ARRAY(SELECT CASE WHEN a.grantee = 0 THEN '-' ELSE (SELECT rolname FROM pg_roles WHERE oid = a.grantee) END
              FROM aclexplode(coalesce(p.proacl, acldefault('f', p.proowner))) AS a
              WHERE a.privilege_type = 'EXECUTE')
@@ -947,8 +974,11 @@ WHERE t.tgrelid IN (to_regclass('jobs'), to_regclass('jobs_variants'))
   AND NOT t.tgisinternal
 
 -- name: app_triggers_get
--- Triggers on jobs_variants other than the product's, with their function and its source.
-SELECT t.tgname, p.oid::regprocedure::text, p.prosrc
+-- Triggers on jobs_variants other than the product's, with their function, its text (prosrc; the
+-- whole definition for a SQL-standard body, whose prosrc is empty) and the trigger's arguments.
+SELECT t.tgname, p.oid::regprocedure::text,
+       CASE WHEN p.prosqlbody IS NOT NULL THEN pg_get_functiondef(p.oid) ELSE p.prosrc END,
+       string_to_array(rtrim(encode(t.tgargs, 'escape'), E'\\000'), E'\\000')
 FROM pg_trigger AS t
 JOIN pg_proc AS p ON p.oid = t.tgfoid
 WHERE t.tgrelid = to_regclass('jobs_variants')
@@ -957,11 +987,15 @@ WHERE t.tgrelid = to_regclass('jobs_variants')
 ORDER BY t.tgname
 
 -- name: app_functions_get
--- Functions of the application (not the system's, not the product's) by name, with their source.
-SELECT p.oid::regprocedure::text, p.prosrc
+-- The functions a name resolves to, as PostgreSQL would (qualified: in that schema; else through
+-- the search path), the system's and the product's left out, with their text.
+SELECT p.oid::regprocedure::text,
+       CASE WHEN p.prosqlbody IS NOT NULL THEN pg_get_functiondef(p.oid) ELSE p.prosrc END
 FROM pg_proc AS p
 JOIN pg_namespace AS n ON n.oid = p.pronamespace
-WHERE lower(p.proname) = ANY(%(names)s::text[])
+WHERE p.proname = (%(parts)s::text[])[cardinality(%(parts)s::text[])]
+  AND CASE WHEN cardinality(%(parts)s::text[]) > 1 THEN n.nspname = (%(parts)s::text[])[cardinality(%(parts)s::text[]) - 1]
+           ELSE n.nspname = ANY(current_schemas(false)) END
   AND n.nspname NOT IN ('pg_catalog', 'information_schema')
   AND p.proname NOT LIKE 'outbox\_%%'
 
@@ -976,10 +1010,11 @@ CREATE TRIGGER outbox_capture_variant_update
     FOR EACH ROW EXECUTE FUNCTION outbox_capture_variant_update()
 
 -- name: trigger_create_outbox_guard_job_state
+-- As migration 0011 creates it.
 CREATE TRIGGER outbox_guard_job_state
-    BEFORE UPDATE OF status, current_step ON jobs
+    AFTER UPDATE ON jobs
     FOR EACH ROW
-    WHEN (OLD.status IS DISTINCT FROM NEW.status OR OLD.current_step IS DISTINCT FROM NEW.current_step)
+    WHEN (current_setting('outbox.job_writer', true) IS DISTINCT FROM 'processor')
     EXECUTE FUNCTION outbox_guard_job_state()
 
 -- name: health_counts
@@ -989,12 +1024,14 @@ SELECT (SELECT count(*) FROM outbox_job_flags), (SELECT count(*) FROM outbox_dea
 SELECT to_regclass('jobs') IS NOT NULL, to_regclass('jobs_variants') IS NOT NULL
 
 -- name: app_job_id_index
--- An index of jobs_variants that leads with job_id (migration 0001 uses one rather than add its own).
+-- A btree index of jobs_variants that leads with job_id, whole and valid (migration 0001 uses one
+-- rather than add its own; as 0001's test, which this one must match).
 SELECT i.indexrelid::regclass::text
 FROM pg_index AS i
 WHERE i.indrelid = 'jobs_variants'::regclass
   AND i.indkey[0] = (SELECT attnum FROM pg_attribute WHERE attrelid = 'jobs_variants'::regclass AND attname = 'job_id')
   AND i.indpred IS NULL AND i.indisvalid
+  AND (SELECT relam FROM pg_class WHERE oid = i.indexrelid) = (SELECT oid FROM pg_am WHERE amname = 'btree')
 ORDER BY 1
 LIMIT 1
 
@@ -1019,3 +1056,23 @@ WITH parked AS (
     RETURNING event_id
 )
 SELECT count(*) FROM parked
+
+-- name: relation_is_jobs
+-- Whether a name (its parts) resolves to the jobs table, or to a view whose query reads it.
+WITH target AS (
+    SELECT to_regclass(array_to_string(ARRAY(SELECT quote_ident(x) FROM unnest(%(parts)s::text[]) AS x), '.')) AS oid
+)
+SELECT t.oid = to_regclass('jobs')
+    OR EXISTS (
+        SELECT FROM pg_rewrite AS r
+        JOIN pg_depend AS d ON d.classid = 'pg_rewrite'::regclass AND d.objid = r.oid
+        WHERE r.ev_class = t.oid AND d.refobjid = to_regclass('jobs')
+    )
+FROM target AS t
+
+-- name: job_holds_list
+-- Held jobs (0010): their state is the application's, not the fold of their variants.
+SELECT job_id, status, current_step, reason, held_at
+FROM outbox_job_holds
+WHERE %(job_ids)s::uuid[] IS NULL OR job_id = ANY(%(job_ids)s::uuid[])
+ORDER BY job_id

@@ -53,7 +53,8 @@ def rebuild_jobs(
     touch, and write.
 
     Returns the jobs whose state changes (with a catch-up open in a job's partition, it is written
-    when the catch-up closes: what is returned is what it becomes then).
+    when the catch-up closes: what is returned is what it becomes then). A held job's row is left
+    as its hold set it, and is not among them.
     """
     changes: list[JobChange] = []
     with conn.transaction() as tx:
@@ -66,9 +67,10 @@ def rebuild_jobs(
         affected = sorted(set(job_ids) | touched)
         folded = fold_jobs(affected, store.variant_states_to_fold(conn, affected), config)
         before = store.jobs_get(conn, affected)
+        held = store.job_holds(conn, affected)  # their rows are the application's: not written
         for job_id, job_state in folded.states.items():
             after = (job_state.status.value, job_state.current_step)
-            if job_id in before and before[job_id] != after:
+            if job_id in before and before[job_id] != after and job_id not in held:
                 changes.append(JobChange(job_id, before[job_id], after))
         if dry_run:
             raise psycopg.Rollback(tx)

@@ -1,6 +1,6 @@
 """Is the product's part of the schema in place, and is anything else writing job state?
 
-Two kinds of problem, both checked by `outbox migrate` (which repairs them), by `outbox check`,
+Three kinds of problem, all checked by `outbox migrate` (which repairs them), by `outbox check`,
 and by every running worker once per standby interval (it logs each problem once, answers 503 on
 /health and sets a metric while one lasts):
 
@@ -8,19 +8,21 @@ and by every running worker once per standby interval (it logs each problem once
   TRIGGER`): without the capture triggers, changes of variants are not captured and their jobs go
   stale; without the guard, job state can be written behind the processor;
 - a legacy writer of job state: a trigger on jobs_variants whose function, or a function it calls,
-  writes `jobs` (in any form: `UPDATE [ONLY] [schema.]jobs`, with comments in between, `INSERT ...
-  ON CONFLICT DO UPDATE`, `MERGE`, or a dynamic `EXECUTE` naming jobs). Two writers of job state
-  must not coexist: that is the bug this product replaces. (The guard refuses their writes at
-  once anyway; this finds them before they fail.)
+  writes jobs.status or jobs.current_step (in any form: `UPDATE [ONLY] [schema.]jobs` or a view over
+  it, with comments in between, `INSERT ... ON CONFLICT DO UPDATE`, `MERGE`, dynamic SQL). Two
+  writers of job state must not coexist: that is the bug this product replaces. (The guard refuses
+  their writes at once anyway; this finds them before they fail.);
+- a cast function that no longer fits its column's type (processor/app_schema.py): the column's type
+  was changed after `outbox migrate` wrote it.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 from psycopg import sql
 
+from processor import app_schema, sql_scan
 from processor.store import QUERIES, Connection
 
 # The product's triggers: (table, trigger). The NOTIFY wake-up trigger is optional (migrate --wakeup).
@@ -30,12 +32,8 @@ PRODUCT_TRIGGERS = (
     ("jobs", "outbox_guard_job_state"),
 )
 
-_COMMENTS = re.compile(r"--[^\n]*|/\*.*?\*/", re.DOTALL)
-_JOBS = r"(?:\w+\s*\.\s*|\"[^\"]+\"\s*\.\s*)?\"?jobs\"?(?![\w\"])"  # jobs, "jobs", app.jobs (not jobs_variants)
-_WRITES_JOBS = re.compile(rf"\b(?:update\s+(?:only\s+)?|insert\s+into\s+|merge\s+into\s+){_JOBS}", re.IGNORECASE)
-_DYNAMIC = re.compile(r"\bexecute\b", re.IGNORECASE)
-_DYNAMIC_JOBS = re.compile(r"'[^']*\b(?:update|insert|merge)\b[^']*'|'jobs'|%I", re.IGNORECASE)
-_CALLS = re.compile(r"\b([a-z_][a-z0-9_]*)\s*\(", re.IGNORECASE)
+JOB_STATE_COLUMNS = frozenset({"status", "current_step"})
+_DEPTH = 4  # how deep calls are followed
 
 
 @dataclass(frozen=True)
@@ -76,40 +74,63 @@ def trigger_problems(conn: Connection) -> list[TriggerProblem]:
 
 
 def legacy_triggers(conn: Connection) -> list[LegacyTrigger]:
-    """Triggers on jobs_variants, other than the product's, that write job state (see the module)."""
+    """Triggers on jobs_variants, other than the product's, that write jobs.status or jobs.current_step.
+
+    Writing other columns of jobs (updated_at, a count) or creating a job is not writing job state.
+    The function is read with processor.sql_scan, and so is every function it calls (resolved as
+    PostgreSQL would, through the search path), four deep, and every string it runs as dynamic SQL
+    (a placeholder target counts as jobs when the function or the trigger's arguments name jobs).
+    """
     found = []
-    for trigger, function, source in conn.execute(QUERIES["app_triggers_get"]).fetchall():
-        how = _writes_jobs(conn, function, source, depth=0, seen=set())
-        if how is not None or trigger == "check_all_variants_done_trigger":
-            found.append(LegacyTrigger(trigger, function, how or "the legacy aggregation trigger"))
+    for trigger, function, source, arguments in conn.execute(QUERIES["app_triggers_get"]).fetchall():
+        how = _writes_job_state(conn, function, source, arguments=list(arguments or []), depth=0, seen=set())
+        if how is not None:
+            found.append(LegacyTrigger(trigger, function, how))
     return found
 
 
-def _writes_jobs(conn: Connection, function: str, source: str, *, depth: int, seen: set[str]) -> str | None:
-    """How ``function`` (or one it calls, three deep) writes jobs, or None."""
+def _writes_job_state(
+    conn: Connection, function: str, source: str, *, arguments: list[str], depth: int, seen: set[str]
+) -> str | None:
+    """How ``function`` (or one it calls) writes job state, or None."""
     seen.add(function)
-    code = _COMMENTS.sub(" ", source or "")
-    if _WRITES_JOBS.search(code):
-        return f"{function} writes jobs"
-    if _DYNAMIC.search(code) and _DYNAMIC_JOBS.search(code) and re.search(r"\bjobs\b", code, re.IGNORECASE):
-        return f"{function} runs dynamic SQL that names jobs"
-    if depth >= 3:
+    found = sql_scan.scan(source or "")
+    names_jobs = any(text.strip().lower() in ("jobs", "public.jobs") for text in found.strings + arguments)
+    for write in found.writes:
+        state = ", ".join(sorted(write.columns & JOB_STATE_COLUMNS))
+        if state and write.target is not None and _is_job_state(conn, write.target):
+            return f"{function} writes {state} of {'.'.join(write.target)}"
+    for text in found.dynamic:
+        for write in sql_scan.scan(text).writes:
+            state = ", ".join(sorted(write.columns & JOB_STATE_COLUMNS))
+            named = names_jobs if write.target is None else _is_job_state(conn, write.target)
+            if state and named:
+                return f"{function} runs dynamic SQL that writes {state} of jobs"
+    if depth >= _DEPTH:
         return None
-    names = sorted({name.lower() for name in _CALLS.findall(code)})
-    if not names:
-        return None
-    for callee, callee_source in conn.execute(QUERIES["app_functions_get"], {"names": names}).fetchall():
-        if callee in seen:
-            continue
-        how = _writes_jobs(conn, callee, callee_source, depth=depth + 1, seen=seen)
-        if how is not None:
-            return f"{function} calls {how}"
+    for name in sorted(found.calls):
+        for callee, callee_source in conn.execute(QUERIES["app_functions_get"], {"parts": list(name)}).fetchall():
+            if callee in seen:
+                continue
+            how = _writes_job_state(conn, callee, callee_source, arguments=[], depth=depth + 1, seen=seen)
+            if how is not None:
+                return f"{function} calls {how}"
     return None
+
+
+def _is_job_state(conn: Connection, target: tuple[str, ...]) -> bool:
+    """Whether ``target`` names the jobs table, or a view over it."""
+    row = conn.execute(QUERIES["relation_is_jobs"], {"parts": list(target)}).fetchone()
+    return bool(row and row[0])
 
 
 def problems(conn: Connection) -> list[str]:
     """Every problem, one line each (empty: all is in place)."""
-    return [p.describe() for p in trigger_problems(conn)] + [t.describe() for t in legacy_triggers(conn)]
+    return (
+        [p.describe() for p in trigger_problems(conn)]
+        + [t.describe() for t in legacy_triggers(conn)]
+        + app_schema.cast_problems(conn)
+    )
 
 
 def restore_triggers(conn: Connection) -> list[TriggerProblem]:

@@ -341,6 +341,23 @@ def jobs_write(
 
 
 @dataclass(frozen=True, slots=True)
+class JobHold:
+    """A held job (outbox.hold_job): its state is the application's until the hold is released."""
+
+    job_id: uuid.UUID
+    status: str
+    current_step: str | None
+    reason: str
+    held_at: dt.datetime
+
+
+def job_holds(conn: Connection, job_ids: Sequence[uuid.UUID] | None = None) -> dict[uuid.UUID, JobHold]:
+    """Held jobs: all of them, or those among ``job_ids``."""
+    rows = conn.execute(QUERIES["job_holds_list"], {"job_ids": None if job_ids is None else list(job_ids)})
+    return {row[0]: JobHold(*row) for row in rows}
+
+
+@dataclass(frozen=True, slots=True)
 class RowLockHolder:
     """Who holds a job row locked (None where it cannot be told: a lock shared by several)."""
 

@@ -3,7 +3,8 @@
 Everything is read in one REPEATABLE READ snapshot, so a worker running meanwhile is no drift, and
 pending work (outbox_events_pending, outbox_dirty_jobs: not in job state yet, by design) is in
 flight, left out. Flagged jobs are reported with their reason: their state is knowingly not
-computed, so verify cannot vouch for them.
+computed, so verify cannot vouch for them. Held jobs (outbox.hold_job) are listed, not compared:
+their state is the application's until the hold is released.
 
 Repairs go through the normal path, never behind the processor's back: a variant row that
 disagrees with its events gets a new event carrying the row's state (the worker applies it), and a
@@ -30,6 +31,7 @@ class VerifyReport:
     job_drift: list[dict[str, Any]] = field(default_factory=list)
     stuck_jobs: list[dict[str, Any]] = field(default_factory=list)
     flagged: list[dict[str, Any]] = field(default_factory=list)
+    held: list[dict[str, Any]] = field(default_factory=list)
     jobs_in_flight: int = 0
 
     @property
@@ -72,6 +74,17 @@ def verify(
                 {"job_id": str(job_id), "reason": reason, "flagged_at": flagged_at.isoformat(), "dead_letters": letters}
             )
         flagged = {uuid.UUID(f["job_id"]) for f in report.flagged}
+        holds = store.job_holds(conn)
+        for hold in holds.values():
+            report.held.append(
+                {
+                    "job_id": str(hold.job_id),
+                    "status": hold.status,
+                    "current_step": hold.current_step,
+                    "reason": hold.reason,
+                    "held_at": hold.held_at.isoformat(),
+                }
+            )
         for r in conn.execute(QUERIES["verify_variant_drift"], params):
             report.variant_drift.append(
                 {
@@ -84,9 +97,9 @@ def verify(
             )
         stuck = conn.execute(QUERIES["verify_stuck_jobs"], {**params, "final_step": config.pipeline.final})
         for job_id, status, step in stuck:
-            if job_id not in flagged:
+            if job_id not in flagged and job_id not in holds:
                 report.stuck_jobs.append({"job_id": str(job_id), "status": status, "current_step": step})
-        skipped = in_flight_jobs | flagged
+        skipped = in_flight_jobs | flagged | set(holds)
         after = uuid.UUID(int=0)
         while len(report.job_drift) < limit:
             rows = conn.execute(

@@ -38,7 +38,7 @@
 --   object                      outbox_writer                          outbox_processor
 --   jobs                        SELECT, INSERT, DELETE; UPDATE only of  SELECT and UPDATE of status,
 --                               columns the product does not own        current_step, updated_at;
---                               (none in the product's own table)       SELECT of job_id
+--                               (none in the product's own table)       SELECT of job_id and xmin
 --   jobs_variants               SELECT, INSERT, UPDATE, DELETE          SELECT of job_variants_id, job_id,
 --                                                                       status, current_step, updated_at;
 --                                                                       UPDATE of updated_at (*)
@@ -197,7 +197,8 @@ END
 $$;
 
 -- The processor: `outbox run`, backlog, replay, verify [--repair], dead-letters, prune.
-GRANT SELECT (job_id, status, current_step, updated_at), UPDATE (status, current_step, updated_at)
+-- xmin: jobs_write tells a row changed since its snapshot (a hold committed meanwhile) by it.
+GRANT SELECT (job_id, status, current_step, updated_at, xmin), UPDATE (status, current_step, updated_at)
     ON jobs TO outbox_processor;
 GRANT SELECT (job_variants_id, job_id, status, current_step, updated_at), UPDATE (updated_at)
     ON jobs_variants TO outbox_processor;

@@ -42,7 +42,7 @@ def reference_job_states(
 
 def actual_job_states(conn: psycopg.Connection[Any]) -> dict[uuid.UUID, tuple[str, str]]:
     rows = conn.execute(
-        "SELECT job_id, status, current_step FROM jobs WHERE job_id IN (SELECT job_id FROM jobs_variants)"
+        "SELECT job_id, status::text, current_step::text FROM jobs WHERE job_id IN (SELECT job_id FROM jobs_variants)"
     ).fetchall()
     return {row[0]: (row[1], row[2]) for row in rows}
 

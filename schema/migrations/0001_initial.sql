@@ -22,7 +22,7 @@ CREATE TABLE IF NOT EXISTS jobs_variants (
     updated_at      timestamptz
 );
 
--- The fold looks up all variants of a job; legacy tables may lack this index. An index of the
+-- The fold looks up all variants of a job; legacy tables may lack this index. A btree index of the
 -- application's that leads with job_id serves as well, and is used instead of a second one.
 DO $$
 BEGIN
@@ -31,6 +31,7 @@ BEGIN
         WHERE indrelid = 'jobs_variants'::regclass
           AND indkey[0] = (SELECT attnum FROM pg_attribute WHERE attrelid = 'jobs_variants'::regclass AND attname = 'job_id')
           AND indpred IS NULL AND indisvalid
+          AND (SELECT relam FROM pg_class WHERE oid = indexrelid) = (SELECT oid FROM pg_am WHERE amname = 'btree')
     ) THEN
         CREATE INDEX outbox_jobs_variants_job_id_idx ON jobs_variants (job_id);
     END IF;

@@ -50,6 +50,9 @@ KINDS = {
         "varchar(32)",
     ),
     "varchar": ("", "varchar(16)", "varchar(32)", "varchar(16)", "varchar(32)"),
+    # char(n) is bpchar (a cast to "character" would be char(1)); a domain over varchar(n) refuses
+    # a longer value (an explicit cast would cut it short).
+    "char, domain over varchar": ("CREATE DOMAIN step_t AS varchar(10);", "char(8)", "step_t", "char(8)", "step_t"),
 }
 
 # The legacy aggregation trigger, in each form that name or text matching used to miss.
@@ -207,5 +210,66 @@ def test_adoption_on_the_team_schema_under_writers_ends_equal_to_the_reference(k
         actual = actual_job_states(conn)
         wrong = {job: (actual.get(job), state) for job, state in expected.items() if actual.get(job) != state}
         assert not wrong, f"{len(wrong)} of {len(expected)} jobs wrong: {list(wrong.items())[:3]}"
+        check = outbox_cli("check", env=env)
+        assert check.returncode == 0, check.stdout + check.stderr
+
+        # Drift made behind the capture (replica mode fires no trigger) is found and repaired, in
+        # the columns' own types.
+        conn.execute(
+            "SET session_replication_role = replica;"
+            "UPDATE jobs_variants SET status = 'failed', current_step = 'detect' "
+            "WHERE job_variants_id = "
+            "    (SELECT job_variants_id FROM jobs_variants WHERE status::text <> 'failed' ORDER BY 1 LIMIT 1);"
+            "RESET session_replication_role"
+        )
+        verify = outbox_cli("verify", "--repair", "--wait", "0", env=env)
+        assert verify.returncode == 0, verify.stdout + verify.stderr
+        assert "1 resync events written" in verify.stdout, verify.stdout
+        run = outbox_cli("run", "--until-idle", env=env)
+        assert run.returncode == 0, run.stdout + run.stderr
+        assert actual_job_states(conn) == reference_job_states(conn, STEPS)
+
+
+def test_a_step_longer_than_a_domain_over_varchar_allows_is_refused_up_front(empty_db):
+    env = subprocess_env(empty_db, OUTBOX_PIPELINE_STEPS="ingest,detect,segment,iou_evaluation")
+    with connect(empty_db, application_name="team-setup") as conn:
+        conn.execute(team_schema("char, domain over varchar").encode())
+        for command in (("migrate", "--dry-run"), ("migrate",)):
+            refused = outbox_cli(*command, env=env)
+            assert refused.returncode != 0
+            assert "jobs.current_step (step_t) is too short for the pipeline step 'iou_evaluation'" in refused.stderr
+            assert "nothing was changed" in refused.stderr
+        assert outbox_tables(conn) == 0
+
+
+def test_only_a_btree_index_on_job_id_is_taken_for_the_product_s_own(empty_db):
+    env = subprocess_env(empty_db)
+    with connect(empty_db, application_name="team-setup") as conn:
+        conn.execute(team_schema("text").replace("(job_id, status)", "USING hash (job_id)").encode())
+        dry = outbox_cli("migrate", "--dry-run", env=env)
+        assert "create index outbox_jobs_variants_job_id_idx" in dry.stdout, dry.stdout
+        assert outbox_cli("migrate", env=env).returncode == 0
+        assert conn.execute("SELECT to_regclass('outbox_jobs_variants_job_id_idx')").fetchone()[0] is not None
+
+
+def test_an_upgrade_s_plan_lists_the_triggers_it_restores_and_the_casts_it_writes(db):
+    env = subprocess_env(db)
+    with connect(db, application_name="team-setup") as conn:
+        # A database one migration behind, whose capture trigger was disabled and whose status
+        # column became an enum meanwhile.
+        conn.execute(
+            "DELETE FROM outbox_schema_migrations WHERE version = (SELECT max(version) FROM outbox_schema_migrations);"
+            "ALTER TABLE jobs_variants DISABLE TRIGGER outbox_capture_variant_update;"
+            "CREATE TYPE job_status AS ENUM ('queued', 'running', 'done', 'failed');"
+            "ALTER TABLE jobs ALTER status TYPE job_status USING status::job_status"
+        )
+        dry = outbox_cli("migrate", "--dry-run", env=env)
+        assert dry.returncode == 0, dry.stdout + dry.stderr
+        assert "apply migration 00" in dry.stdout
+        assert "restore trigger outbox_capture_variant_update on jobs_variants (it is disabled)" in dry.stdout
+        assert "write outbox_job_status() for jobs.status (job_status)" in dry.stdout
+        migrated = outbox_cli("migrate", env=env)
+        assert migrated.returncode == 0, migrated.stdout + migrated.stderr
+        assert "restored trigger outbox_capture_variant_update" in migrated.stdout
         check = outbox_cli("check", env=env)
         assert check.returncode == 0, check.stdout + check.stderr
