@@ -7,13 +7,23 @@
 
 Writers that run plain SQL on ``jobs_variants`` need no change: the capture trigger installed by
 ``outbox migrate`` writes the same events.
+
+To react to job transitions (a job became ``done``): ``outbox.Subscriber``, or
+``outbox.aio.AsyncSubscriber`` in asyncio code.
 """
 
 from outbox.events import EventType, VariantChanged, VariantRemoved, VariantStatus
+from outbox.subscriber import Subscriber
+from outbox.subscription import RetryPolicy, SubscriberBusyError, SubscriptionNotFoundError, Transition
 from outbox.writer import UnknownStepError, VariantNotFoundError, create_job, hold_job, release_job, update_variant
 
 __all__ = [
     "EventType",
+    "RetryPolicy",
+    "Subscriber",
+    "SubscriberBusyError",
+    "SubscriptionNotFoundError",
+    "Transition",
     "UnknownStepError",
     "VariantChanged",
     "VariantNotFoundError",

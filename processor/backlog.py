@@ -11,6 +11,7 @@ from rich.table import Table
 from processor import store
 from processor.errors import PartitionMissingError
 from processor.store import QUERIES, Connection
+from processor.subscriptions import list_subscriptions
 
 
 def parse_worker_name(application_name: str) -> tuple[str, int] | None:
@@ -74,6 +75,18 @@ def _collect(conn: Connection, partition: int | None) -> dict[str, Any]:
         "pending_top_jobs": sorted(
             (job for r in reports for job in r["pending_top_jobs"]), key=lambda j: -j["pending_events"]
         )[:10],
+        # Each subscription to job transitions: how far behind its consumer is, and what it parked.
+        "subscriptions": [
+            {
+                "name": info.name,
+                "position": info.position,
+                "lag_transitions": info.lag,
+                "oldest_unacknowledged": _iso(info.oldest_unacknowledged),
+                "retrying": info.retrying,
+                "parked": info.parked,
+            }
+            for info in list_subscriptions(conn)
+        ],
         "partitions": [
             {
                 "partition": r["partition"],

@@ -174,6 +174,9 @@ def apply_batch(
             event_count=applied.count,
             last_event_id=applied.event_ids[-1] if applied.event_ids else None,
         )
+        # Last: it takes the lock that orders transitions, held until the commit (also publishes
+        # what holds staged, during a long catch-up too).
+        store.transitions_append(conn, written)
         if before_commit is not None:
             before_commit()  # test hook: a crash placed here must leave no trace
     _log_outcome(dead, jobs.flags, written.jobs_blocked, conn)
@@ -197,6 +200,9 @@ def write_jobs(conn: Connection, jobs: FoldedJobs, *, deferred_partitions: Itera
     written = store.jobs_write(
         conn, jobs=jobs.states, flags=jobs.flags, folded=jobs.folded, deferred_partitions=deferred_partitions
     )
+    if written.jobs_changed:
+        # Operations hold every checkpoint: their transitions are written at once, not at the end.
+        store.transitions_append(conn, written)
     _log_outcome([], jobs.flags, written.jobs_blocked, conn)
     return written
 

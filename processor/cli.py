@@ -8,14 +8,11 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import logging
-import signal
 import sys
 import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from types import FrameType
 from typing import Annotated, Any
 
 import psycopg
@@ -24,14 +21,16 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from processor import fold_config, store
-from processor.database import DatabaseUrl, RedactingFilter, connect, redact
+from outbox.subscription import SubscriptionNotFoundError
+from processor import cli_transitions, fold_config, store
+from processor.cli_common import DatabaseOption, JsonOption, LogLevelOption, setup, stop_on_signals
+from processor.database import DatabaseUrl, connect, redact
 from processor.errors import OutboxError, PartitionMissingError
 from processor.fold import FailurePolicy, Pipeline
 from processor.metrics import WorkerMetrics, serve
 from processor.migrate import check_ready
 from processor.migrate import migrate as run_migrations
-from processor.settings import Settings, Wakeup, load_settings
+from processor.settings import Settings, Wakeup
 from processor.wakeup import Wake
 from processor.worker import Worker, application_name
 
@@ -59,21 +58,6 @@ def _main(
     ] = False,
 ) -> None:
     """Transactional-outbox processor: keeps each job's state in step with its variants."""
-
-
-DatabaseOption = Annotated[
-    str | None,
-    typer.Option(
-        "--database-url",
-        envvar="OUTBOX_DATABASE_URL",
-        help="postgresql:// or postgresql+psycopg:// URL. Unset: an embedded PostgreSQL in the user's data directory.",
-        show_default=False,
-    ),
-]
-LogLevelOption = Annotated[
-    str, typer.Option("--log-level", envvar="OUTBOX_LOG_LEVEL", help="DEBUG, INFO, WARNING or ERROR.")
-]
-JsonOption = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 
 
 def _json_requested() -> bool:
@@ -105,20 +89,6 @@ PartitionOption = Annotated[
     int | None,
     typer.Option(envvar="OUTBOX_PARTITION", min=0, max=1023, help="Partition to work on.", show_default="all"),
 ]
-
-
-def _setup(database_url: str | None, log_level: str, **overrides: Any) -> tuple[Settings, DatabaseUrl, Console]:
-    level = logging.getLevelName(log_level.upper())
-    if not isinstance(level, int):
-        raise typer.BadParameter(f"unknown log level {log_level!r}", param_hint="--log-level")
-    settings = load_settings(database_url=database_url, **overrides)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=level, handlers=[handler], force=True)
-    db = settings.database()
-    handler.addFilter(RedactingFilter(db))
-    console = Console(soft_wrap=True)  # long lines (URLs, trigger notes) stay whole in logs and pipes
-    return settings, db, console
 
 
 def _migrate(db: DatabaseUrl, console: Console, settings: Settings, *, quiet: bool = False) -> None:
@@ -168,9 +138,7 @@ def migrate(
     The first migrate also sets the pipeline (OUTBOX_PIPELINE_STEPS; the default one only if every
     step jobs_variants uses is in it).
     """
-    settings, db, console = _setup(
-        database_url, log_level, pipeline_steps=pipeline_steps, failure_policy=failure_policy
-    )
+    settings, db, console = setup(database_url, log_level, pipeline_steps=pipeline_steps, failure_policy=failure_policy)
     if dry_run:
         from processor.migrate import plan
 
@@ -207,7 +175,7 @@ def repartition(
     log_level: LogLevelOption = "WARNING",
 ) -> None:
     """Change the partition count: holds writers back, waits for a drained outbox, then switches (README)."""
-    _, db, console = _setup(database_url, log_level)
+    _, db, console = setup(database_url, log_level)
     _repartition(db, console, partitions, timeout=timeout, as_json=as_json)
 
 
@@ -269,7 +237,7 @@ def run(
     log_level: LogLevelOption = "INFO",
 ) -> None:
     """Run the worker: apply outbox events to job state, one active worker per partition."""
-    settings, db, console = _setup(
+    settings, db, console = setup(
         database_url, log_level, batch_size=batch_size, partition=partition, pipeline_steps=pipeline_steps,
         failure_policy=failure_policy,
     )  # fmt: skip
@@ -285,7 +253,7 @@ def run(
             raise OutboxError(f"cannot serve metrics on port {metrics_port}: {exc.strerror}") from None
         threading.Thread(target=metrics.refresh_from_database, args=(db, refresh_stop), daemon=True).start()
     try:
-        with _stop_on_signals(worker):
+        with stop_on_signals(worker):
             stats = worker.run(until_idle=until_idle)
     finally:
         refresh_stop.set()
@@ -324,7 +292,7 @@ def demo(
 
     if min_variants > max_variants:
         raise typer.BadParameter("must not exceed --max-variants", param_hint="--min-variants")
-    settings, db, console = _setup(database_url, log_level)
+    settings, db, console = setup(database_url, log_level)
     progress = Console(stderr=True, soft_wrap=True)  # stdout stays for the summary
     _migrate(db, progress, settings, quiet=True)
     with connect(db, application_name=application_name("demo")) as conn:
@@ -353,10 +321,11 @@ def check(
     log_level: LogLevelOption = "WARNING",
 ) -> None:
     """One probe for monitoring: exit 1 on lag, a partition without a worker, flagged jobs, dead letters,
-    a missing or disabled trigger of the product, or a legacy writer of job state."""
+    a subscription behind or with parked transitions, a missing or disabled trigger of the product, or a
+    legacy writer of job state."""
     from processor.health import as_document, run_checks
 
-    _, db, console = _setup(database_url, log_level)
+    _, db, console = setup(database_url, log_level)
     with connect(db, application_name=application_name("check")) as conn:
         checks = run_checks(conn, max_lag=max_lag)
     document = as_document(checks)
@@ -385,7 +354,7 @@ def backlog(
     """Show the event backlog: pending events, lag, the consumer, standbys, dead letters."""
     from processor.backlog import collect_backlog, render_backlog
 
-    settings, db, console = _setup(database_url, log_level, partition=partition)
+    settings, db, console = setup(database_url, log_level, partition=partition)
     with connect(db, application_name=application_name("backlog")) as conn:
         check_ready(conn)
         report = collect_backlog(conn, settings.partition)
@@ -407,7 +376,7 @@ def _operation(
 
     The fold configuration is the database's; a process whose own setting differs stops here.
     """
-    settings, db, console = _setup(database_url, log_level, partition=partition)
+    settings, db, console = setup(database_url, log_level, partition=partition)
     with connect(db, application_name=application_name(role)) as conn:
         check_ready(conn)
         fold_config.check_setting(fold_config.load(conn), settings.pipeline_steps, settings.failure_policy)
@@ -571,7 +540,7 @@ def pipeline_show(
     database_url: DatabaseOption = None, as_json: JsonOption = False, log_level: LogLevelOption = "WARNING"
 ) -> None:
     """Show the database's pipeline and failure policy."""
-    _, db, console = _setup(database_url, log_level)
+    _, db, console = setup(database_url, log_level)
     with connect(db, application_name=application_name("pipeline")) as conn:
         check_ready(conn)
         config = fold_config.load(conn)
@@ -607,7 +576,7 @@ def pipeline_set(
             pipeline = Pipeline(tuple(step.strip() for step in steps.split(",")))
         except ValueError as exc:
             raise typer.BadParameter(str(exc), param_hint="STEPS") from None
-    _, db, console = _setup(database_url, log_level)
+    _, db, console = setup(database_url, log_level)
     with connect(db, application_name=application_name("pipeline")) as conn:
         check_ready(conn)
         result = fold_config.change(conn, pipeline, failure_policy)
@@ -725,7 +694,7 @@ def prune(
     log_level: LogLevelOption = "WARNING",
 ) -> None:
     """Remove applied events older than a duration; replay stays correct (it starts from a baseline)."""
-    from processor.prune import parse_duration
+    from processor.prune import parse_duration, prune_transitions
     from processor.prune import prune as run_prune
 
     try:
@@ -748,35 +717,14 @@ def prune(
                 result = run_prune(conn, p, age, on_chunk=lambda n: progress.advance(task, n))
                 deleted += result.events_deleted
                 baselines += result.baseline_updates
+            # Transitions belong to no partition: pruned with the whole outbox, not with one partition.
+            transitions = 0 if partition is not None else prune_transitions(conn, age)
         if deleted:
             conn.execute(store.QUERIES["outbox_analyze"])  # `backlog` reports the outbox's size from its statistics
-    console.print(f"pruned {deleted} events older than {older_than}; {baselines} variant baselines updated")
-
-
-@contextmanager
-def _stop_on_signals(worker: Worker) -> Iterator[None]:
-    """SIGTERM/SIGINT: finish the batch in hand, then return; a second signal aborts it."""
-
-    requested: list[int] = []
-
-    def stop(signum: int) -> None:
-        logging.getLogger("processor").info("%s: stopping after the batch in hand", signal.Signals(signum).name)
-        worker.stop()
-
-    def handle(signum: int, _frame: FrameType | None) -> None:
-        if requested:
-            raise KeyboardInterrupt  # the open transaction rolls back with the connection
-        requested.append(signum)
-        # Not here: the handler runs on the main thread between two bytecodes, maybe while it holds
-        # the lock of the very Event (or logging handler) that stop() would take: a deadlock.
-        threading.Thread(target=stop, args=(signum,), name="outbox-stop", daemon=True).start()
-
-    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    summary = f"pruned {deleted} events older than {older_than}; {baselines} variant baselines updated"
+    if partition is None:
+        summary += f"; {transitions} job transitions removed (none that a subscription still needs)"
+    console.print(summary)
 
 
 def main() -> None:
@@ -795,7 +743,7 @@ def main() -> None:
         message += _from_environment(exc)
         hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
         _fail(" ".join(message.split()) + hint, code=getattr(exc, "exit_code", 2))
-    except OutboxError as exc:
+    except (OutboxError, SubscriptionNotFoundError) as exc:
         _fail(str(exc))
     except psycopg.Error as exc:
         _fail(f"database error: {_describe(exc)}")
@@ -844,6 +792,8 @@ def _fail(message: str, code: int = 1) -> None:
         print(json.dumps({"ok": False, "error": message}))
     raise SystemExit(code)
 
+
+cli_transitions.register(app)
 
 if __name__ == "__main__":
     main()

@@ -92,13 +92,19 @@ class DatabaseUrl:
         return create_engine(self.url, **kwargs)
 
 
+def connect_params(db: DatabaseUrl, *, application_name: str, connect_timeout: int = 10) -> dict[str, Any]:
+    """libpq parameters of the product's connections (sync and asyncio alike)."""
+    # The URL's own parameters (?connect_timeout=5, ?keepalives_idle=...) override these defaults.
+    params = {"connect_timeout": connect_timeout, **_KEEPALIVES, **db.connect_kwargs()}
+    params["application_name"] = application_name
+    return params
+
+
 def connect(
     db: DatabaseUrl, *, application_name: str, autocommit: bool = True, connect_timeout: int = 10
 ) -> psycopg.Connection[Any]:
     """Open a psycopg connection; errors come back with the password removed."""
-    # The URL's own parameters (?connect_timeout=5, ?keepalives_idle=...) override these defaults.
-    params = {"connect_timeout": connect_timeout, **_KEEPALIVES, **db.connect_kwargs()}
-    params["application_name"] = application_name
+    params = connect_params(db, application_name=application_name, connect_timeout=connect_timeout)
     try:
         return psycopg.connect(**params, autocommit=autocommit)
     except psycopg.Error as exc:

@@ -43,6 +43,10 @@ class DemoReport:
     events_processed: int
     seconds: float
     latencies: list[float] = field(repr=False)
+    # A subscription reacting to jobs becoming done or failed (outbox.Subscriber): one reaction per
+    # job finished, and the time from the variant update that finished it to the handler's call.
+    reactions: int = 0
+    reaction_latencies: list[float] = field(default_factory=list, repr=False)
 
     @property
     def events_per_second(self) -> float:
@@ -59,19 +63,25 @@ class DemoReport:
             "events_per_second": round(self.events_per_second, 1),
             **{f"latency_p{q}_ms": round(self.latency_ms(q), 1) for q in (50, 95, 99)},
             "latency_max_ms": round(self.latency_ms(100), 1),
+            "reactions": self.reactions,
+            **{f"reaction_latency_p{q}_ms": round(self.latency_ms(q, self.reaction_latencies), 1) for q in (50, 99)},
         }
 
-    def latency_ms(self, q: float) -> float:
-        if not self.latencies:
-            return 0.0
-        cuts = statistics.quantiles(self.latencies, n=100, method="inclusive")
-        return 1000 * (max(self.latencies) if q >= 100 else cuts[int(q) - 1])
+    def latency_ms(self, q: float, latencies: list[float] | None = None) -> float:
+        latencies = self.latencies if latencies is None else latencies
+        if len(latencies) < 2:
+            return 1000 * max(latencies, default=0.0)
+        cuts = statistics.quantiles(latencies, n=100, method="inclusive")
+        return 1000 * (max(latencies) if q >= 100 else cuts[int(q) - 1])
 
 
 class _Walk:
     """The transitions one variant goes through: running then done at each step, failing sometimes."""
 
-    def __init__(self, variant_id: uuid.UUID, steps: tuple[str, ...], fail_rate: float, rng: random.Random):
+    def __init__(
+        self, job_id: uuid.UUID, variant_id: uuid.UUID, steps: tuple[str, ...], fail_rate: float, rng: random.Random
+    ):
+        self.job_id = job_id
         self.variant_id = variant_id
         self.moves: deque[tuple[str, str]] = deque()
         for step in steps:
@@ -85,9 +95,19 @@ def run_demo(
     settings: Settings, db: DatabaseUrl, steps: tuple[str, ...], options: DemoOptions, console: Console
 ) -> DemoReport:
     rng = random.Random(options.seed)
-    engine = db.create_engine(pool_size=options.writers + 2, max_overflow=0)
+    engine = db.create_engine(pool_size=options.writers + 3, max_overflow=0)
     latencies: list[float] = []
     applied = [0]
+    last_write: dict[uuid.UUID, float] = {}  # each job's last variant update, committed at (wall clock)
+    reactions: dict[uuid.UUID, float] = {}  # job -> seconds from that update to the handler's call
+
+    def react(_conn: object, transition: outbox.Transition) -> None:
+        reactions.setdefault(transition.job_id, time.time() - last_write.get(transition.job_id, time.time()))
+
+    with engine.begin() as conn:  # from now: a demo run again on the same database reacts to its own jobs
+        conn.exec_driver_sql(QUERIES["demo_subscription_reset"])
+    subscriber = outbox.Subscriber("outbox-demo", engine, react, poll_interval=0.5)
+    subscriber_thread = threading.Thread(target=subscriber.run, name="outbox-subscriber", daemon=True)
 
     def on_batch(result: BatchResult) -> None:
         applied[0] += result.events
@@ -106,6 +126,7 @@ def run_demo(
 
     started = time.monotonic()
     worker_thread.start()
+    subscriber_thread.start()
     try:
         job_ids, walks = _create_jobs(engine, options, steps, rng)
         pending: deque[_Walk] = deque(walks)
@@ -134,6 +155,7 @@ def run_demo(
                                     {"variant_id": walk.variant_id, "status": status, "step": step},
                                 )
                         with lock:
+                            last_write[walk.job_id] = time.time()
                             written[0] += 1
                             if walk.moves:
                                 pending.append(walk)
@@ -185,8 +207,19 @@ def run_demo(
             if writer_errors:
                 raise writer_errors[0]
             done, stuck, total = summary
-        return DemoReport(total, done, stuck, written[0], applied[0], seconds, latencies)
+            t_reactions = progress.add_task("reactions (done/failed)", total=done)
+            deadline = time.monotonic() + 60
+            while len(reactions) < done and time.monotonic() < deadline and subscriber_thread.is_alive():
+                progress.update(t_reactions, completed=len(reactions))
+                time.sleep(0.05)  # screen refresh, not synchronisation
+            progress.update(t_reactions, completed=len(reactions))
+        return DemoReport(
+            total, done, stuck, written[0], applied[0], seconds, latencies, len(reactions), list(reactions.values())
+        )
     finally:
+        subscriber.stop()
+        if subscriber_thread.is_alive():
+            subscriber_thread.join(timeout=30)
         worker.stop()
         if worker_thread.is_alive():
             worker_thread.join(timeout=30)
@@ -203,7 +236,7 @@ def _create_jobs(
         with engine.begin() as conn:  # one transaction per job, as an application would
             job_id, variant_ids = outbox.create_job(conn, variants=count)
         job_ids.append(job_id)
-        walks.extend(_Walk(v, steps, options.fail_rate, rng) for v in variant_ids)
+        walks.extend(_Walk(job_id, v, steps, options.fail_rate, rng) for v in variant_ids)
     return job_ids, walks
 
 
@@ -221,4 +254,8 @@ def render_report(report: DemoReport, console: Console) -> None:
     for q in (50, 95, 99):
         table.add_row(f"commit-to-job-state latency p{q}", f"{report.latency_ms(q):.1f} ms")
     table.add_row("commit-to-job-state latency max", f"{report.latency_ms(100):.1f} ms")
+    table.add_row("reactions to done/failed", f"{report.reactions}",
+                  style="green" if report.reactions == report.jobs_done else "red")  # fmt: skip
+    for q in (50, 99):
+        table.add_row(f"commit-to-reaction latency p{q}", f"{report.latency_ms(q, report.reaction_latencies):.1f} ms")
     console.print(table)

@@ -2,11 +2,13 @@
 
 Each check is read-only and cheap enough to run every minute: the schema's version, the product's
 triggers, legacy writers of job state and the cast functions' fit, the age of the oldest pending
-work, partitions whose work waits with no worker, flagged jobs and dead letters.
+work, partitions whose work waits with no worker, flagged jobs, dead letters, and subscriptions
+that fall behind or parked a transition.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -14,6 +16,7 @@ from processor import app_schema, schema_check, store
 from processor.errors import SchemaError
 from processor.migrate import check_ready
 from processor.store import QUERIES, Connection
+from processor.subscriptions import list_subscriptions
 
 
 @dataclass(frozen=True)
@@ -74,7 +77,7 @@ def run_checks(conn: Connection, *, max_lag: float) -> list[Check]:
         )
         counts = conn.execute(QUERIES["health_counts"]).fetchone()
         assert counts is not None
-        flagged, dead = int(counts[0]), int(counts[1])
+        flagged, dead, now = int(counts[0]), int(counts[1]), counts[2]
         checks.append(
             Check("flagged jobs", flagged == 0, f"{flagged} flagged jobs (see `outbox verify`)" if flagged else "none")
         )
@@ -83,7 +86,21 @@ def run_checks(conn: Connection, *, max_lag: float) -> list[Check]:
                 "dead letters", dead == 0, f"{dead} dead letters (see `outbox dead-letters list`)" if dead else "none"
             )
         )
+        # A subscription fails the probe when its handler gave up on a transition, or when what it
+        # has not acknowledged waited longer than max_lag (is its consumer running?).
+        troubled = [
+            f"{s.name}: {s.parked} parked (`outbox subscriptions failures {s.name}`)"
+            if s.parked
+            else f"{s.name}: {s.lag} transitions waiting, the oldest {_age(s.oldest_unacknowledged, now)} s"
+            for s in list_subscriptions(conn)
+            if s.parked or (s.oldest_unacknowledged is not None and _age(s.oldest_unacknowledged, now) > max_lag)
+        ]
+        checks.append(Check("subscriptions", not troubled, "; ".join(troubled) or "every subscription keeps up"))
     return checks
+
+
+def _age(at: dt.datetime | None, now: dt.datetime) -> float:
+    return round((now - at).total_seconds(), 1) if at is not None else 0.0
 
 
 def as_document(checks: list[Check], error: str | None = None) -> dict[str, Any]:

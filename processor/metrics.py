@@ -20,6 +20,7 @@ from processor import store
 from processor.batch import BatchResult
 from processor.database import DatabaseUrl, connect
 from processor.store import QUERIES
+from processor.subscriptions import SubscriptionInfo, list_subscriptions
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,18 @@ class WorkerMetrics:
             "outbox_schema_problems",
             "Problems with the schema this worker found at its last check (a product trigger missing or "
             "disabled, a legacy writer of job state); 0 when all is in place.",
+            registry=self.registry,
+        )
+        self.subscription_lag = Gauge(
+            "outbox_subscription_lag_transitions",
+            "Job transitions after a subscription's position that pass its filter (not acknowledged yet).",
+            ["subscription"],
+            registry=self.registry,
+        )
+        self.subscription_parked = Gauge(
+            "outbox_subscription_parked_transitions",
+            "Transitions a subscription's handler gave up on (`outbox subscriptions failures NAME`).",
+            ["subscription"],
             registry=self.registry,
         )
         self.active = Gauge(
@@ -100,6 +113,7 @@ class WorkerMetrics:
                         self.lag.labels(str(partition)).set(0)
                 row = conn.execute(QUERIES["dead_letters_count"]).fetchone()
                 self.dead_letters.set(row[0] if row else 0)
+                self._refresh_subscriptions(list_subscriptions(conn))
             except Exception as exc:  # the database may be away; the worker reports that itself
                 log.debug("metrics refresh failed: %s", type(exc).__name__)
                 if conn is not None:
@@ -108,6 +122,16 @@ class WorkerMetrics:
             stop.wait(every)
         if conn is not None:
             conn.close()
+
+    def _refresh_subscriptions(self, found: list[SubscriptionInfo]) -> None:
+        names = {info.name for info in found}
+        for gauge in (self.subscription_lag, self.subscription_parked):
+            for (name,) in list(gauge._metrics):
+                if name not in names:
+                    gauge.remove(name)
+        for info in found:
+            self.subscription_lag.labels(info.name).set(info.lag)
+            self.subscription_parked.labels(info.name).set(info.parked)
 
 
 class _QuietHandler(WSGIRequestHandler):

@@ -1,5 +1,7 @@
 """`outbox prune`: remove applied events older than a duration, keeping replay correct.
 
+Job transitions older than the duration go too, once every subscription acknowledged them.
+
 Before events are deleted, the state they give each variant is folded into
 outbox_variant_baseline, where replay starts. Only events that are applied (visible in the
 checkpoint's done snapshot) are removed, never a dead letter still waiting for retry or discard.
@@ -72,3 +74,20 @@ def prune(
             on_chunk(deleted)
     conn.execute(QUERIES["throughput_prune"])
     return result
+
+
+def prune_transitions(
+    conn: Connection, older_than: dt.timedelta, *, chunk_size: int = 5000, on_chunk: Callable[[int], None] | None = None
+) -> int:
+    """Delete job transitions older than ``older_than`` that no subscription still needs, in short transactions."""
+    row = conn.execute(QUERIES["clock_minus"], {"interval": older_than}).fetchone()
+    assert row is not None
+    deleted = 0
+    while True:
+        with conn.transaction():
+            n = conn.execute(QUERIES["transitions_prune"], {"cutoff": row[0], "limit": chunk_size}).rowcount
+        if n <= 0:
+            return deleted
+        deleted += n
+        if on_chunk is not None:
+            on_chunk(n)

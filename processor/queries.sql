@@ -304,10 +304,12 @@ SELECT (SELECT updated_at FROM advanced) AS committed_at
 -- job row that another transaction holds locked is not waited for (SKIP LOCKED): the job goes to
 -- outbox_dirty_jobs, to be tried again a second later, and the rest go on. Flags of the jobs
 -- folded are cleared, or set with the reason. Held jobs are left alone. The columns' own types
--- are written through their cast functions. Returns what was written, deferred and blocked.
+-- are written through their cast functions. Returns what was written (with each job's state
+-- before and after: its transition, which transitions_append writes), deferred and blocked.
 WITH writer AS MATERIALIZED (
-    -- Who writes: outbox_guard_job_state (migration 0010) lets the processor through.
-    SELECT set_config('outbox.job_writer', 'processor', true) AS name
+    -- Who writes: outbox_guard_job_state lets the processor through (the token of migration 0012:
+    -- a worker older than it is refused, rather than writing job state without transitions).
+    SELECT set_config('outbox.job_writer', 'processor:12', true) AS name
 ), incoming AS MATERIALIZED (
     SELECT t.*
     FROM unnest(%(job_ids)b::uuid[], %(job_statuses)b::text[], %(job_steps)b::text[]) AS t (job_id, status, current_step)
@@ -321,12 +323,12 @@ WITH writer AS MATERIALIZED (
 ), changing AS MATERIALIZED (
     -- Only the rows whose state differs are written, and locked. The row's version as this
     -- statement's snapshot saw it (xmin) is kept for the lock below.
-    SELECT i.*, j.xmin AS seen_xmin
+    SELECT i.*, j.xmin AS seen_xmin, j.status::text AS from_status, j.current_step::text AS from_step
     FROM incoming AS i
     JOIN jobs AS j USING (job_id)
     WHERE (j.status::text, j.current_step::text) IS DISTINCT FROM (i.status, i.current_step)
       AND NOT EXISTS (SELECT FROM deferred AS d WHERE d.job_id = i.job_id)
-      AND (SELECT name FROM writer) = 'processor'  -- set before any row is written
+      AND (SELECT name FROM writer) = 'processor:12'  -- set before any row is written
 ), locked AS MATERIALIZED (
     -- A row changed since the snapshot (a hold committed meanwhile: the lock takes the newest
     -- version, and the hold's check above did not see it) is not written now but retried, under a
@@ -342,7 +344,7 @@ WITH writer AS MATERIALIZED (
     FROM changing AS c
     JOIN locked AS l USING (job_id)
     WHERE j.job_id = c.job_id
-    RETURNING j.job_id
+    RETURNING j.job_id, c.from_status, c.from_step, j.status::text AS to_status, j.current_step::text AS to_step
 ), blocked AS MATERIALIZED (
     SELECT c.job_id FROM changing AS c WHERE NOT EXISTS (SELECT FROM locked AS l WHERE l.job_id = c.job_id)
 ), queued AS (
@@ -363,7 +365,41 @@ WITH writer AS MATERIALIZED (
     ON CONFLICT (job_id) DO UPDATE SET reason = excluded.reason, flagged_at = now()
         WHERE f.reason <> excluded.reason
 )
-SELECT (SELECT count(*) FROM updated), (SELECT count(*) FROM deferred), ARRAY(SELECT job_id FROM blocked ORDER BY 1)
+SELECT (SELECT count(*) FROM updated), (SELECT count(*) FROM deferred), ARRAY(SELECT job_id FROM blocked ORDER BY 1),
+       -- The transitions (transitions_append writes them, last thing before the commit).
+       ARRAY(SELECT job_id FROM updated ORDER BY job_id),
+       ARRAY(SELECT from_status FROM updated ORDER BY job_id),
+       ARRAY(SELECT from_step FROM updated ORDER BY job_id),
+       ARRAY(SELECT to_status FROM updated ORDER BY job_id),
+       ARRAY(SELECT to_step FROM updated ORDER BY job_id)
+
+-- name: transitions_append
+-- The transitions of the job states this transaction wrote (jobs_write), as its last statement
+-- before the commit: under the lock that orders transitions (migration 0012), held from here to the
+-- commit only, so that nothing this transaction may still wait for (an application's row) is
+-- waited for while every other writer of transitions waits behind it. Holds' staged transitions
+-- are published first (a held job's next transition follows its hold's); the whole is announced
+-- once (PostgreSQL folds a transaction's identical notifications). Takes the lock only when there
+-- is something to write.
+WITH incoming AS MATERIALIZED (
+    SELECT *
+    FROM unnest(%(job_ids)s::uuid[], %(from_statuses)s::text[], %(from_steps)s::text[],
+                %(to_statuses)s::text[], %(to_steps)s::text[]) WITH ORDINALITY
+         AS t (job_id, from_status, from_step, to_status, to_step, n)
+), published AS MATERIALIZED (
+    SELECT outbox_transitions_publish() AS count
+    WHERE EXISTS (SELECT FROM incoming) OR EXISTS (SELECT FROM outbox_job_transitions_staged)
+), appended AS (
+    INSERT INTO outbox_job_transitions (job_id, partition, from_status, from_step, to_status, to_step, written_by)
+    SELECT i.job_id, outbox_partition_of(i.job_id), i.from_status, i.from_step, i.to_status, i.to_step, 'processor'
+    FROM (SELECT * FROM incoming ORDER BY n) AS i
+    -- After the staged ones (the lock is taken there, or here when nothing was staged).
+    WHERE (SELECT count(*) FROM published) >= 0 AND outbox_transitions_lock()
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM appended), (SELECT sum(count) FROM published),
+       (SELECT pg_notify('outbox_transitions', '')
+        WHERE EXISTS (SELECT FROM appended) OR (SELECT sum(count) FROM published) > 0) IS NULL
 
 -- name: jobs_lock_holders
 -- Who holds each job row locked: the transaction in the row's xmax (a row lock, or an update not
@@ -430,6 +466,12 @@ INSERT INTO outbox_schema_migrations (version, name) VALUES (%(version)s, %(name
 UPDATE jobs_variants
 SET status = %(status)s, current_step = %(step)s, updated_at = now()
 WHERE job_variants_id = %(variant_id)s
+
+-- name: demo_subscription_reset
+-- The demo's subscription, reacting to jobs becoming done or failed, from now on.
+INSERT INTO outbox_subscriptions (name, position, to_statuses)
+VALUES ('outbox-demo', coalesce((SELECT max(transition_id) FROM outbox_job_transitions), 0), ARRAY['done', 'failed'])
+ON CONFLICT (name) DO UPDATE SET position = excluded.position
 
 -- name: demo_jobs_summary
 -- stuck: every variant is done at the final step, yet the job is not done (the original bug).
@@ -700,6 +742,23 @@ WITH issued AS MATERIALIZED (
     DELETE FROM outbox_events WHERE event_id IN (SELECT event_id FROM doomed) RETURNING 1
 )
 SELECT (SELECT count(*) FROM deleted), (SELECT merged FROM baseline)
+
+-- name: transitions_prune
+-- One round of pruning job transitions: those written before the cutoff that every subscription
+-- has acknowledged (at or below its position) and none has parked or is retrying. With no
+-- subscription, every transition before the cutoff goes.
+WITH kept_from AS MATERIALIZED (
+    SELECT min(position) AS position FROM outbox_subscriptions
+), doomed AS (
+    SELECT t.transition_id
+    FROM outbox_job_transitions AS t
+    WHERE t.transitioned_at < %(cutoff)s
+      AND t.transition_id <= coalesce((SELECT position FROM kept_from), 9223372036854775807)
+      AND NOT EXISTS (SELECT FROM outbox_subscription_failures AS f WHERE f.transition_id = t.transition_id)
+    ORDER BY t.transition_id
+    LIMIT %(limit)s
+)
+DELETE FROM outbox_job_transitions WHERE transition_id IN (SELECT transition_id FROM doomed)
 
 -- name: throughput_prune
 DELETE FROM outbox_throughput WHERE bucket < clock_timestamp() - interval '1 day'
@@ -1014,11 +1073,12 @@ CREATE TRIGGER outbox_capture_variant_update
 CREATE TRIGGER outbox_guard_job_state
     AFTER UPDATE ON jobs
     FOR EACH ROW
-    WHEN (current_setting('outbox.job_writer', true) IS DISTINCT FROM 'processor')
+    WHEN (current_setting('outbox.job_writer', true) IS DISTINCT FROM 'processor:12')
     EXECUTE FUNCTION outbox_guard_job_state()
 
 -- name: health_counts
-SELECT (SELECT count(*) FROM outbox_job_flags), (SELECT count(*) FROM outbox_dead_letters WHERE discarded_at IS NULL)
+SELECT (SELECT count(*) FROM outbox_job_flags), (SELECT count(*) FROM outbox_dead_letters WHERE discarded_at IS NULL),
+       clock_timestamp()
 
 -- name: app_tables_present
 SELECT to_regclass('jobs') IS NOT NULL, to_regclass('jobs_variants') IS NOT NULL

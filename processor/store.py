@@ -58,6 +58,8 @@ class JobsWritten:
     jobs_changed: int
     jobs_deferred: int  # of a partition catching up: folded when its catch-up closes
     jobs_blocked: list[uuid.UUID]  # rows another transaction held locked: tried again later
+    # Each job written, its state before and after: the transitions transitions_append writes.
+    transitions: tuple[list[Any], ...] = ((), (), (), (), ())  # type: ignore[assignment]
 
 
 @dataclass(frozen=True, slots=True)
@@ -337,7 +339,27 @@ def jobs_write(
         },
     ).fetchone()
     assert row is not None
-    return JobsWritten(row[0], row[1], list(row[2]))
+    return JobsWritten(row[0], row[1], list(row[2]), tuple(row[3:8]))
+
+
+def transitions_append(conn: Connection, *written: JobsWritten) -> int:
+    """The transitions of the job states written in this transaction, and those holds staged; how many.
+
+    The last statement before the commit (the query says why); with nothing written, it publishes
+    what holds staged (an idle worker's call).
+    """
+    columns: list[list[Any]] = [[], [], [], [], []]
+    for each in written:
+        for column, values in zip(columns, each.transitions, strict=True):
+            column.extend(values)
+    job_ids, from_statuses, from_steps, to_statuses, to_steps = columns
+    row = conn.execute(
+        QUERIES["transitions_append"],
+        {"job_ids": job_ids, "from_statuses": from_statuses, "from_steps": from_steps,
+         "to_statuses": to_statuses, "to_steps": to_steps},
+    ).fetchone()  # fmt: skip
+    assert row is not None
+    return int(row[0]) + int(row[1] or 0)
 
 
 @dataclass(frozen=True, slots=True)

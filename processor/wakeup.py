@@ -22,9 +22,13 @@ import threading
 import time
 from collections import Counter
 from enum import StrEnum
+from typing import Any
 
-from processor import store
-from processor.store import Connection
+import psycopg
+
+# The store is imported where it is used: outbox.subscriber waits with this class too, and the
+# application's package must not import the processor's store (and with it the fold) to do so.
+Connection = psycopg.Connection[Any]
 
 log = logging.getLogger(__name__)
 
@@ -54,17 +58,23 @@ class Waiter:
         Call it on the active worker's session before its first fetch, so that what commits after
         that fetch notifies. Not on a standby's: nobody would read its notifications.
         """
-        if self._wake_r is None:
-            self._wake_r, self._wake_w = socket.socketpair()
-            self._wake_r.setblocking(False)
-            self._wake_w.setblocking(False)
+        from processor import store
+
         store.wakeup_listen(conn)
-        self._conn = conn
+        self.attach(conn)
         if not store.wakeup_trigger_enabled(conn):
             log.warning(
                 "OUTBOX_WAKEUP=notify, but writers do not notify (no outbox_wakeup_notify trigger on "
                 "jobs_variants): run `outbox migrate --wakeup notify`; polling meanwhile"
             )
+
+    def attach(self, conn: Connection) -> None:
+        """Wait on ``conn`` from now on: a wait also ends when a notification arrives on it (LISTEN is the caller's)."""
+        if self._wake_r is None:
+            self._wake_r, self._wake_w = socket.socketpair()
+            self._wake_r.setblocking(False)
+            self._wake_w.setblocking(False)
+        self._conn = conn
 
     def wake(self) -> None:
         """End the current wait now (Worker.stop: from any thread, or from a signal handler)."""

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 
+import psycopg
 import tenacity
 
 from processor import fold_config, rebase, schema_check, store
@@ -372,6 +373,14 @@ class Worker:
             with watchdog.guard(conn):
                 self._owned[partition] = self._load_state(conn, partition)
             return _Outcome.MORE
+        except (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure) as exc:
+            # A deadlock PostgreSQL broke by rolling this batch back (an application transaction
+            # that holds a job and waits for rows this batch wrote): nothing was applied; again.
+            log.warning("batch of partition %s rolled back (%s); trying it again", partition, exc.sqlstate)
+            self._stopping.wait(self.settings.poll_interval_max)
+            with watchdog.guard(conn):
+                self._owned[partition] = self._load_state(conn, partition)
+            return _Outcome.MORE
         except PartitionMissingError:
             log.info("partition %s no longer exists (repartitioned); released", partition)
             with watchdog.guard(conn):
@@ -395,6 +404,7 @@ class Worker:
             # None was ready (the rest wait for a locked row): on to the events.
         # When idle, a read-only check first: a batch transaction locks the checkpoint row.
         if state.probe and cursor.target is None and not store.events_probe(conn, ctx.partition, cursor):
+            store.transitions_append(conn)  # holds' staged transitions, when no batch publishes them
             return _Outcome.IDLE
         started = time.monotonic()
         result = apply_batch(

@@ -1,4 +1,5 @@
--- Least privilege: two group roles, outbox_writer and outbox_processor, and exactly what each needs.
+-- Least privilege: three group roles, outbox_writer, outbox_processor and outbox_subscriber, and
+-- exactly what each needs.
 --
 -- How to use it. `outbox migrate` runs as the owner of the tables (DDL, triggers, the adoption
 -- backfill, removing a legacy trigger): keep that role for migrations only. Then, as that owner (or
@@ -10,6 +11,7 @@
 --
 --     GRANT outbox_writer TO app;                 -- whatever writes jobs / jobs_variants
 --     GRANT outbox_processor TO outbox_worker;    -- `outbox run` and the operations commands
+--     GRANT outbox_subscriber TO app;             -- outbox.Subscriber, `outbox deliver`
 --
 -- It is plain SQL (no psql variables), so any client can run it, and it is idempotent: every run
 -- first revokes, then grants, so the privileges are exactly these whatever was granted before.
@@ -56,6 +58,20 @@
 --                               -                                       SELECT
 --   outbox_fold_config          SELECT (update_variant checks a step)   SELECT, UPDATE (`outbox pipeline set`)
 --   outbox_job_holds            - (outbox_hold_job writes it)           SELECT
+--   outbox_job_transitions      -                                      SELECT, INSERT (jobs_write), DELETE
+--                                                                       (prune)
+--   outbox_job_transitions_staged
+--                               - (outbox_hold_job stages a hold's)    SELECT, DELETE (publishing)
+--   outbox_subscriptions, outbox_subscription_failures
+--                               -                                       SELECT, INSERT, UPDATE, DELETE
+--                                                                       (`outbox subscriptions ...`)
+--   outbox_transitions_lock, outbox_transitions_publish
+--                               -                                      EXECUTE
+--
+--   outbox_subscriber (a subscription's consumer): SELECT on outbox_job_transitions; SELECT and
+--   UPDATE (position, acknowledged_at) on outbox_subscriptions; SELECT, INSERT, UPDATE, DELETE on
+--   outbox_subscription_failures; SELECT on outbox_schema_migrations and outbox_fold_config (the
+--   commands check the schema first). Nothing else: it reads transitions and moves its position.
 --   outbox_partition_of, outbox_partition_hash, outbox_append_variant_event
 --                               EXECUTE                                 EXECUTE
 --   outbox_refuse_variant       EXECUTE (capture calls it to refuse     -
@@ -95,7 +111,7 @@ DO $$
 DECLARE
     role_name text;
 BEGIN
-    FOREACH role_name IN ARRAY ARRAY['outbox_writer', 'outbox_processor'] LOOP
+    FOREACH role_name IN ARRAY ARRAY['outbox_writer', 'outbox_processor', 'outbox_subscriber'] LOOP
         IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = role_name) THEN
             BEGIN
                 EXECUTE format('CREATE ROLE %I NOLOGIN', role_name);
@@ -108,12 +124,13 @@ END
 $$;
 
 -- Start from nothing, so the result is exact on a re-run or after hand-made grants.
-REVOKE ALL ON TABLE jobs, jobs_variants FROM outbox_writer, outbox_processor;
+REVOKE ALL ON TABLE jobs, jobs_variants FROM outbox_writer, outbox_processor, outbox_subscriber;
 REVOKE ALL ON TABLE
     outbox_events, outbox_checkpoints, outbox_dirty_jobs, outbox_job_flags, outbox_variant_states,
     outbox_dead_letters, outbox_throughput, outbox_variant_baseline, outbox_schema_migrations,
-    outbox_partitioning, outbox_fold_config, outbox_job_holds
-    FROM PUBLIC, outbox_writer, outbox_processor;
+    outbox_partitioning, outbox_fold_config, outbox_job_holds, outbox_job_transitions, outbox_subscriptions,
+    outbox_subscription_failures, outbox_job_transitions_staged
+    FROM PUBLIC, outbox_writer, outbox_processor, outbox_subscriber;
 REVOKE ALL ON SEQUENCE outbox_variant_versions FROM PUBLIC, outbox_writer, outbox_processor;
 REVOKE ALL ON FUNCTION
     outbox_partition_of(uuid),
@@ -144,15 +161,18 @@ REVOKE ALL ON FUNCTION
     outbox_job_status(text),
     outbox_job_step(text),
     outbox_variant_status(text),
-    outbox_variant_step(text)
-    FROM PUBLIC, outbox_writer, outbox_processor;
+    outbox_variant_step(text),
+    outbox_transitions_lock(),
+    outbox_transitions_publish()
+    FROM PUBLIC, outbox_writer, outbox_processor, outbox_subscriber;
 
 -- Connecting to this database and resolving the names in its schema (PUBLIC usually has both;
 -- granted in case an administrator revoked them).
 DO $$
 BEGIN
-    EXECUTE format('GRANT CONNECT ON DATABASE %I TO outbox_writer, outbox_processor', current_database());
-    EXECUTE format('GRANT USAGE ON SCHEMA %I TO outbox_writer, outbox_processor',
+    EXECUTE format('GRANT CONNECT ON DATABASE %I TO outbox_writer, outbox_processor, outbox_subscriber',
+                   current_database());
+    EXECUTE format('GRANT USAGE ON SCHEMA %I TO outbox_writer, outbox_processor, outbox_subscriber',
                    (SELECT relnamespace::regnamespace::text FROM pg_class WHERE oid = 'outbox_events'::regclass));
 END
 $$;
@@ -213,6 +233,9 @@ GRANT SELECT ON outbox_job_holds TO outbox_processor;
 GRANT SELECT, INSERT, UPDATE, DELETE
     ON outbox_job_flags, outbox_variant_states, outbox_dead_letters, outbox_throughput TO outbox_processor;
 GRANT SELECT, INSERT, UPDATE ON outbox_variant_baseline TO outbox_processor;
+GRANT SELECT, INSERT, DELETE ON outbox_job_transitions TO outbox_processor;
+GRANT SELECT, DELETE ON outbox_job_transitions_staged TO outbox_processor;
+GRANT SELECT, INSERT, UPDATE, DELETE ON outbox_subscriptions, outbox_subscription_failures TO outbox_processor;
 GRANT SELECT ON outbox_schema_migrations, outbox_partitioning TO outbox_processor;
 GRANT EXECUTE ON FUNCTION
     outbox_partition_of(uuid),
@@ -230,5 +253,14 @@ GRANT EXECUTE ON FUNCTION
     outbox_unreadable_problem(bigint, text),
     outbox_events_pending(integer),
     outbox_job_status(text),
-    outbox_job_step(text)
+    outbox_job_step(text),
+    outbox_transitions_lock(),
+    outbox_transitions_publish()
     TO outbox_processor;
+
+-- The subscriber: reads transitions, moves its subscription's position, records its failures.
+GRANT SELECT ON outbox_job_transitions TO outbox_subscriber;
+-- `outbox deliver` and `outbox subscribe` check the schema's version first.
+GRANT SELECT ON outbox_schema_migrations, outbox_fold_config TO outbox_subscriber;
+GRANT SELECT, UPDATE (position, acknowledged_at) ON outbox_subscriptions TO outbox_subscriber;
+GRANT SELECT, INSERT, UPDATE, DELETE ON outbox_subscription_failures TO outbox_subscriber;

@@ -67,6 +67,14 @@ def test_adoption_keeps_data_and_computes_existing_jobs_from_their_variants(empt
         assert conn.execute("SELECT count(*) FROM outbox_dead_letters").fetchone()[0] == 1
         # The application's data and columns are untouched.
         assert conn.execute("SELECT count(*) FROM jobs_variants WHERE payload = 'app data'").fetchone()[0] == 6
+        # The first fold of an adopted job writes its first transition, from the state the row had.
+        transitions = conn.execute(
+            "SELECT job_id, from_status, from_step, to_status, to_step FROM outbox_job_transitions ORDER BY 1"
+        ).fetchall()
+        assert sorted(transitions) == sorted([
+            (done_job, "running", "ingest", "done", "iou_eval"),
+            (running_job, "running", "ingest", "running", "segment"),
+        ])  # fmt: skip
 
 
 def test_the_worker_refuses_an_unmigrated_database_or_a_legacy_trigger(empty_db):

@@ -38,8 +38,8 @@ from tests.reference import actual_job_states, reference_job_states
 
 ROLES_SQL = Path(__file__).resolve().parents[2] / "schema" / "roles.sql"
 STEPS = ("ingest", "detect", "segment", "iou_eval")
-WRITER, PROCESSOR = "outbox_writer", "outbox_processor"
-GROUPS = (WRITER, PROCESSOR)
+WRITER, PROCESSOR, SUBSCRIBER = "outbox_writer", "outbox_processor", "outbox_subscriber"
+GROUPS = (WRITER, PROCESSOR, SUBSCRIBER)
 
 _counter = itertools.count()
 
@@ -57,10 +57,20 @@ TABLES: dict[str, dict[str, str]] = {
     "outbox_dead_letters": {WRITER: "", PROCESSOR: "SELECT INSERT UPDATE DELETE"},
     "outbox_throughput": {WRITER: "", PROCESSOR: "SELECT INSERT UPDATE DELETE"},
     "outbox_variant_baseline": {WRITER: "", PROCESSOR: "SELECT INSERT UPDATE"},
-    "outbox_schema_migrations": {WRITER: "", PROCESSOR: "SELECT"},
+    "outbox_schema_migrations": {WRITER: "", PROCESSOR: "SELECT", SUBSCRIBER: "SELECT"},
     "outbox_partitioning": {WRITER: "", PROCESSOR: "SELECT"},
-    "outbox_fold_config": {WRITER: "SELECT", PROCESSOR: "SELECT UPDATE"},  # `outbox pipeline set`
+    "outbox_fold_config": {WRITER: "SELECT", PROCESSOR: "SELECT UPDATE", SUBSCRIBER: "SELECT"},
     "outbox_job_holds": {WRITER: "", PROCESSOR: "SELECT"},  # written by outbox_hold_job (owner's rights)
+    # Transitions (0012): the processor writes and prunes them; a subscriber reads them and moves
+    # its own subscription's position; a hold stages its transition with the owner's rights.
+    "outbox_job_transitions": {WRITER: "", PROCESSOR: "SELECT INSERT DELETE", SUBSCRIBER: "SELECT"},
+    "outbox_job_transitions_staged": {WRITER: "", PROCESSOR: "SELECT DELETE"},
+    "outbox_subscriptions": {WRITER: "", PROCESSOR: "SELECT INSERT UPDATE DELETE", SUBSCRIBER: "SELECT"},
+    "outbox_subscription_failures": {
+        WRITER: "",
+        PROCESSOR: "SELECT INSERT UPDATE DELETE",
+        SUBSCRIBER: "SELECT INSERT UPDATE DELETE",
+    },
 }
 # Column-level privileges, for the tables where they differ from the table-level ones; elsewhere a
 # column has exactly the table's SELECT/INSERT/UPDATE/REFERENCES.
@@ -89,12 +99,21 @@ COLUMNS: dict[tuple[str, str], dict[str, str]] = {
     ("outbox_events", "variant_version"): _EVENT_WRITE,
     ("outbox_events", "payload"): _EVENT_WRITE,
     ("outbox_events", "created_at"): {WRITER: "", PROCESSOR: "SELECT"},
+    # A subscriber moves its position; nothing else of a subscription.
+    ("outbox_subscriptions", "position"): {WRITER: "", PROCESSOR: "SELECT INSERT UPDATE", SUBSCRIBER: "SELECT UPDATE"},
+    ("outbox_subscriptions", "acknowledged_at"): {
+        WRITER: "",
+        PROCESSOR: "SELECT INSERT UPDATE",
+        SUBSCRIBER: "SELECT UPDATE",
+    },
 }
 SEQUENCE_PRIVILEGES = ("USAGE", "SELECT", "UPDATE")
 SEQUENCES: dict[str, dict[str, str]] = {
     "outbox_variant_versions": {WRITER: "USAGE", PROCESSOR: "USAGE"},
     # An identity column's sequence needs no grant to insert.
     "outbox_events_event_id_seq": {WRITER: "", PROCESSOR: ""},
+    "outbox_job_transitions_transition_id_seq": {WRITER: "", PROCESSOR: ""},
+    "outbox_job_transitions_staged_staged_id_seq": {WRITER: "", PROCESSOR: ""},
 }
 FUNCTIONS: dict[str, dict[str, bool]] = {
     "outbox_partition_of(uuid)": {WRITER: True, PROCESSOR: True},
@@ -131,7 +150,16 @@ FUNCTIONS: dict[str, dict[str, bool]] = {
     "outbox_partitions_set(integer)": {WRITER: False, PROCESSOR: False},
     "outbox_wakeup_enable()": {WRITER: False, PROCESSOR: False},
     "outbox_wakeup_disable()": {WRITER: False, PROCESSOR: False},
+    # Transitions (0012): the processor's statements take the lock and publish holds' transitions.
+    "outbox_transitions_lock()": {WRITER: False, PROCESSOR: True},
+    "outbox_transitions_publish()": {WRITER: False, PROCESSOR: True},
 }
+# The subscriber has nothing but what is given it above.
+for _matrix in (TABLES, COLUMNS, SEQUENCES):
+    for _by_role in _matrix.values():
+        _by_role.setdefault(SUBSCRIBER, "")  # type: ignore[arg-type]
+for _by_role_f in FUNCTIONS.values():
+    _by_role_f.setdefault(SUBSCRIBER, False)
 
 
 @dataclass(frozen=True)
@@ -139,6 +167,7 @@ class Logins:
     admin: DatabaseUrl
     writer_role: str
     processor_role: str
+    subscriber_role: str
 
     def url(self, role: str) -> DatabaseUrl:
         return DatabaseUrl(self.admin.url.set(username=role, password=None))
@@ -152,7 +181,7 @@ class Logins:
         return self.url(self.processor_role)
 
     def member(self, group: str) -> str:
-        return self.writer_role if group == WRITER else self.processor_role
+        return {WRITER: self.writer_role, PROCESSOR: self.processor_role, SUBSCRIBER: self.subscriber_role}[group]
 
 
 def _drop_role(admin: psycopg.Connection[Any], role: str) -> None:
@@ -166,7 +195,7 @@ def _drop_role(admin: psycopg.Connection[Any], role: str) -> None:
 @pytest.fixture
 def logins(db: DatabaseUrl) -> Iterator[Logins]:
     suffix = f"{os.getpid()}_{next(_counter)}"
-    names = Logins(db, f"outbox_t_writer_{suffix}", f"outbox_t_processor_{suffix}")
+    names = Logins(db, f"outbox_t_writer_{suffix}", f"outbox_t_processor_{suffix}", f"outbox_t_subscriber_{suffix}")
     with connect(db, application_name="outbox-tests") as admin:
         rows = admin.execute("SELECT rolname FROM pg_roles WHERE rolname = ANY(%s)", [list(GROUPS)]).fetchall()
         created_groups = [g for g in GROUPS if g not in {r[0] for r in rows}]
@@ -179,7 +208,7 @@ def logins(db: DatabaseUrl) -> Iterator[Logins]:
         yield names
     finally:
         with connect(db, application_name="outbox-tests") as admin:
-            logins_ = [names.writer_role, names.processor_role]
+            logins_ = [names.writer_role, names.processor_role, names.subscriber_role]
             admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = ANY(%s)", [logins_])
             for role in [*logins_, *created_groups]:
                 _drop_role(admin, role)
@@ -538,3 +567,48 @@ def test_the_processor_is_refused_the_application_data_and_the_events_payload(
     drain(make_settings(logins.processor))
     _assert_refused(logins.processor, PROCESSOR_REFUSED, admin)
     print(f"\nprocessor refused {len(PROCESSOR_REFUSED)} statements it must not run")
+
+
+def test_transitions_under_the_processor_and_subscriber_roles(logins: Logins, admin: psycopg.Connection[Any]) -> None:
+    """The processor writes transitions (and publishes a hold's); an operator under the processor
+    role creates a subscription; its consumer under the subscriber role delivers and fails, parks
+    and acknowledges with nothing more than its grants."""
+    from processor import subscriptions
+
+    rng = random.Random(7)
+    jobs = _write_jobs(logins, rng, 6)
+    with connect(logins.writer, application_name="writer") as conn:
+        conn.execute("UPDATE jobs_variants SET status = 'done', current_step = 'iou_eval'")
+        outbox.hold_job(conn, next(iter(jobs)), status="failed", reason="cancelled")
+    with connect(logins.processor, application_name="outbox-ops") as ops:
+        subscriptions.create(ops, "billing", from_start=True, to_statuses=None)
+        drain(make_settings(logins.processor))
+    count = admin.execute("SELECT count(*), count(*) FILTER (WHERE written_by = 'hold') FROM outbox_job_transitions")
+    assert count.fetchone() == (6, 1)
+    seen: list[int] = []
+
+    def handler(_conn: Any, t: outbox.Transition) -> None:
+        if t.written_by == "hold":
+            raise RuntimeError("refused")
+        seen.append(t.transition_id)
+
+    url = logins.url(logins.subscriber_role).url.render_as_string(hide_password=False)
+    policy = outbox.RetryPolicy(max_attempts=1)
+    assert outbox.Subscriber("billing", url, handler, retry=policy).run_until_idle() == 5
+    info = admin.execute(
+        "SELECT position, (SELECT count(*) FROM outbox_subscription_failures) FROM outbox_subscriptions"
+    )
+    assert info.fetchone() == (6, 1)
+    # The commands too, under the subscriber's login alone.
+    from tests.acceptance.test_cli import outbox_cli
+    from tests.fix_database import subprocess_env
+
+    env = subprocess_env(logins.url(logins.subscriber_role))
+    handler = "tests.acceptance.transition_handlers:record"
+    ran = outbox_cli("subscribe", "billing", "--handler", handler, "--until-idle", env=env)
+    assert ran.returncode == 0 and "0 transitions handled" in ran.stdout, ran.stderr
+    with (
+        pytest.raises(psycopg.errors.InsufficientPrivilege),
+        connect(logins.url(logins.subscriber_role), application_name="subscriber") as sub,
+    ):
+        sub.execute("UPDATE outbox_subscriptions SET to_statuses = NULL")

@@ -1,0 +1,301 @@
+"""What a subscription's consumer decides, apart from how it talks to the database.
+
+A subscription (migration 0012) is a name and a position in the job transitions. Its consumer
+reads a page of transitions after the position, and for each one runs the handler and moves the
+position **in one transaction**, after locking the subscription's row (the fence): so a handler
+that writes to the same database has its effect exactly once (a crash before the commit delivers
+the transition again, one after it does not), and a handler with effects elsewhere is called at
+least once per transition, with ``transition_id`` as its idempotency key.
+
+A handler that raises gets the transition again after a backoff, as often as the policy allows;
+then the transition is parked with its error (``outbox subscriptions failures|retry``) and the
+position moves past it. Until then the subscription waits at it: transitions are delivered in
+order, never around one that failed.
+
+The sync consumer (outbox.subscriber) and the asyncio one (outbox.aio) share this module: the
+page, the policy, and the rows they read; each runs the same statements its own way.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import re
+import uuid
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from outbox.sqlfile import load_queries
+
+QUERIES = load_queries("outbox", "transitions.sql")
+log = logging.getLogger("outbox.subscriber")
+
+# The advisory lock class of "one active consumer per subscription" (the workers use 0x0B0C5E11
+# and the next one: processor.store).
+SUBSCRIBER_LOCK_CLASS = 0x0B0C_5E13
+CHANNEL = "outbox_transitions"  # the processor notifies it once per transaction that wrote transitions
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")  # the table's CHECK, said up front
+
+
+class SubscriptionNotFoundError(LookupError):
+    """No subscription of that name: create it first (``outbox subscriptions create NAME``)."""
+
+
+class FencedError(RuntimeError):
+    """The subscription's position moved under this consumer (another consumer, or a reset)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    """A change of one job's state, as the processor (or a hold) wrote it."""
+
+    transition_id: int
+    job_id: uuid.UUID
+    partition: int
+    from_status: str | None  # None only where the job's row had no status (an adopted table)
+    from_step: str | None
+    to_status: str
+    to_step: str | None
+    written_by: str
+    transitioned_at: dt.datetime
+    attempt: int = 1  # 1 for the first delivery to this subscription, then 2, 3, ...
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON object (the webhook body, one line of `outbox transitions --json`)."""
+        data = asdict(self)
+        data["job_id"] = str(self.job_id)
+        data["transitioned_at"] = self.transitioned_at.isoformat()
+        del data["attempt"]
+        return data
+
+    def to_json_text(self) -> str:
+        return json.dumps(self.to_json(), separators=(",", ":"), sort_keys=True)
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    """The next transitions of a subscription (``transitions_page``)."""
+
+    position: int
+    head: int  # the newest transition the read saw (0: none yet)
+    transitions: list[Transition]
+    failed_at: dict[int, dt.datetime]  # transitions that failed before: when they last did
+    full: bool
+    read_at: dt.datetime  # the database's clock when the page was read
+
+    @classmethod
+    def of(cls, name: str, rows: Sequence[Sequence[Any]], limit: int) -> Page:
+        if not rows or rows[0][11] is None:
+            raise SubscriptionNotFoundError(
+                f"no subscription named {name!r}; create it with `outbox subscriptions create {name}`"
+            )
+        transitions: list[Transition] = []
+        failed_at: dict[int, dt.datetime] = {}
+        for row in rows:
+            if row[0] is None:
+                continue
+            transitions.append(Transition(*row[:9], attempt=row[9] + 1))  # type: ignore[misc]
+            if row[10] is not None:
+                failed_at[row[0]] = row[10]
+        return cls(
+            int(rows[0][11]), int(rows[0][12] or 0), transitions, failed_at, len(transitions) >= limit, rows[0][13]
+        )
+
+    def wait_before(self, transition: Transition, policy: RetryPolicy) -> float:
+        """Seconds until ``transition`` (of this page) is due, after the failures it had."""
+        return policy.wait_before(transition.attempt - 1, self.failed_at.get(transition.transition_id), self.read_at)
+
+    def position_after(self) -> int | None:
+        """Where the position may move once every transition of this page is acknowledged (None: nowhere new)."""
+        if self.full or self.head <= self.position:
+            return None
+        return self.head
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """How a transition whose handler failed is tried again: exponential backoff, then parked."""
+
+    max_attempts: int = 10
+    first_delay: float = 1.0
+    max_delay: float = 300.0
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ValueError(f"max_attempts must be at least 1 (got {self.max_attempts})")
+        if not 0 <= self.first_delay <= self.max_delay:
+            raise ValueError("retry delays must satisfy 0 <= first_delay <= max_delay")
+
+    def delay(self, attempts: int) -> float:
+        """Seconds to wait after ``attempts`` failed attempts."""
+        return float(min(self.max_delay, self.first_delay * 2 ** max(0, attempts - 1)))
+
+    def wait_before(self, attempts_made: int, failed_at: dt.datetime | None, now: dt.datetime) -> float:
+        """Seconds still to wait before the next attempt of a transition that failed ``attempts_made`` times."""
+        if attempts_made == 0 or failed_at is None:
+            return 0.0
+        due = failed_at + dt.timedelta(seconds=self.delay(attempts_made))
+        return max(0.0, (due - now).total_seconds())
+
+
+def check_name(name: str) -> str:
+    if not isinstance(name, str) or not NAME_PATTERN.match(name):
+        raise ValueError(
+            "a subscription name is 1-63 letters, digits, '_', '.' or '-', starting with a letter or digit "
+            f"(got {name!r})"
+        )
+    return name
+
+
+def check_transactional(in_transaction: bool, autocommit: bool) -> None:
+    """Refuse a connection of the caller's on which the consumer's transactions would not be transactions.
+
+    Inside an open transaction every one would be a savepoint of it (nothing would commit); in
+    AUTOCOMMIT the handler's effect would commit apart from its acknowledgement (exactly once lost).
+    """
+    if in_transaction:
+        raise ValueError("the subscriber's connection is inside a transaction: give it one that is idle")
+    if autocommit:
+        raise ValueError(
+            "the subscriber's connection is in AUTOCOMMIT: exactly-once needs transactions "
+            "(conn.execution_options(isolation_level='READ COMMITTED'))"
+        )
+
+
+def describe(exc: BaseException) -> str:
+    """A failure as stored and logged: the exception's type and message, on one line, bounded."""
+    text = f"{type(exc).__name__}: {exc}".replace("\n", " ").strip()
+    return text[:1000]
+
+
+def page_params(name: str, limit: int) -> dict[str, Any]:
+    return {"name": name, "limit": limit}
+
+
+def lock_params(name: str) -> dict[str, Any]:
+    return {"lock_class": SUBSCRIBER_LOCK_CLASS, "name": name}
+
+
+_PSYCOPG_PARAM = re.compile(r"%\((\w+)\)s")
+
+
+def sqlalchemy_text(query: str) -> str:
+    """The statement with SQLAlchemy's ``:name`` parameters, for ``text()`` (any driver, asyncpg too)."""
+    return _PSYCOPG_PARAM.sub(r":\1", query)
+
+
+class Consumer:
+    """What the sync and asyncio consumers share: their settings, counters and log lines.
+
+    The loops themselves are written twice (outbox.subscriber, outbox.aio), as psycopg writes its
+    sync and async connections: the same statements in the same order, one blocking, one awaiting.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        handler: Any,
+        *,
+        batch_size: int,
+        poll_interval: float,
+        standby_interval: float,
+        retry: RetryPolicy | None,
+        application_name: str,
+        session_timeout: float,
+        per_transaction: int,
+    ) -> None:
+        if not callable(handler):
+            raise TypeError("handler must be callable as handler(connection, transition)")
+        if batch_size < 1 or poll_interval <= 0 or standby_interval <= 0:
+            raise ValueError("batch_size must be at least 1, and poll_interval and standby_interval above 0")
+        if session_timeout < 2 * max(poll_interval, standby_interval):
+            raise ValueError(
+                f"session_timeout ({session_timeout:g} s) must be at least twice poll_interval and standby_interval"
+            )
+        if per_transaction < 1:
+            raise ValueError(f"per_transaction must be at least 1 (got {per_transaction})")
+        self.session_timeout = session_timeout
+        # Transitions handled in one transaction (one commit, one fsync) when all go well; 1 for a
+        # handler with effects elsewhere that a later transition's failure should not repeat.
+        self.per_transaction = per_transaction
+        self.name = check_name(name)
+        self.handler = handler
+        self.batch_size = batch_size
+        self.poll_interval = poll_interval
+        self.standby_interval = standby_interval
+        self.retry = retry or RetryPolicy()
+        self.application_name = application_name
+        self.active = False  # holds the subscription's lock: the one consumer delivering
+        self.delivered = 0  # transitions handled (acknowledged) by this consumer
+        self.parked = 0
+
+    def first_deliveries(self, transitions: Sequence[Transition], start: int, position: int) -> list[Transition]:
+        """The transitions from ``start`` that may be handled in one transaction: new ones (after the
+        position), delivered for the first time, up to ``per_transaction``."""
+        run: list[Transition] = []
+        for transition in transitions[start : start + self.per_transaction]:
+            if transition.attempt != 1 or transition.transition_id <= position:
+                break
+            run.append(transition)
+        return run
+
+    def session_limits(self) -> dict[str, Any]:
+        """The server ends a session of ours idle (or idle in a transaction) this long: a frozen consumer's
+        lock and subscription row go with it, and a standby takes over. Only on connections it opens."""
+        return {"timeout": f"{int(self.session_timeout * 1000)}ms"}
+
+    def failure_params(self, transition: Transition, exc: BaseException) -> dict[str, Any]:
+        return {"name": self.name, "transition_id": transition.transition_id, "error": describe(exc)}
+
+    def acknowledge_params(self, transition_id: int, position: int) -> dict[str, Any]:
+        return {"name": self.name, "transition_id": transition_id, "position": position}
+
+    def fenced(self, rows: Sequence[Sequence[Any]], expected: int) -> None:
+        """Raise FencedError unless the locked position (``subscription_fence``) is the one expected."""
+        if not rows:
+            raise FencedError(f"subscription {self.name!r} was dropped")
+        if rows[0][0] != expected:
+            raise FencedError(f"its position moved to {rows[0][0]} (this consumer expected {expected})")
+
+    def redelivery_params(self, transition: Transition) -> dict[str, Any]:
+        return {"name": self.name, "transition_id": transition.transition_id}
+
+    def fenced_redelivery(self, rows: Sequence[Sequence[Any]], transition: Transition) -> None:
+        """Raise FencedError unless a parked transition given back is still waiting (``subscription_fence_redelivery``).
+
+        The position does not move when one is delivered again: its own row fences it."""
+        if not rows:
+            raise FencedError(f"transition {transition.transition_id} was delivered again by another consumer")
+
+    def log_activated(self) -> None:
+        log.info("subscription %s: this consumer is active", self.name)
+
+    def log_fenced(self, exc: FencedError) -> None:
+        log.warning("subscription %s: %s; reading again", self.name, exc)
+
+    def log_failed(self, transition: Transition, attempts: int, error: str) -> None:
+        log.warning(
+            "subscription %s: transition %s (job %s) failed, attempt %s of %s, again in %.1f s: %s",
+            self.name, transition.transition_id, transition.job_id, attempts, self.retry.max_attempts,
+            self.retry.delay(attempts), error,
+        )  # fmt: skip
+
+    def log_parked(self, transition: Transition, attempts: int, error: str) -> None:
+        self.parked += 1
+        log.error(
+            "subscription %s: transition %s (job %s) parked after %s attempts: %s "
+            "(`outbox subscriptions failures %s`, then `outbox subscriptions retry %s`)",
+            self.name, transition.transition_id, transition.job_id, attempts, error, self.name, self.name,
+        )  # fmt: skip
+
+    def log_reconnecting(self, exc: BaseException) -> None:
+        log.warning("subscription %s: connection lost (%s); reconnecting", self.name, describe(exc))
+
+    def busy(self) -> RuntimeError:
+        return SubscriberBusyError(f"another consumer of subscription {self.name!r} is active")
+
+
+class SubscriberBusyError(RuntimeError):
+    """``run_until_idle`` found another consumer of the subscription active."""
