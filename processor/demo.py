@@ -16,7 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 import outbox
-from processor import store
+from processor import store, subscriptions
 from processor.batch import BatchResult
 from processor.database import DatabaseUrl, connect
 from processor.settings import Settings
@@ -104,8 +104,12 @@ def run_demo(
     def react(_conn: object, transition: outbox.Transition) -> None:
         reactions.setdefault(transition.job_id, time.time() - last_write.get(transition.job_id, time.time()))
 
-    with engine.begin() as conn:  # from now: a demo run again on the same database reacts to its own jobs
-        conn.exec_driver_sql(QUERIES["demo_subscription_reset"])
+    with connect(db, application_name=application_name("demo")) as conn:
+        # From now: a demo run again on the same database reacts to its own jobs only.
+        try:
+            subscriptions.create(conn, "outbox-demo", from_start=False, to_statuses=["done", "failed"])
+        except subscriptions.SubscriptionError:
+            subscriptions.reset(conn, "outbox-demo", "now")
     subscriber = outbox.Subscriber("outbox-demo", engine, react, poll_interval=0.5)
     subscriber_thread = threading.Thread(target=subscriber.run, name="outbox-subscriber", daemon=True)
 

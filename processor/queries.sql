@@ -467,12 +467,6 @@ UPDATE jobs_variants
 SET status = %(status)s, current_step = %(step)s, updated_at = now()
 WHERE job_variants_id = %(variant_id)s
 
--- name: demo_subscription_reset
--- The demo's subscription, reacting to jobs becoming done or failed, from now on.
-INSERT INTO outbox_subscriptions (name, position, to_statuses)
-VALUES ('outbox-demo', coalesce((SELECT max(transition_id) FROM outbox_job_transitions), 0), ARRAY['done', 'failed'])
-ON CONFLICT (name) DO UPDATE SET position = excluded.position
-
 -- name: demo_jobs_summary
 -- stuck: every variant is done at the final step, yet the job is not done (the original bug).
 SELECT count(*) FILTER (WHERE j.status = 'done') AS done,
