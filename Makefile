@@ -1,5 +1,5 @@
 # Shortcuts for dev.py, which needs nothing but Python 3.11+.
-.PHONY: help demo test run lint bench
+.PHONY: help demo test run lint bench lock
 
 help: ## Show the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -18,3 +18,6 @@ lint: ## ruff and mypy
 
 bench: ## Run the benchmarks (bench/README.md)
 	python3 dev.py bench
+
+lock: ## Write requirements.lock: the runtime dependencies' versions, resolved afresh
+	python3 dev.py lock

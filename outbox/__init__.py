@@ -5,8 +5,9 @@
 >>> with engine.begin() as conn:
 ...     outbox.update_variant(conn, variant_ids[0], status="running", step="detect")
 
-Writers that run plain SQL on ``jobs_variants`` need no change: the capture trigger installed by
-``outbox migrate`` writes the same events.
+Writers that run plain SQL or an ORM on ``jobs_variants`` need no change: the capture trigger
+installed by ``outbox migrate`` writes the same events. The calls here add checks before anything is
+written (status, step against the pipeline, ids). asyncio code: the same calls in ``outbox.aio``.
 
 To react to job transitions (a job became ``done``): ``outbox.Subscriber``, or
 ``outbox.aio.AsyncSubscriber`` in asyncio code.
@@ -14,16 +15,34 @@ To react to job transitions (a job became ``done``): ``outbox.Subscriber``, or
 
 from outbox.events import EventType, VariantChanged, VariantRemoved, VariantStatus
 from outbox.subscriber import Subscriber
-from outbox.subscription import RetryPolicy, SubscriberBusyError, SubscriptionNotFoundError, Transition
-from outbox.writer import UnknownStepError, VariantNotFoundError, create_job, hold_job, release_job, update_variant
+from outbox.subscription import (
+    RetryPolicy,
+    SubscriberBusyError,
+    SubscriberHealth,
+    SubscriberState,
+    SubscriptionNotFoundError,
+    Transition,
+)
+from outbox.writer import (
+    UnknownColumnError,
+    UnknownStepError,
+    VariantNotFoundError,
+    create_job,
+    hold_job,
+    release_job,
+    update_variant,
+)
 
 __all__ = [
     "EventType",
     "RetryPolicy",
     "Subscriber",
     "SubscriberBusyError",
+    "SubscriberHealth",
+    "SubscriberState",
     "SubscriptionNotFoundError",
     "Transition",
+    "UnknownColumnError",
     "UnknownStepError",
     "VariantChanged",
     "VariantNotFoundError",

@@ -1,4 +1,12 @@
-"""The asyncio side: ``AsyncSubscriber`` reacts to job transitions inside the application's event loop.
+"""The asyncio side: the write API as coroutines, and ``AsyncSubscriber``, which reacts to job transitions.
+
+>>> async with engine.begin() as conn:             # a SQLAlchemy AsyncEngine: psycopg or asyncpg driver
+...     job_id, variant_ids = await outbox.aio.create_job(conn, variants=3, columns={"user_id": 42})
+...     await outbox.aio.update_variant(conn, variant_ids[0], status="running", step="ingest")
+
+``create_job``, ``update_variant``, ``hold_job`` and ``release_job`` take the same arguments, check
+the same things and write the same rows as their sync twins in ``outbox`` (they run the same
+operations, outbox.writer), in the caller's transaction.
 
 >>> async def on_transition(conn, transition):
 ...     if transition.to_status == "done":
@@ -16,7 +24,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import psycopg
@@ -28,6 +37,9 @@ try:  # SQLAlchemy's asyncio needs greenlet: an application with an AsyncEngine 
 except ImportError:  # pragma: no cover - only psycopg connections and URLs then
     SAAsyncConnection = AsyncEngine = type("_Unavailable", (), {})  # type: ignore[assignment,misc]
 
+from outbox import writer
+from outbox.connections import Statement, execute_async, run_async
+from outbox.events import VariantStatus
 from outbox.subscription import (
     QUERIES,
     Consumer,
@@ -38,7 +50,6 @@ from outbox.subscription import (
     check_transactional,
     lock_params,
     page_params,
-    sqlalchemy_text,
 )
 
 AsyncHandler = Callable[[Any, Transition], Awaitable[None]]
@@ -56,11 +67,7 @@ class _AsyncSession:
         if not self._in_transaction:
             async with self.transaction():
                 return await self.fetch(name, params)
-        if isinstance(self.conn, psycopg.AsyncConnection):
-            cur = await self.conn.execute(QUERIES[name], params)
-            return await cur.fetchall() if cur.description else []
-        result = await self.conn.execute(sqlalchemy.text(sqlalchemy_text(QUERIES[name])), params)
-        return [tuple(row) for row in result] if result.returns_rows else []
+        return (await execute_async(self.conn, Statement(QUERIES[name], params))).rows
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[Any]:
@@ -121,15 +128,22 @@ class AsyncSubscriber(Consumer):
         self._listening: psycopg.AsyncConnection[Any] | None = None
 
     async def run(self) -> None:
-        """Deliver until ``stop()`` or cancellation (the transition being handled rolls back and comes again)."""
+        """Deliver until ``stop()`` or cancellation.
+
+        Cancelled, it rolls back the transition being handled (it comes again, to this consumer or
+        another), releases the subscription's lock and closes the connection it opened, then raises
+        CancelledError: a standby takes over at once.
+        """
         self._stopping.clear()
-        await self._loop(until_idle=False)
+        with self.tracking_run():
+            await self._loop(until_idle=False)
 
     async def run_until_idle(self) -> int:
         """Deliver what there is now (waiting out the retries it needs); return how many were handled."""
         self._stopping.clear()
         before = self.delivered
-        await self._loop(until_idle=True)
+        with self.tracking_run():
+            await self._loop(until_idle=True)
         return self.delivered - before
 
     def stop(self) -> None:
@@ -140,7 +154,8 @@ class AsyncSubscriber(Consumer):
         while True:
             try:
                 async with self._session() as session:
-                    await self._serve(session, until_idle=until_idle)
+                    with self.tracking_session():
+                        await self._serve(session, until_idle=until_idle)
                 return
             except (psycopg.OperationalError, sqlalchemy.exc.OperationalError) as exc:
                 if not isinstance(self._source, str | AsyncEngine) or self._stopping.is_set():
@@ -332,4 +347,46 @@ async def _next_notification(conn: psycopg.AsyncConnection[Any], seconds: float)
         return
 
 
-__all__ = ["AsyncHandler", "AsyncSubscriber"]
+# ----- the write API, for an asyncio connection (outbox.writer has the sync one: same arguments, same checks)
+
+
+async def create_job(
+    conn: Any,
+    *,
+    variants: int | Sequence[uuid.UUID | str] = 1,
+    job_id: uuid.UUID | str | None = None,
+    step: str | None = None,
+    columns: Mapping[str, Any] | None = None,
+    variant_columns: Mapping[str, Any] | None = None,
+) -> tuple[uuid.UUID, list[uuid.UUID]]:
+    """``outbox.create_job`` on an asyncio connection, in its transaction.
+
+    ``conn``: a SQLAlchemy ``AsyncConnection`` or ``AsyncSession`` (psycopg or asyncpg driver), a
+    psycopg ``AsyncConnection`` or an asyncpg ``Connection``.
+    """
+    operation = writer.create_job_operation(
+        variants=variants, job_id=job_id, step=step, columns=columns, variant_columns=variant_columns
+    )
+    return await run_async(conn, operation, call="create_job")
+
+
+async def update_variant(
+    conn: Any, variant_id: uuid.UUID | str, *, status: VariantStatus | str, step: str | None = None
+) -> None:
+    """``outbox.update_variant`` on an asyncio connection (as for ``create_job``), in its transaction."""
+    await run_async(conn, writer.update_variant_operation(variant_id, status=status, step=step), call="update_variant")
+
+
+async def hold_job(
+    conn: Any, job_id: uuid.UUID | str, *, status: VariantStatus | str, step: str | None = None, reason: str
+) -> None:
+    """``outbox.hold_job`` on an asyncio connection, in its transaction."""
+    await run_async(conn, writer.hold_job_operation(job_id, status=status, step=step, reason=reason), call="hold_job")
+
+
+async def release_job(conn: Any, job_id: uuid.UUID | str) -> bool:
+    """``outbox.release_job`` on an asyncio connection, in its transaction."""
+    return await run_async(conn, writer.release_job_operation(job_id), call="release_job")
+
+
+__all__ = ["AsyncHandler", "AsyncSubscriber", "create_job", "hold_job", "release_job", "update_variant"]

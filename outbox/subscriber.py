@@ -5,6 +5,8 @@
 ...         conn.execute("INSERT INTO notifications (job_id) VALUES (%s)", (transition.job_id,))
 >>> subscriber = outbox.Subscriber("notify-done", "postgresql://app@db/app", on_transition)
 >>> subscriber.run()          # until subscriber.stop() (from another thread or a signal handler)
+>>> with subscriber:          # or in a thread of its own: leaving the block stops it
+...     serve_requests(health=subscriber.health)
 
 The handler runs inside the transaction that moves the subscription's position (outbox.subscription
 says what that guarantees). ``source`` is a database URL (the subscriber opens and reopens its own
@@ -24,6 +26,7 @@ import sqlalchemy
 from sqlalchemy.engine import Connection as SAConnection
 from sqlalchemy.engine import Engine
 
+from outbox.connections import Statement, execute
 from outbox.subscription import (
     QUERIES,
     Consumer,
@@ -35,8 +38,8 @@ from outbox.subscription import (
     check_transactional,
     lock_params,
     page_params,
-    sqlalchemy_text,
 )
+from processor.background import Background, StartsInBackground
 from processor.wakeup import Waiter
 
 Handler = Callable[[Any, Transition], None]
@@ -52,11 +55,7 @@ class _Session:
 
     def fetch(self, name: str, params: dict[str, Any]) -> list[Any]:
         with self._statement():
-            if isinstance(self.conn, psycopg.Connection):
-                cur = self.conn.execute(QUERIES[name], params)
-                return cur.fetchall() if cur.description else []
-            result = self.conn.execute(sqlalchemy.text(sqlalchemy_text(QUERIES[name])), params)
-            return [tuple(row) for row in result] if result.returns_rows else []
+            return execute(self.conn, Statement(QUERIES[name], params)).rows
 
     @contextlib.contextmanager
     def _statement(self) -> Iterator[None]:
@@ -87,7 +86,7 @@ class _Session:
         return driver if isinstance(driver, psycopg.Connection) else None
 
 
-class Subscriber(Consumer):
+class Subscriber(Consumer, StartsInBackground):
     """The consumer of one subscription: one active per name (the others stand by), handler called in order."""
 
     def __init__(
@@ -117,13 +116,18 @@ class Subscriber(Consumer):
         self._source = source
         self._stopping = threading.Event()
         self._waiter: Waiter | None = None
+        self._background: Background | None = None
 
     # ----- running
 
     def run(self) -> None:
         """Deliver until ``stop()``: stand by while another consumer of the subscription is active."""
         self._stopping.clear()
-        self._loop(until_idle=False)
+        self._run()
+
+    def _run(self) -> None:
+        with self.tracking_run():
+            self._loop(until_idle=False)
 
     def run_until_idle(self) -> int:
         """Deliver what there is now (waiting out the retries it needs), then return how many were handled.
@@ -132,8 +136,28 @@ class Subscriber(Consumer):
         """
         self._stopping.clear()
         before = self.delivered
-        self._loop(until_idle=True)
+        with self.tracking_run():
+            self._loop(until_idle=True)
         return self.delivered - before
+
+    def start(self) -> None:
+        """Deliver in a background thread until ``stop()``, then ``join()`` (or use ``with``)."""
+        if self._background is not None and not self._background.ended:
+            raise RuntimeError(f"subscriber {self.name!r} is already running")
+        self._stopping.clear()  # here, not in the thread: a stop() right after start() is kept
+        self._background = Background(
+            self._run, name=f"outbox-subscriber-{self.name}", on_error=lambda _: self.log_died()
+        )
+        self._background.start()
+
+    def join(self, timeout: float | None = None) -> None:
+        """Wait for the background thread to end; re-raise the error the subscriber died of.
+
+        TimeoutError if it still runs after ``timeout`` seconds.
+        """
+        if self._background is None:
+            raise RuntimeError(f"subscriber {self.name!r} was not started in the background (start, with)")
+        self._background.join(timeout)
 
     def stop(self) -> None:
         """Finish the transition being handled, then return from ``run`` (safe from any thread or a signal handler)."""
@@ -145,7 +169,7 @@ class Subscriber(Consumer):
     def _loop(self, *, until_idle: bool) -> None:
         while True:
             try:
-                with self._session() as session:
+                with self._session() as session, self.tracking_session():
                     self._serve(session, until_idle=until_idle)
                 return
             except (psycopg.OperationalError, sqlalchemy.exc.OperationalError) as exc:

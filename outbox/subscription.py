@@ -18,13 +18,15 @@ page, the policy, and the rows they read; each runs the same statements its own 
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import logging
 import re
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
+from enum import StrEnum
 from typing import Any
 
 from outbox.sqlfile import load_queries
@@ -37,6 +39,37 @@ log = logging.getLogger("outbox.subscriber")
 SUBSCRIBER_LOCK_CLASS = 0x0B0C_5E13
 CHANNEL = "outbox_transitions"  # the processor notifies it once per transaction that wrote transitions
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")  # the table's CHECK, said up front
+
+
+class SubscriberState(StrEnum):
+    """Where a subscriber (``outbox.Subscriber``, ``outbox.aio.AsyncSubscriber``) is in its life."""
+
+    NEW = "new"  # created, not run yet
+    CONNECTING = "connecting"  # running without a connection: opening one, or reconnecting
+    STANDBY = "standby"  # connected; another consumer of the subscription is the active one
+    ACTIVE = "active"  # connected, delivering: it holds the subscription's lock
+    STOPPED = "stopped"  # returned from its run: stop(), a cancelled task, run_until_idle done
+    FAILED = "failed"  # its run raised (last_error)
+
+
+@dataclass(frozen=True, slots=True)
+class SubscriberHealth:
+    """A snapshot of a subscriber, taken by its ``health()``."""
+
+    name: str
+    state: SubscriberState
+    delivered: int  # transitions it handled (acknowledged)
+    parked: int  # transitions it gave up on (`outbox subscriptions failures NAME`)
+    last_error: str | None  # the last failure: a handler's, the connection's, or what its run raised
+
+    @property
+    def ok(self) -> bool:
+        """Running and connected: standing by or delivering."""
+        return self.state in (SubscriberState.STANDBY, SubscriberState.ACTIVE)
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON object (for an application's own health endpoint)."""
+        return {**asdict(self), "state": self.state.value, "ok": self.ok}
 
 
 class SubscriptionNotFoundError(LookupError):
@@ -178,14 +211,6 @@ def lock_params(name: str) -> dict[str, Any]:
     return {"lock_class": SUBSCRIBER_LOCK_CLASS, "name": name}
 
 
-_PSYCOPG_PARAM = re.compile(r"%\((\w+)\)s")
-
-
-def sqlalchemy_text(query: str) -> str:
-    """The statement with SQLAlchemy's ``:name`` parameters, for ``text()`` (any driver, asyncpg too)."""
-    return _PSYCOPG_PARAM.sub(r":\1", query)
-
-
 class Consumer:
     """What the sync and asyncio consumers share: their settings, counters and log lines.
 
@@ -230,6 +255,43 @@ class Consumer:
         self.active = False  # holds the subscription's lock: the one consumer delivering
         self.delivered = 0  # transitions handled (acknowledged) by this consumer
         self.parked = 0
+        self.connected = False  # a session is open
+        self.last_error: str | None = None
+        self._phase = SubscriberState.NEW  # NEW, CONNECTING while running, then STOPPED or FAILED
+
+    def health(self) -> SubscriberHealth:
+        """A snapshot of this subscriber now (from any thread)."""
+        state = self._phase
+        if state is SubscriberState.CONNECTING:
+            if self.active:
+                state = SubscriberState.ACTIVE
+            elif self.connected:
+                state = SubscriberState.STANDBY
+        return SubscriberHealth(self.name, state, self.delivered, self.parked, self.last_error)
+
+    @contextlib.contextmanager
+    def tracking_run(self) -> Iterator[None]:
+        """Around a run, for ``health()``: running, then stopped (cancelled too) or failed with what it raised."""
+        self._phase = SubscriberState.CONNECTING
+        try:
+            yield
+        except Exception as exc:
+            self.last_error = describe(exc)
+            self._phase = SubscriberState.FAILED
+            raise
+        except BaseException:  # a cancelled task, an interrupt: a way of stopping
+            self._phase = SubscriberState.STOPPED
+            raise
+        self._phase = SubscriberState.STOPPED
+
+    @contextlib.contextmanager
+    def tracking_session(self) -> Iterator[None]:
+        """Around the life of one session, for ``health()``."""
+        self.connected = True
+        try:
+            yield
+        finally:
+            self.connected = False
 
     def first_deliveries(self, transitions: Sequence[Transition], start: int, position: int) -> list[Transition]:
         """The transitions from ``start`` that may be handled in one transaction: new ones (after the
@@ -276,6 +338,7 @@ class Consumer:
         log.warning("subscription %s: %s; reading again", self.name, exc)
 
     def log_failed(self, transition: Transition, attempts: int, error: str) -> None:
+        self.last_error = error
         log.warning(
             "subscription %s: transition %s (job %s) failed, attempt %s of %s, again in %.1f s: %s",
             self.name, transition.transition_id, transition.job_id, attempts, self.retry.max_attempts,
@@ -284,6 +347,7 @@ class Consumer:
 
     def log_parked(self, transition: Transition, attempts: int, error: str) -> None:
         self.parked += 1
+        self.last_error = error
         log.error(
             "subscription %s: transition %s (job %s) parked after %s attempts: %s "
             "(`outbox subscriptions failures %s`, then `outbox subscriptions retry %s`)",
@@ -291,7 +355,11 @@ class Consumer:
         )  # fmt: skip
 
     def log_reconnecting(self, exc: BaseException) -> None:
-        log.warning("subscription %s: connection lost (%s); reconnecting", self.name, describe(exc))
+        self.last_error = describe(exc)
+        log.warning("subscription %s: connection lost (%s); reconnecting", self.name, self.last_error)
+
+    def log_died(self) -> None:
+        log.error("subscription %s: the subscriber stopped on an error: %s", self.name, self.last_error)
 
     def busy(self) -> RuntimeError:
         return SubscriberBusyError(f"another consumer of subscription {self.name!r} is active")

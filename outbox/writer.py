@@ -1,27 +1,32 @@
 """Write jobs and variant changes, and so their events, in the caller's transaction.
 
 These calls never commit: each change and its event (appended by the capture trigger that
-``outbox migrate`` installs, the same one that captures plain SQL writers) commit or roll back
-together with whatever else the caller's transaction does. What the API adds over plain SQL is
-validation before anything is written: statuses and steps are checked against the event model.
-They accept a SQLAlchemy ``Connection`` (psycopg or psycopg2 driver) or a psycopg 3 ``Connection``.
+``outbox migrate`` installs, the same one that captures plain SQL and ORM writers) commit or roll
+back together with whatever else the caller's transaction does. What the API adds over plain SQL is
+validation before anything is written: statuses and steps are checked against the event model and
+the pipeline, ids and the application's own columns before the first statement.
+
+Each call is written once, as an operation (outbox.connections): the sync functions here run it on
+a sync connection, ``outbox.aio``'s on an asyncio one, so both check and write exactly the same.
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-import psycopg
-from sqlalchemy.engine import Connection as SAConnection
-
+from outbox.connections import Operation, Statement, run
 from outbox.events import VariantChanged, VariantStatus
 from outbox.sqlfile import load_queries
 
 _QUERIES = load_queries("outbox", "queries.sql")
 
-AnyConnection = SAConnection | psycopg.Connection[Any]
+# The columns create_job writes itself; ``columns=``/``variant_columns=`` are for the others.
+_OWN_COLUMNS = {
+    "jobs": ("job_id", "status", "current_step", "updated_at"),
+    "jobs_variants": ("job_variants_id", "job_id", "status", "current_step", "updated_at"),
+}
 
 
 class VariantNotFoundError(LookupError):
@@ -32,37 +37,37 @@ class UnknownStepError(ValueError):
     """A step that is not in the pipeline every worker folds with (`outbox pipeline show`)."""
 
 
+class UnknownColumnError(LookupError):
+    """``create_job`` was given a column its table does not have."""
+
+
 def create_job(
-    conn: AnyConnection,
+    conn: Any,
     *,
-    variants: int | Sequence[uuid.UUID] = 1,
-    job_id: uuid.UUID | None = None,
+    variants: int | Sequence[uuid.UUID | str] = 1,
+    job_id: uuid.UUID | str | None = None,
     step: str | None = None,
+    columns: Mapping[str, Any] | None = None,
+    variant_columns: Mapping[str, Any] | None = None,
 ) -> tuple[uuid.UUID, list[uuid.UUID]]:
     """Create a job and its variants, all ``queued``, with one event per variant.
 
     ``variants`` is a count (ids are generated) or the variant ids to use. ``step`` is the step the
-    variants start at (None: not started). Returns ``(job_id, variant_ids)``.
+    variants start at (None: not started). ``columns`` gives the job row's values for the
+    application's own columns (``{"user_id": 42}``), ``variant_columns`` those of every variant row.
+    Returns ``(job_id, variant_ids)``.
+
+    ``conn``: a SQLAlchemy ``Connection`` or ``Session``, or a psycopg ``Connection``, in the
+    transaction to write in (asyncio: ``outbox.aio.create_job``).
     """
-    if isinstance(variants, int):
-        if variants < 1:
-            raise ValueError(f"a job needs at least one variant (got {variants})")
-        variant_ids = [uuid.uuid4() for _ in range(variants)]
-    else:
-        variant_ids = [_as_uuid(v, "variant id") for v in variants]
-        if not variant_ids:
-            raise ValueError("a job needs at least one variant")
-    job_id = uuid.uuid4() if job_id is None else _as_uuid(job_id, "job id")
-    VariantChanged(status=VariantStatus.QUEUED, step=step)  # validates step
-    if step is not None:
-        _check_step(conn, step)
-    _execute(conn, _QUERIES["job_insert"], {"job_id": job_id, "step": step})
-    _execute(conn, _QUERIES["variants_insert"], {"job_id": job_id, "step": step, "variant_ids": variant_ids})
-    return job_id, variant_ids
+    operation = create_job_operation(
+        variants=variants, job_id=job_id, step=step, columns=columns, variant_columns=variant_columns
+    )
+    return run(conn, operation, call="create_job")
 
 
 def update_variant(
-    conn: AnyConnection,
+    conn: Any,
     variant_id: uuid.UUID | str,
     *,
     status: VariantStatus | str,
@@ -72,62 +77,15 @@ def update_variant(
 
     The UPDATE takes the variant's row lock, under which the event's version is assigned: the
     processor applies a variant's changes in the order they committed. A change to the same status
-    and step writes no event. Raises ``pydantic.ValidationError`` for an invalid status or step and
-    ``VariantNotFoundError`` for an unknown variant.
+    and step writes no event. Raises ``pydantic.ValidationError`` for an invalid status or step,
+    ``UnknownStepError`` for a step the pipeline lacks and ``VariantNotFoundError`` for an unknown
+    variant. ``conn`` as for ``create_job`` (asyncio: ``outbox.aio.update_variant``).
     """
-    change = VariantChanged.model_validate({"status": status, "step": step})
-    updated = _execute(
-        conn,
-        _QUERIES["variant_update"],
-        {"variant_id": _as_uuid(variant_id, "variant id"), "status": change.status.value, "step": change.step},
-    )
-    if updated == 0:
-        if change.step is not None:
-            _check_step(conn, change.step)  # raises when the step is the reason
-        raise VariantNotFoundError(f"no variant with id {variant_id}")
-
-
-def _check_step(conn: AnyConnection, step: str) -> None:
-    """Refuse a step the pipeline lacks: its job could not be folded (the worker would flag it)."""
-    row = _fetch_one(conn, _QUERIES["pipeline_has_step"], {"step": step})
-    if row is not None and not row[0]:
-        steps = ", ".join(row[1] or [])
-        raise UnknownStepError(
-            f"step {step!r} is not in the pipeline ({steps}); change the pipeline with `outbox pipeline set`"
-        )
-
-
-def _as_uuid(value: uuid.UUID | str, what: str) -> uuid.UUID:
-    if isinstance(value, uuid.UUID):
-        return value
-    try:
-        return uuid.UUID(str(value))
-    except ValueError:
-        raise ValueError(f"{what} must be a UUID (got {value!r})") from None
-
-
-def _fetch_one(conn: AnyConnection, query: str, params: dict[str, Any]) -> Any:
-    if isinstance(conn, psycopg.Connection):
-        return conn.execute(query, params).fetchone()
-    if isinstance(conn, SAConnection):
-        return conn.exec_driver_sql(query, params).fetchone()
-    raise TypeError(f"expected a SQLAlchemy or psycopg Connection, got {type(conn).__name__}")
-
-
-def _execute(conn: AnyConnection, query: str, params: dict[str, Any]) -> int:
-    """Run one statement (no result set) on either kind of connection; return the rows it changed."""
-    if isinstance(conn, psycopg.Connection):
-        # Checked first: the common case of a plain psycopg connection pays one isinstance.
-        return conn.execute(query, params).rowcount
-    if isinstance(conn, SAConnection):
-        # exec_driver_sql hands the statement to the driver as is, inside SQLAlchemy's transaction;
-        # psycopg and psycopg2 both take %(name)s parameters.
-        return int(conn.exec_driver_sql(query, params).rowcount)
-    raise TypeError(f"expected a SQLAlchemy or psycopg Connection, got {type(conn).__name__}")
+    run(conn, update_variant_operation(variant_id, status=status, step=step), call="update_variant")
 
 
 def hold_job(
-    conn: AnyConnection,
+    conn: Any,
     job_id: uuid.UUID | str,
     *,
     status: VariantStatus | str,
@@ -140,17 +98,139 @@ def hold_job(
     (it would be undone by the job's next event). A hold writes them and keeps the processor off the
     job until ``release_job``, which hands it back: the processor then folds it from its variants.
     """
+    run(conn, hold_job_operation(job_id, status=status, step=step, reason=reason), call="hold_job")
+
+
+def release_job(conn: Any, job_id: uuid.UUID | str) -> bool:
+    """Hand a held job back to the processor, which folds it from its variants again; False if it was not held."""
+    return run(conn, release_job_operation(job_id), call="release_job")
+
+
+# ----- the operations, shared with outbox.aio
+
+
+def create_job_operation(
+    *,
+    variants: int | Sequence[uuid.UUID | str],
+    job_id: uuid.UUID | str | None,
+    step: str | None,
+    columns: Mapping[str, Any] | None,
+    variant_columns: Mapping[str, Any] | None,
+) -> Operation[tuple[uuid.UUID, list[uuid.UUID]]]:
+    if isinstance(variants, bool | str | bytes | float) or not isinstance(variants, int | Iterable):
+        raise TypeError(f"variants must be a count or a list of variant ids (got {type(variants).__name__})")
+    if isinstance(variants, int):
+        if variants < 1:
+            raise ValueError(f"a job needs at least one variant (got {variants})")
+        variant_ids = [uuid.uuid4() for _ in range(variants)]
+    else:
+        variant_ids = [_as_uuid(v, "variant id") for v in variants]
+        if not variant_ids:
+            raise ValueError("a job needs at least one variant")
+        if len(set(variant_ids)) != len(variant_ids):
+            raise ValueError("the variant ids of a job must differ")
+    job_uuid = uuid.uuid4() if job_id is None else _as_uuid(job_id, "job id")
+    VariantChanged(status=VariantStatus.QUEUED, step=step)  # validates step
+    job_values = _app_columns("jobs", columns)
+    variant_values = _app_columns("jobs_variants", variant_columns)
+    if step is not None:
+        _check_step(step, (yield _pipeline_has_step(step)).first)
+    params: dict[str, Any] = {"job_id": job_uuid, "step": step, "variant_ids": variant_ids}
+    job_insert, variants_insert = _QUERIES["job_insert"], _QUERIES["variants_insert"]
+    if job_values or variant_values:
+        described = yield Statement(
+            _QUERIES["columns_describe"],
+            {"job_columns": list(job_values), "variant_columns": list(variant_values)},
+            returns_rows=True,
+        )
+        types = {(table, name): (quoted, type_) for table, name, quoted, type_ in described.rows}
+        job_insert = _with_columns(job_insert, "jobs", job_values, types, params)
+        variants_insert = _with_columns(variants_insert, "jobs_variants", variant_values, types, params)
+    yield Statement(job_insert, params)
+    yield Statement(variants_insert, params)
+    return job_uuid, variant_ids
+
+
+def update_variant_operation(
+    variant_id: uuid.UUID | str, *, status: VariantStatus | str, step: str | None
+) -> Operation[None]:
+    change = VariantChanged.model_validate({"status": status, "step": step})
+    params = {"variant_id": _as_uuid(variant_id, "variant id"), "status": change.status.value, "step": change.step}
+    updated = yield Statement(_QUERIES["variant_update"], params)
+    if updated.rowcount == 0:
+        if change.step is not None:  # the step may be the reason: say so
+            _check_step(change.step, (yield _pipeline_has_step(change.step)).first)
+        raise VariantNotFoundError(f"no variant with id {variant_id}")
+
+
+def hold_job_operation(
+    job_id: uuid.UUID | str, *, status: VariantStatus | str, step: str | None, reason: str
+) -> Operation[None]:
     status = VariantStatus(status)
     if not reason:
         raise ValueError("a hold needs a reason")
-    _fetch_one(
-        conn,
-        _QUERIES["job_hold"],
-        {"job_id": _as_uuid(job_id, "job id"), "status": status.value, "step": step, "reason": reason},
-    )
+    params = {"job_id": _as_uuid(job_id, "job id"), "status": status.value, "step": step, "reason": reason}
+    yield Statement(_QUERIES["job_hold"], params, returns_rows=True)
 
 
-def release_job(conn: AnyConnection, job_id: uuid.UUID | str) -> bool:
-    """Hand a held job back to the processor, which folds it from its variants again; False if it was not held."""
-    row = _fetch_one(conn, _QUERIES["job_release"], {"job_id": _as_uuid(job_id, "job id")})
-    return bool(row and row[0])
+def release_job_operation(job_id: uuid.UUID | str) -> Operation[bool]:
+    released = yield Statement(_QUERIES["job_release"], {"job_id": _as_uuid(job_id, "job id")}, returns_rows=True)
+    return bool(released.first and released.first[0])
+
+
+def _pipeline_has_step(step: str) -> Statement:
+    return Statement(_QUERIES["pipeline_has_step"], {"step": step}, returns_rows=True)
+
+
+def _check_step(step: str, found: tuple[Any, ...] | None) -> None:
+    """Refuse a step the pipeline lacks: its job could not be folded (the worker would flag it)."""
+    if found is not None and not found[0]:
+        steps = ", ".join(found[1] or [])
+        raise UnknownStepError(
+            f"step {step!r} is not in the pipeline ({steps}); change the pipeline with `outbox pipeline set`"
+        )
+
+
+def _app_columns(table: str, values: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The application's own column values for ``table``, checked before anything is written."""
+    if values is None:
+        return {}
+    if not isinstance(values, Mapping):
+        raise TypeError(f"the {table} columns must be a mapping of column name to value (got {type(values).__name__})")
+    for name in values:
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"a {table} column name must be a non-empty string (got {name!r})")
+        if name in _OWN_COLUMNS[table]:
+            raise ValueError(f"create_job writes {table}.{name} itself; pass only the application's own columns")
+        if "%" in name or ":" in name:  # they would read as parameters in the statement
+            raise ValueError(f"create_job cannot write the column {name!r} (its name has % or :); insert it with SQL")
+    return dict(values)
+
+
+def _with_columns(
+    query: str,
+    table: str,
+    values: dict[str, Any],
+    types: dict[tuple[str, str], tuple[str, str]],
+    params: dict[str, Any],
+) -> str:
+    """``query`` with the application's columns in its /*columns*/ and /*values*/ slots."""
+    names, casts = [], []
+    for name, value in values.items():
+        if (table, name) not in types:
+            raise UnknownColumnError(f"{table} has no column {name!r}")
+        quoted, type_ = types[(table, name)]
+        key = f"app_{len(params)}"
+        params[key] = value
+        names.append(f", {quoted}")
+        casts.append(f", CAST(%({key})s AS {type_})")
+    return query.replace("/*columns*/", "".join(names)).replace("/*values*/", "".join(casts))
+
+
+def _as_uuid(value: uuid.UUID | str, what: str) -> uuid.UUID:
+    if isinstance(value, uuid.UUID):
+        return value
+    try:
+        return uuid.UUID(str(value))
+    except ValueError:
+        raise ValueError(f"{what} must be a UUID (got {value!r})") from None

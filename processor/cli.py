@@ -9,7 +9,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import sys
-import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,12 +26,12 @@ from processor.cli_common import DatabaseOption, JsonOption, LogLevelOption, set
 from processor.database import DatabaseUrl, connect, redact
 from processor.errors import OutboxError, PartitionMissingError
 from processor.fold import FailurePolicy, Pipeline
-from processor.metrics import WorkerMetrics, serve
-from processor.migrate import check_ready
+from processor.migrate import LegacyTriggerPolicy, check_ready
 from processor.migrate import migrate as run_migrations
+from processor.service import WorkerService
 from processor.settings import Settings, Wakeup
 from processor.wakeup import Wake
-from processor.worker import Worker, application_name
+from processor.worker import application_name
 
 app = typer.Typer(
     name="outbox",
@@ -47,7 +46,7 @@ def _show_version(value: bool) -> None:
     if value:
         from importlib.metadata import version
 
-        print(f"outbox (pg-outbox-processor) {version('pg-outbox-processor')}")
+        print(f"outbox {version('pg-outbox-processor')}")
         raise typer.Exit()
 
 
@@ -91,9 +90,18 @@ PartitionOption = Annotated[
 ]
 
 
-def _migrate(db: DatabaseUrl, console: Console, settings: Settings, *, quiet: bool = False) -> None:
+def _migrate(
+    db: DatabaseUrl,
+    console: Console,
+    settings: Settings,
+    *,
+    quiet: bool = False,
+    legacy_policy: LegacyTriggerPolicy = LegacyTriggerPolicy.REPLACE,
+) -> None:
     with connect(db, application_name=application_name("migrate")) as conn:
-        report = run_migrations(conn, pipeline=settings.pipeline, policy=settings.failure_policy)
+        report = run_migrations(
+            conn, pipeline=settings.pipeline, policy=settings.failure_policy, legacy_policy=legacy_policy
+        )
     for legacy in report.removed_triggers:
         console.print(
             f"removed legacy trigger {legacy.trigger} on jobs_variants (function {legacy.function} is kept; "
@@ -122,6 +130,17 @@ def migrate(
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Print what would be done (and what would be refused); change nothing.")
     ] = False,
+    show_plan: Annotated[
+        bool, typer.Option("--show-plan", help="Print what it will do (as --dry-run does), then do it.")
+    ] = False,
+    legacy_trigger: Annotated[
+        LegacyTriggerPolicy,
+        typer.Option(
+            envvar="OUTBOX_LEGACY_TRIGGER",
+            help="A trigger on jobs_variants that writes job state: replace (drop it, say so) or refuse (change "
+            "nothing, exit 1).",
+        ),
+    ] = LegacyTriggerPolicy.REPLACE,
     wakeup: Annotated[
         Wakeup | None,
         typer.Option(
@@ -139,18 +158,20 @@ def migrate(
     step jobs_variants uses is in it).
     """
     settings, db, console = setup(database_url, log_level, pipeline_steps=pipeline_steps, failure_policy=failure_policy)
-    if dry_run:
+    if dry_run or show_plan:
         from processor.migrate import plan
 
         with connect(db, application_name=application_name("migrate")) as conn:
-            found = plan(conn, pipeline=settings.pipeline, policy=settings.failure_policy)
-        console.print(f"outbox migrate on {db.redacted()} would (nothing was changed):")
+            found = plan(conn, pipeline=settings.pipeline, policy=settings.failure_policy, legacy_policy=legacy_trigger)
+        console.print(f"outbox migrate on {db.redacted()} {'would (nothing was changed)' if dry_run else 'will'}:")
         for step in found.steps:
             console.print(f"  - {step}")
         if found.refusal:
-            raise OutboxError(f"migrate would refuse: {found.refusal}")
-        return
-    _migrate(db, console, settings)
+            raise OutboxError(f"migrate {'would refuse' if dry_run else 'refuses'}: {found.refusal}")
+        if dry_run:
+            return
+    # Under --legacy-trigger refuse, migrate itself refuses too: a trigger created since the plan was read.
+    _migrate(db, console, settings, legacy_policy=legacy_trigger)
     if settings.partitions is not None:
         _repartition(db, console, settings.partitions, timeout=60.0, as_json=False)
     if wakeup is not None:
@@ -243,28 +264,16 @@ def run(
     )  # fmt: skip
     if settings.database_url is None:
         _migrate(db, console, settings, quiet=True)  # the embedded database is created and migrated on first use
-    metrics = WorkerMetrics() if metrics_port else None
-    worker = Worker(settings, db, metrics=metrics)
-    refresh_stop = threading.Event()
-    if metrics is not None and metrics_port is not None:
-        try:
-            server = serve(metrics, metrics_port, problems=worker.health_problems)
-        except OSError as exc:
-            raise OutboxError(f"cannot serve metrics on port {metrics_port}: {exc.strerror}") from None
-        threading.Thread(target=metrics.refresh_from_database, args=(db, refresh_stop), daemon=True).start()
-    try:
-        with stop_on_signals(worker):
-            stats = worker.run(until_idle=until_idle)
-    finally:
-        refresh_stop.set()
-        if metrics is not None:
-            server.shutdown()
+    # The class an application embeds (processor/service.py): it owns /metrics, /health and their refresh.
+    service = WorkerService.from_settings(settings, db, metrics_port=metrics_port)
+    with stop_on_signals(service):
+        stats = service.run(until_idle=until_idle)
     console.print(
         f"processed {stats.events} events in {stats.batches} batches: "
         f"{stats.jobs_changed} job state changes, {stats.dead_letters} dead letters"
     )
     if settings.wakeup is Wakeup.NOTIFY:
-        wakes = worker.waiter.wakes
+        wakes = service.worker.waiter.wakes
         console.print(
             f"woke up {wakes[Wake.NOTIFY]} times on a notification, {wakes[Wake.TIMEOUT]} at the poll interval"
         )
@@ -338,6 +347,33 @@ def check(
         console.print(table)
     if not document["ok"]:
         raise SystemExit(1)
+
+
+@app.command()
+def healthcheck(
+    port: Annotated[
+        int,
+        typer.Option(
+            envvar="OUTBOX_METRICS_PORT",
+            min=1,
+            max=65535,
+            help="The worker's metrics port (`run --metrics-port`).",
+            show_default=False,
+        ),
+    ],
+    host: Annotated[str, typer.Option(help="Where the worker runs.")] = "127.0.0.1",
+    timeout: Annotated[float, typer.Option(min=0.1, help="Seconds to wait for its answer.")] = 5.0,
+) -> None:
+    """Probe a running worker's /health (a container's HEALTHCHECK): exit 0 on 200, else 1 with the reason.
+
+    It reads only the worker's HTTP endpoint, never the database: `outbox check` is the probe for that.
+    """
+    from processor.metrics import probe_health
+
+    problem = probe_health(host, port, timeout)
+    if problem is not None:
+        raise OutboxError(problem)
+    print(f"ok: the worker on port {port} is healthy")
 
 
 @app.command()

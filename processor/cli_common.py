@@ -27,7 +27,8 @@ DatabaseOption = Annotated[
     typer.Option(
         "--database-url",
         envvar="OUTBOX_DATABASE_URL",
-        help="postgresql:// or postgresql+psycopg:// URL. Unset: an embedded PostgreSQL in the user's data directory.",
+        help="postgresql:// URL (or SQLAlchemy's +psycopg, +asyncpg, +psycopg2). Unset: an embedded PostgreSQL in the"
+        " user's data directory (the `embedded` extra).",
         show_default=False,
     ),
 ]

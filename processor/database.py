@@ -14,7 +14,31 @@ from sqlalchemy.exc import ArgumentError
 
 from processor.errors import ConfigurationError
 
-_ACCEPTED_DRIVERS = {"postgresql", "postgres", "postgresql+psycopg"}
+# The schemes of a PostgreSQL URL an application may already have (SQLAlchemy's, with its driver).
+# The product opens its own connections with psycopg whatever the URL names: only the server, the
+# credentials and the libpq parameters are read from it.
+_ACCEPTED_DRIVERS = {
+    "postgresql",
+    "postgres",
+    "postgresql+psycopg",
+    "postgresql+psycopg_async",
+    "postgresql+psycopg2",
+    "postgresql+psycopg2cffi",
+    "postgresql+asyncpg",
+    "postgresql+pg8000",
+}
+# Parameters of the application's driver, not libpq's: they tune that driver only, and are left out.
+_DRIVER_ONLY_PARAMETERS = {
+    "prepared_statement_cache_size",  # asyncpg (SQLAlchemy's dialect)
+    "statement_cache_size",
+    "max_cached_statement_lifetime",
+    "max_cacheable_statement_size",
+    "command_timeout",
+    "async_fallback",
+}
+# asyncpg's ?ssl= is libpq's sslmode (same values, and true/false).
+_ASYNCPG_SSL = {"true": "require", "false": "disable"}
+_LIBPQ_PARAMETERS = frozenset(option.keyword.decode() for option in psycopg.pq.Conninfo.get_defaults())
 
 # TCP keepalives detect a dead server or network within about 30 s, even while the worker waits;
 # tcp_user_timeout drops a connection whose sent data stays unacknowledged for 30 s.
@@ -29,7 +53,7 @@ _KEEPALIVES: dict[str, Any] = {
 
 @dataclass(frozen=True)
 class DatabaseUrl:
-    """A PostgreSQL URL, given as ``postgresql://`` or ``postgresql+psycopg://``."""
+    """A PostgreSQL URL: ``postgresql://``, or SQLAlchemy's with any PostgreSQL driver (``+asyncpg``, ...)."""
 
     url: URL
 
@@ -48,8 +72,10 @@ class DatabaseUrl:
             ) from None
         if url.drivername not in _ACCEPTED_DRIVERS:
             raise ConfigurationError(
-                f"database URL scheme {url.drivername!r} is not supported; use postgresql:// or postgresql+psycopg://"
+                f"database URL scheme {url.drivername!r} is not supported; use postgresql:// (or postgresql+psycopg,"
+                " +asyncpg, +psycopg2: the product connects with psycopg whichever the URL names)"
             )
+        url = url.set(query=_libpq_parameters(url))
         if url.port is not None and not 0 < url.port < 65536:
             raise ConfigurationError(f"database URL port {url.port} is out of range")
         if url.password == "":
@@ -90,6 +116,23 @@ class DatabaseUrl:
 
     def create_engine(self, **kwargs: Any) -> Engine:
         return create_engine(self.url, **kwargs)
+
+
+def _libpq_parameters(url: URL) -> dict[str, str | tuple[str, ...]]:
+    """The URL's query as libpq parameters: another driver's translated or left out, anything else refused."""
+    query: dict[str, str | tuple[str, ...]] = {}
+    for key, value in url.query.items():
+        if key == "ssl" and url.drivername == "postgresql+asyncpg":
+            mode = value if isinstance(value, str) else value[-1]
+            query["sslmode"] = _ASYNCPG_SSL.get(mode.lower(), mode)
+        elif key in _LIBPQ_PARAMETERS:
+            query[key] = value
+        elif key not in _DRIVER_ONLY_PARAMETERS:
+            raise ConfigurationError(
+                f"database URL parameter {key!r} is not a libpq connection parameter"
+                " (https://www.postgresql.org/docs/current/libpq-connect.html#LIBPQ-PARAMKEYWORDS)"
+            )
+    return query
 
 
 def connect_params(db: DatabaseUrl, *, application_name: str, connect_timeout: int = 10) -> dict[str, Any]:

@@ -1,8 +1,9 @@
-"""Prometheus metrics and a health endpoint for `outbox run --metrics-port N`.
+"""Prometheus metrics and a health endpoint for `outbox run --metrics-port N`, and its probe.
 
 Counters and the batch histogram move with every batch the worker commits (Worker.on_batch);
 pending events and dead letters are read from the database every few seconds on a connection of
-their own, so a slow count never delays the worker.
+their own, so a slow count never delays the worker. `outbox healthcheck` (a container's
+HEALTHCHECK) asks /health with probe_health.
 """
 
 from __future__ import annotations
@@ -10,8 +11,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections.abc import Callable, Iterable
-from typing import Any
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Protocol
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
@@ -139,17 +142,44 @@ class _QuietHandler(WSGIRequestHandler):
         pass
 
 
-def serve(metrics: WorkerMetrics, port: int, problems: Callable[[], list[str]]) -> WSGIServer:
-    """Serve /metrics (Prometheus) and /health: 200 "ok" while ``problems`` is empty, else 503 and the problems."""
+class HealthReport(Protocol):
+    """What /health answers from (processor.service.WorkerHealth, which owns the rule)."""
+
+    @property
+    def ok(self) -> bool: ...
+
+    @property
+    def problems(self) -> Sequence[str]: ...
+
+
+def serve(metrics: WorkerMetrics, port: int, health: Callable[[], HealthReport]) -> WSGIServer:
+    """Serve /metrics (Prometheus) and /health: 200 "ok" while ``health()`` is ok, else 503 and its problems."""
     metrics_app = make_wsgi_app(metrics.registry)
 
     def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         if environ.get("PATH_INFO") == "/health":
-            found = problems()
-            start_response("503 Service Unavailable" if found else "200 OK", [("Content-Type", "text/plain")])
-            return ["".join(f"{line}\n" for line in found).encode() if found else b"ok\n"]
+            report = health()
+            start_response("200 OK" if report.ok else "503 Service Unavailable", [("Content-Type", "text/plain")])
+            return [b"ok\n" if report.ok else "".join(f"{line}\n" for line in report.problems).encode()]
         return metrics_app(environ, start_response)  # type: ignore[no-any-return]
 
     server = make_server("", port, app, handler_class=_QuietHandler)
     threading.Thread(target=server.serve_forever, name="outbox-metrics-http", daemon=True).start()
     return server
+
+
+def probe_health(host: str, port: int, timeout: float) -> str | None:
+    """Ask a worker's /health: None when it answers 200, else the reason, one line."""
+    # No proxy from the environment: the worker is on this host or network, never behind one.
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(f"http://{host}:{port}/health", timeout=timeout):
+            return None
+    except urllib.error.HTTPError as exc:
+        said = "; ".join(line.strip() for line in exc.read().decode("utf-8", "replace").splitlines() if line.strip())
+        return f"the worker on port {port} is unhealthy ({exc.code}): {said or exc.reason}"
+    except (urllib.error.URLError, OSError) as exc:
+        reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+        if isinstance(reason, TimeoutError):
+            return f"no answer from a worker on port {port} within {timeout:g} s"
+        return f"no worker answering on port {port} ({host}: {getattr(reason, 'strerror', None) or reason})"

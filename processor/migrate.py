@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 
 from processor import app_schema, fold_config, schema_check, store
@@ -16,6 +17,25 @@ from processor.store import QUERIES, Connection
 DEFAULT_PIPELINE = Pipeline(("ingest", "preprocess", "inference", "iou_eval"))
 
 _MIGRATION_FILE = re.compile(r"^(\d{4})_(\w+)\.sql$")
+
+
+class LegacyTriggerPolicy(StrEnum):
+    """What migrate does with a legacy trigger that writes job state (README: "Adopting it")."""
+
+    REPLACE = "replace"  # drop it and say so: the processor owns job state from the commit on
+    REFUSE = "refuse"  # change nothing and say how to allow it (an unattended migrate, docker compose)
+
+
+def legacy_refusal(legacy: list[schema_check.LegacyTrigger]) -> str:
+    """Why migrate refuses to drop ``legacy`` under LegacyTriggerPolicy.REFUSE, and what allows it."""
+    found = ", ".join(f"{trigger.trigger} ({trigger.how})" for trigger in legacy)
+    what = f"trigger {found} on jobs_variants writes job state and is"
+    if len(legacy) > 1:
+        what = f"triggers {found} on jobs_variants write job state and are"
+    return (
+        f"the legacy {what} kept (OUTBOX_LEGACY_TRIGGER=refuse): set OUTBOX_LEGACY_TRIGGER=replace "
+        "(or --legacy-trigger replace) to let migrate drop it; nothing was changed"
+    )
 
 
 @dataclass(frozen=True)
@@ -79,14 +99,19 @@ def latest_version() -> int:
 
 
 def migrate(
-    conn: Connection, *, pipeline: Pipeline | None = None, policy: FailurePolicy | None = None
+    conn: Connection,
+    *,
+    pipeline: Pipeline | None = None,
+    policy: FailurePolicy | None = None,
+    legacy_policy: LegacyTriggerPolicy = LegacyTriggerPolicy.REPLACE,
 ) -> MigrateReport:
     """Apply the missing migrations, set the fold configuration the first time, and remove legacy
     job-state triggers, in one transaction: a refusal changes nothing.
 
     ``pipeline`` and ``policy`` (OUTBOX_PIPELINE_STEPS, OUTBOX_FAILURE_POLICY) are what a database
     without a configuration gets (None: the default pipeline, if every step jobs_variants uses is
-    in it; settled); on a database that has one, they must match it.
+    in it; settled); on a database that has one, they must match it. ``legacy_policy`` REFUSE
+    raises SchemaError, changing nothing, where a legacy trigger would be dropped.
     """
     report = MigrateReport()
     with conn.transaction():
@@ -111,6 +136,8 @@ def migrate(
         # Two writers of job state must not coexist: the legacy trigger is what lost updates.
         # Checked on every migrate, in case one was put back.
         report.removed_triggers = schema_check.legacy_triggers(conn)
+        if report.removed_triggers and legacy_policy is LegacyTriggerPolicy.REFUSE:
+            raise SchemaError(legacy_refusal(report.removed_triggers))  # rolls everything back
         schema_check.drop_legacy(conn, report.removed_triggers)
     return report
 
@@ -124,7 +151,13 @@ class MigratePlan:
     refusal: str | None = None  # why migrate would refuse, changing nothing
 
 
-def plan(conn: Connection, *, pipeline: Pipeline | None = None, policy: FailurePolicy | None = None) -> MigratePlan:
+def plan(
+    conn: Connection,
+    *,
+    pipeline: Pipeline | None = None,
+    policy: FailurePolicy | None = None,
+    legacy_policy: LegacyTriggerPolicy = LegacyTriggerPolicy.REPLACE,
+) -> MigratePlan:
     """Read what `migrate` would do, in a read-only transaction: nothing is written or locked for writers."""
     result = MigratePlan()
     with conn.transaction():
@@ -190,11 +223,14 @@ def plan(conn: Connection, *, pipeline: Pipeline | None = None, policy: FailureP
                 if problem.trigger not in created:
                     result.steps.append(f"restore trigger {problem.trigger} on {problem.table} (it is {problem.state})")
         if tables[1]:
-            for legacy in schema_check.legacy_triggers(conn):
+            found = schema_check.legacy_triggers(conn)
+            for legacy in found:
                 result.steps.append(
                     f"drop legacy trigger {legacy.trigger} on jobs_variants ({legacy.how}; its function is kept): "
                     "two writers of job state must not coexist"
                 )
+            if found and legacy_policy is LegacyTriggerPolicy.REFUSE and result.refusal is None:
+                result.refusal = legacy_refusal(found)
         if not result.steps and not result.migrations:
             result.steps.append("nothing: the database is up to date")
     return result

@@ -28,7 +28,7 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="OUTBOX_", extra="ignore", frozen=True)
 
-    # None: use the embedded PostgreSQL.
+    # None: use the embedded PostgreSQL (the `embedded` extra).
     database_url: SecretStr | None = None
     # The fold configuration lives in the database (processor/fold_config.py). Set here, it is what
     # `outbox migrate` installs the first time, and what every other command checks the database's
@@ -110,7 +110,7 @@ class Settings(BaseSettings):
         return Pipeline(self.pipeline_steps) if self.pipeline_steps is not None else None
 
     def database(self) -> DatabaseUrl:
-        """The configured database, or the embedded one (started on first use)."""
+        """The configured database, or the embedded one (started on first use; needs the `embedded` extra)."""
         if self.database_url is not None:
             return DatabaseUrl.parse(self.database_url.get_secret_value())
         from processor.embedded import embedded_database_url

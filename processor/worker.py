@@ -103,6 +103,12 @@ class Worker:
         # The schema's problems found at the last check (processor/schema_check.py): /health
         # answers 503 while there is one.
         self.schema_problems: list[str] = []
+        # For the health of a WorkerService (processor/service.py), read from other threads: each
+        # is replaced whole, never changed in place.
+        self.partitions: tuple[int, ...] = ()  # the partitions held (start-up checks done)
+        self.ready = threading.Event()  # set from a session's first rebalance to its end: active or standby
+        self.sessions = 0  # sessions that got as far as their first rebalance
+        self.last_error: str | None = None  # why the last session failed (password removed)
 
     def stop(self) -> None:
         """Ask the loop to finish the batch in hand and return."""
@@ -117,23 +123,29 @@ class Worker:
         """Process until stopped (or, with ``until_idle``, until nothing more can be processed now).
 
         A lost or refused connection is retried with capped exponential backoff and jitter (not
-        with ``until_idle``: a one-shot run reports it and fails); any other error (bad settings,
-        unmigrated schema) stops the worker.
+        with ``until_idle``: a one-shot run reports it and fails), and ``stop()`` during that wait
+        returns normally; any other error (bad settings, unmigrated schema) stops the worker.
         """
+
+        def gave_up(state: tenacity.RetryCallState) -> None:
+            # Stopped while the database was away: a stop, not a failure (exit 0, nothing to re-raise).
+            # A one-shot run reports the error.
+            if until_idle or not self._stopping.is_set():
+                assert state.outcome is not None
+                state.outcome.result()  # raises it
+
         retrying = tenacity.Retrying(
             retry=tenacity.retry_if_exception(session_lost),
             wait=self._backoff,
             stop=lambda _state: until_idle or self._stopping.is_set(),
             sleep=self._sleep,
             before_sleep=self._log_retry,
-            reraise=True,
+            retry_error_callback=gave_up,
         )
         try:
             for attempt in retrying:
                 with attempt:
                     self._session(until_idle)
-        except tenacity.RetryError:
-            pass  # stopped while waiting to reconnect
         finally:
             self.waiter.close()
         return self.stats
@@ -150,6 +162,7 @@ class Worker:
         exc = state.outcome.exception() if state.outcome else None
         wait = state.next_action.sleep if state.next_action else 0
         message = redact(str(exc).strip().splitlines()[0] if exc else "?", self.db)
+        self.last_error = message
         log.warning("database unavailable (%s); reconnecting in %.1f s", message, wait)
 
     def _session(self, until_idle: bool) -> None:
@@ -184,6 +197,7 @@ class Worker:
                         self._forget(partition)
         finally:
             self.connected.clear()
+            self.ready.clear()
             watchdog.stop()
 
     def _load_config(self, conn: Connection) -> FoldConfig:
@@ -218,6 +232,9 @@ class Worker:
             if time.monotonic() >= next_rebalance:
                 self._rebalance(conn, until_idle, watchdog)
                 next_rebalance = time.monotonic() + settings.standby_interval
+                if not self.ready.is_set():
+                    self.sessions += 1
+                    self.ready.set()
             outcomes = {self._step_partition(conn, watchdog, p) for p in sorted(self._owned) if not self.stopping}
             if _Outcome.MORE in outcomes:
                 interval = settings.poll_interval_min
@@ -275,6 +292,7 @@ class Worker:
                 with watchdog.guard(conn):
                     store.consumer_lock_release(conn, partition)
                 continue
+            self.partitions = tuple(sorted(self._owned))
             log.info("active consumer of partition %s (pid %s)", partition, os.getpid())
             self._failures = 0
             self.active.set()
@@ -342,6 +360,7 @@ class Worker:
 
     def _forget(self, partition: int) -> None:
         self._owned.pop(partition, None)
+        self.partitions = tuple(sorted(self._owned))
         if self.metrics is not None:
             self.metrics.set_active(partition, False)
         if not self._owned:

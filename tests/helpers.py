@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import time
 from collections.abc import Callable
 from typing import Any
@@ -30,6 +32,30 @@ def wait_for(condition: Callable[[], Any], *, timeout: float = 30.0, what: str =
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(0.02)
+
+
+async def wait_for_async(condition: Callable[[], Any], *, timeout: float = 30.0, what: str = "condition") -> Any:
+    """As ``wait_for``, in an event loop (which stays free meanwhile); ``condition`` may be a coroutine function."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+# A backlog of about 54,000 events in 2,000 jobs (a drain takes a few batches of 20,000).
+BACKLOG = """
+INSERT INTO jobs (job_id, status) SELECT gen_random_uuid(), 'queued' FROM generate_series(1, 2000);
+INSERT INTO jobs_variants (job_variants_id, job_id, status)
+    SELECT gen_random_uuid(), job_id, 'queued' FROM jobs, generate_series(1, 10);
+UPDATE jobs_variants SET status = 'running', current_step = 'segment';
+UPDATE jobs_variants SET status = 'done', current_step = 'iou_eval' WHERE random() < 0.7;
+"""
 
 
 def job_state(conn: psycopg.Connection[Any], job_id: Any) -> tuple[str, str]:

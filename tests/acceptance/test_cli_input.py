@@ -110,3 +110,16 @@ def test_repartition_timeout_bounds_how_long_writers_wait(db, engine):
     assert "nothing was changed" in one_line(result)
     assert elapsed < timeout + 3, f"repartition took {elapsed:.1f} s with --timeout {timeout}"
     assert waited and waited[0] < timeout + 2, f"a writer waited {waited[0]:.1f} s with --timeout {timeout}"
+
+
+@pytest.mark.parametrize("driver", ["+asyncpg", "+psycopg2"])
+def test_the_applications_own_url_works_for_the_commands(db, engine, driver):
+    """A service's postgresql+asyncpg:// (or +psycopg2) URL, as it has it: the product connects with psycopg."""
+    with engine.begin() as sa:
+        outbox.create_job(sa, variants=2)
+    url = db.url.set(drivername=f"postgresql{driver}").render_as_string(hide_password=False)
+    env = {**subprocess_env(db), "OUTBOX_DATABASE_URL": url + "?ssl=disable" * (driver == "+asyncpg")}
+    for args in (("migrate",), ("run", "--until-idle"), ("backlog", "--json"), ("verify",)):
+        result = outbox_cli(*args, env=env)
+        assert result.returncode == 0, (args, result.stderr)
+    assert '"pending_events": 0' in outbox_cli("backlog", "--json", env=env).stdout

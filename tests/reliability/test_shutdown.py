@@ -8,17 +8,10 @@ import time
 
 from processor.database import connect
 from tests.fix_database import make_settings, subprocess_env
-from tests.helpers import WorkerProcess, consumer_os_pid, drain, pending_work, wait_for
+from tests.helpers import BACKLOG, WorkerProcess, consumer_os_pid, drain, pending_work, wait_for
 from tests.reference import actual_job_states, reference_job_states
 
 STEPS = ("ingest", "detect", "segment", "iou_eval")
-BACKLOG = """
-INSERT INTO jobs (job_id, status) SELECT gen_random_uuid(), 'queued' FROM generate_series(1, 2000);
-INSERT INTO jobs_variants (job_variants_id, job_id, status)
-    SELECT gen_random_uuid(), job_id, 'queued' FROM jobs, generate_series(1, 10);
-UPDATE jobs_variants SET status = 'running', current_step = 'segment';
-UPDATE jobs_variants SET status = 'done', current_step = 'iou_eval' WHERE random() < 0.7;
-"""
 
 
 def in_a_batch(conn, os_pid: int) -> bool:

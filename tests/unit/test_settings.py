@@ -45,6 +45,26 @@ def test_both_url_forms_are_accepted_and_the_password_is_hidden():
     assert redact("auth failed for p@ss#w:d/ and p%40ss%23w%3Ad%2F", plain) == "auth failed for *** and ***"
 
 
+@pytest.mark.parametrize("driver", ["", "+psycopg", "+psycopg_async", "+asyncpg", "+psycopg2", "+pg8000"])
+def test_the_url_the_application_has_is_accepted_whatever_driver_it_names(driver):
+    url = DatabaseUrl.parse(f"postgresql{driver}://app:secret@db.example:5433/jobs?connect_timeout=5")
+    assert url.connect_kwargs() == {
+        "host": "db.example", "port": 5433, "user": "app", "password": "secret", "dbname": "jobs",
+        "connect_timeout": "5",
+    }  # fmt: skip
+    assert url.sqlalchemy().drivername == "postgresql+psycopg"  # the product's own connections
+
+
+def test_another_drivers_parameters_are_translated_or_left_out_and_unknown_ones_refused():
+    url = DatabaseUrl.parse("postgresql+asyncpg://app:secret@db/jobs?ssl=require&prepared_statement_cache_size=0")
+    assert url.connect_kwargs()["sslmode"] == "require"
+    assert "prepared_statement_cache_size" not in url.redacted()
+    assert DatabaseUrl.parse("postgresql+asyncpg://db/jobs?ssl=true").connect_kwargs()["sslmode"] == "require"
+    with pytest.raises(ConfigurationError, match="'sslmod' is not a libpq connection parameter") as info:
+        DatabaseUrl.parse("postgresql://app:secret@db/jobs?sslmod=require")
+    assert "secret" not in str(info.value)
+
+
 def test_a_non_url_is_refused_without_echoing_it():
     with pytest.raises(ConfigurationError) as info:
         DatabaseUrl.parse("not a url with secret")
