@@ -34,7 +34,8 @@ ENV PATH=/opt/outbox/bin:$PATH \
     OUTBOX_METRICS_PORT=9100
 USER 10001:10001
 EXPOSE 9100
-# `outbox healthcheck` GETs http://127.0.0.1:$OUTBOX_METRICS_PORT/health: 0 on 200, else 1 and why.
-HEALTHCHECK --interval=15s --timeout=10s --start-period=30s --retries=3 CMD ["outbox", "healthcheck"]
+# processor.probe GETs http://127.0.0.1:$OUTBOX_METRICS_PORT/health: 0 on 200, else 1 and why. It is
+# `outbox healthcheck` without the CLI's start-up cost (about 0.8 s of CPU at every interval).
+HEALTHCHECK --interval=15s --timeout=10s --start-period=30s --retries=3 CMD ["python", "-m", "processor.probe"]
 ENTRYPOINT []
 CMD ["outbox", "run"]

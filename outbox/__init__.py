@@ -24,7 +24,6 @@ from outbox.subscription import (
     Transition,
 )
 from outbox.writer import (
-    UnknownColumnError,
     UnknownStepError,
     VariantNotFoundError,
     create_job,
@@ -42,7 +41,6 @@ __all__ = [
     "SubscriberState",
     "SubscriptionNotFoundError",
     "Transition",
-    "UnknownColumnError",
     "UnknownStepError",
     "VariantChanged",
     "VariantNotFoundError",

@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 
 import psycopg
 import sqlalchemy
+from psycopg.rows import tuple_row
 from sqlalchemy.engine import Connection as SAConnection
 from sqlalchemy.orm import Session
 
@@ -93,12 +94,14 @@ def _sync_executor(conn: Any, call: str) -> Callable[[Statement], Result]:
     if isinstance(conn, psycopg.Connection):  # checked first: the common case pays one isinstance
         return functools.partial(_on_psycopg, conn)
     if isinstance(conn, Session):
+        # The ORM's pending changes go first, in program order (connection() does not flush).
+        conn.flush()
         conn = conn.connection()  # the session's own transaction
     if isinstance(conn, SAConnection):
         return functools.partial(_on_sqlalchemy, conn)
     if _is_async(conn):
         raise TypeError(
-            f"outbox.{call} runs on a sync connection; for a {_kind(conn)} use `await outbox.aio.{call}(...)`"
+            f"outbox.{call} runs on a sync connection; for {_kind(conn)} use `await outbox.aio.{call}(...)`"
         )
     if isinstance(conn, sqlalchemy.Engine):
         raise TypeError(f"outbox.{call} writes in a transaction: pass `conn` from `with engine.begin() as conn`")
@@ -109,13 +112,14 @@ async def _async_executor(conn: Any, call: str) -> Callable[[Statement], Awaitab
     if isinstance(conn, psycopg.AsyncConnection):
         return functools.partial(_on_psycopg_async, conn)
     if isinstance(conn, AsyncSession):
+        await conn.flush()  # the ORM's pending changes go first, in program order
         conn = await conn.connection()  # the session's own transaction
     if isinstance(conn, SAAsyncConnection):
         return functools.partial(_on_sqlalchemy_async, conn)
     if _is_asyncpg(conn):
         return functools.partial(_on_asyncpg, conn)
     if isinstance(conn, psycopg.Connection | SAConnection | Session):
-        raise TypeError(f"outbox.aio.{call} runs on an asyncio connection; for a {_kind(conn)} use outbox.{call}")
+        raise TypeError(f"outbox.aio.{call} runs on an asyncio connection; for {_kind(conn)} use outbox.{call}")
     if isinstance(conn, AsyncEngine):
         raise TypeError(
             f"outbox.aio.{call} writes in a transaction: pass `conn` from `async with engine.begin() as conn`"
@@ -136,8 +140,10 @@ async def execute_async(conn: psycopg.AsyncConnection[Any] | SAAsyncConnection, 
 
 
 def _on_psycopg(conn: psycopg.Connection[Any], statement: Statement) -> Result:
-    cur = conn.execute(statement.sql, statement.params)
-    return Result(cur.rowcount, cur.fetchall() if cur.description else [])
+    # Tuples whatever the connection's row factory (dict_row is common in applications).
+    with conn.cursor(row_factory=tuple_row) as cur:
+        cur.execute(statement.sql, statement.params)
+        return Result(cur.rowcount, cur.fetchall() if cur.description else [])
 
 
 def _on_sqlalchemy(conn: SAConnection, statement: Statement) -> Result:
@@ -151,8 +157,9 @@ def _on_sqlalchemy(conn: SAConnection, statement: Statement) -> Result:
 
 
 async def _on_psycopg_async(conn: psycopg.AsyncConnection[Any], statement: Statement) -> Result:
-    cur = await conn.execute(statement.sql, statement.params)
-    return Result(cur.rowcount, await cur.fetchall() if cur.description else [])
+    async with conn.cursor(row_factory=tuple_row) as cur:
+        await cur.execute(statement.sql, statement.params)
+        return Result(cur.rowcount, await cur.fetchall() if cur.description else [])
 
 
 async def _on_sqlalchemy_async(conn: SAAsyncConnection, statement: Statement) -> Result:
@@ -197,4 +204,5 @@ def _kind(conn: Any) -> str:
     cls = type(conn)
     package = cls.__module__.split(".", 1)[0]
     names = {"psycopg": "psycopg", "sqlalchemy": "SQLAlchemy", "asyncpg": "asyncpg"}
-    return f"{names[package]} {cls.__name__}" if package in names else cls.__name__
+    name = f"{names[package]} {cls.__name__}" if package in names else cls.__name__
+    return f"{'an' if name[0] in 'aeiouAEIOU' else 'a'} {name}"

@@ -5,26 +5,27 @@
 -- The columns' own types (text, varchar(n), an enum, a domain) are written through the cast
 -- functions `outbox migrate` keeps for them (processor/app_schema.py).
 
--- name: job_insert
--- /*columns*/ and /*values*/ take the application's own columns given to create_job.
-INSERT INTO jobs (job_id, status, current_step, updated_at /*columns*/)
-VALUES (%(job_id)s, outbox_job_status('queued'), outbox_job_step(%(step)s), now() /*values*/)
-
--- name: variants_insert
--- The values of the application's own columns are cast to the columns' types (columns_describe):
--- a parameter in a SELECT list would otherwise be text, which asyncpg sends as it is told.
-INSERT INTO jobs_variants (job_variants_id, job_id, status, current_step, updated_at /*columns*/)
-SELECT variant_id, CAST(%(job_id)s AS uuid), outbox_variant_status('queued'), outbox_variant_step(%(step)s), now() /*values*/
-FROM unnest(CAST(%(variant_ids)s AS uuid[])) AS t (variant_id)
-
--- name: columns_describe
--- The application's own columns given to create_job, as they exist: each one's name, quoted name
--- and type. A name with no row is not a column of that table.
-SELECT t.table_name, a.attname::text, quote_ident(a.attname), format_type(a.atttypid, a.atttypmod)
-FROM (VALUES ('jobs', CAST(%(job_columns)s AS text[])),
-             ('jobs_variants', CAST(%(variant_columns)s AS text[]))) AS t (table_name, names)
-JOIN pg_attribute AS a
-  ON a.attrelid = to_regclass(t.table_name) AND a.attname = ANY (t.names) AND a.attnum > 0 AND NOT a.attisdropped
+-- name: job_create
+-- The job and its variants in one statement: it is all or nothing even on a connection outside a
+-- transaction (autocommit). The first variant is inserted with VALUES, so that the application's
+-- own columns (the /*...*/ slots, filled by outbox.writer) take their values as a plain INSERT
+-- would (the column's type, its length checked); the other variants copy that row's typed values.
+-- The columns' own types for status and step are written through the cast functions `outbox
+-- migrate` keeps for them (processor/app_schema.py).
+WITH job AS (
+    INSERT INTO jobs (job_id, status, current_step, updated_at /*job columns*/)
+    VALUES (%(job_id)s, outbox_job_status('queued'), outbox_job_step(%(step)s), now() /*job values*/)
+), first_variant AS (
+    INSERT INTO jobs_variants (job_variants_id, job_id, status, current_step, updated_at /*variant columns*/)
+    VALUES (%(first_variant_id)s, %(job_id)s, outbox_variant_status('queued'), outbox_variant_step(%(step)s), now()
+            /*variant values*/)
+    RETURNING job_id, status, current_step, updated_at /*variant columns*/
+)
+INSERT INTO jobs_variants (job_variants_id, job_id, status, current_step, updated_at /*variant columns*/)
+SELECT t.variant_id, f.job_id, f.status, f.current_step, f.updated_at /*variant copies*/
+FROM unnest(CAST(%(other_variant_ids)s AS uuid[])) WITH ORDINALITY AS t (variant_id, n)
+CROSS JOIN first_variant AS f
+ORDER BY t.n
 
 -- name: pipeline_has_step
 -- Whether the pipeline every worker folds with (outbox_fold_config) has this step, and the pipeline.

@@ -142,8 +142,8 @@ class Subscriber(Consumer, StartsInBackground):
 
     def start(self) -> None:
         """Deliver in a background thread until ``stop()``, then ``join()`` (or use ``with``)."""
-        if self._background is not None and not self._background.ended:
-            raise RuntimeError(f"subscriber {self.name!r} is already running")
+        if self.running or (self._background is not None and not self._background.ended):
+            raise RuntimeError(f"subscriber {self.name!r} is already running (one run per object)")
         self._stopping.clear()  # here, not in the thread: a stop() right after start() is kept
         self._background = Background(
             self._run, name=f"outbox-subscriber-{self.name}", on_error=lambda _: self.log_died()

@@ -23,6 +23,7 @@ import datetime as dt
 import json
 import logging
 import re
+import threading
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -258,6 +259,8 @@ class Consumer:
         self.connected = False  # a session is open
         self.last_error: str | None = None
         self._phase = SubscriberState.NEW  # NEW, CONNECTING while running, then STOPPED or FAILED
+        self.running = False  # a run is under way (tracking_run)
+        self._run_lock = threading.Lock()
 
     def health(self) -> SubscriberHealth:
         """A snapshot of this subscriber now (from any thread)."""
@@ -271,7 +274,15 @@ class Consumer:
 
     @contextlib.contextmanager
     def tracking_run(self) -> Iterator[None]:
-        """Around a run, for ``health()``: running, then stopped (cancelled too) or failed with what it raised."""
+        """Around a run, for ``health()``: running, then stopped (cancelled too) or failed with what it raised.
+
+        One run at a time per object: a second one would share this one's state (``active``) and
+        deliver without the subscription's lock.
+        """
+        with self._run_lock:
+            if self.running:
+                raise RuntimeError(f"subscriber {self.name!r} is already running (one run per object)")
+            self.running = True
         self._phase = SubscriberState.CONNECTING
         try:
             yield
@@ -282,7 +293,10 @@ class Consumer:
         except BaseException:  # a cancelled task, an interrupt: a way of stopping
             self._phase = SubscriberState.STOPPED
             raise
-        self._phase = SubscriberState.STOPPED
+        else:
+            self._phase = SubscriberState.STOPPED
+        finally:
+            self.running = False
 
     @contextlib.contextmanager
     def tracking_session(self) -> Iterator[None]:

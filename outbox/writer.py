@@ -16,6 +16,8 @@ import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from psycopg import sql
+
 from outbox.connections import Operation, Statement, run
 from outbox.events import VariantChanged, VariantStatus
 from outbox.sqlfile import load_queries
@@ -35,10 +37,6 @@ class VariantNotFoundError(LookupError):
 
 class UnknownStepError(ValueError):
     """A step that is not in the pipeline every worker folds with (`outbox pipeline show`)."""
-
-
-class UnknownColumnError(LookupError):
-    """``create_job`` was given a column its table does not have."""
 
 
 def create_job(
@@ -135,19 +133,13 @@ def create_job_operation(
     variant_values = _app_columns("jobs_variants", variant_columns)
     if step is not None:
         _check_step(step, (yield _pipeline_has_step(step)).first)
-    params: dict[str, Any] = {"job_id": job_uuid, "step": step, "variant_ids": variant_ids}
-    job_insert, variants_insert = _QUERIES["job_insert"], _QUERIES["variants_insert"]
-    if job_values or variant_values:
-        described = yield Statement(
-            _QUERIES["columns_describe"],
-            {"job_columns": list(job_values), "variant_columns": list(variant_values)},
-            returns_rows=True,
-        )
-        types = {(table, name): (quoted, type_) for table, name, quoted, type_ in described.rows}
-        job_insert = _with_columns(job_insert, "jobs", job_values, types, params)
-        variants_insert = _with_columns(variants_insert, "jobs_variants", variant_values, types, params)
-    yield Statement(job_insert, params)
-    yield Statement(variants_insert, params)
+    params: dict[str, Any] = {
+        "job_id": job_uuid,
+        "step": step,
+        "first_variant_id": variant_ids[0],
+        "other_variant_ids": variant_ids[1:],
+    }
+    yield Statement(_job_create(params, job_values, variant_values), params)
     return job_uuid, variant_ids
 
 
@@ -192,39 +184,39 @@ def _check_step(step: str, found: tuple[Any, ...] | None) -> None:
 
 
 def _app_columns(table: str, values: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The application's own column values for ``table``, checked before anything is written."""
+    """The application's own columns given for ``table``, checked: {quoted name: value}."""
     if values is None:
         return {}
     if not isinstance(values, Mapping):
         raise TypeError(f"the {table} columns must be a mapping of column name to value (got {type(values).__name__})")
-    for name in values:
+    quoted = {}
+    for name, value in values.items():
         if not isinstance(name, str) or not name:
             raise ValueError(f"a {table} column name must be a non-empty string (got {name!r})")
         if name in _OWN_COLUMNS[table]:
             raise ValueError(f"create_job writes {table}.{name} itself; pass only the application's own columns")
         if "%" in name or ":" in name:  # they would read as parameters in the statement
             raise ValueError(f"create_job cannot write the column {name!r} (its name has % or :); insert it with SQL")
-    return dict(values)
+        quoted[sql.Identifier(name).as_string()] = value
+    return quoted
 
 
-def _with_columns(
-    query: str,
-    table: str,
-    values: dict[str, Any],
-    types: dict[tuple[str, str], tuple[str, str]],
-    params: dict[str, Any],
-) -> str:
-    """``query`` with the application's columns in its /*columns*/ and /*values*/ slots."""
-    names, casts = [], []
-    for name, value in values.items():
-        if (table, name) not in types:
-            raise UnknownColumnError(f"{table} has no column {name!r}")
-        quoted, type_ = types[(table, name)]
-        key = f"app_{len(params)}"
-        params[key] = value
-        names.append(f", {quoted}")
-        casts.append(f", CAST(%({key})s AS {type_})")
-    return query.replace("/*columns*/", "".join(names)).replace("/*values*/", "".join(casts))
+def _job_create(params: dict[str, Any], job_values: dict[str, Any], variant_values: dict[str, Any]) -> str:
+    """The job_create statement with the application's columns in its slots, their values in ``params``."""
+    query = _QUERIES["job_create"]
+    if not job_values and not variant_values:
+        return query
+    slots: dict[str, list[str]] = {"job columns": [], "job values": [], "variant columns": [], "variant values": []}
+    for kind, values in (("job", job_values), ("variant", variant_values)):
+        for name, value in values.items():
+            key = f"app_{len(params)}"
+            params[key] = value
+            slots[f"{kind} columns"].append(f", {name}")
+            slots[f"{kind} values"].append(f", %({key})s")
+    slots["variant copies"] = [f", f.{name}" for name in variant_values]
+    for slot, parts in slots.items():
+        query = query.replace(f"/*{slot}*/", "".join(parts))
+    return query
 
 
 def _as_uuid(value: uuid.UUID | str, what: str) -> uuid.UUID:

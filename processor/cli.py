@@ -368,7 +368,7 @@ def healthcheck(
 
     It reads only the worker's HTTP endpoint, never the database: `outbox check` is the probe for that.
     """
-    from processor.metrics import probe_health
+    from processor.probe import probe_health
 
     problem = probe_health(host, port, timeout)
     if problem is not None:

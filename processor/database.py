@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote, quote_plus
+from urllib.parse import quote, quote_plus, unquote
 
 import psycopg
 from sqlalchemy import Engine, create_engine
@@ -69,13 +69,18 @@ class DatabaseUrl:
         except ValueError:  # the port is not a number
             raise ConfigurationError(
                 "database URL port is not a number; expected postgresql://user:password@host:port/dbname"
+                " (several hosts: postgresql://user:password@/dbname?host=h1:5432&host=h2:5432)"
             ) from None
+        if url.host and "@" in url.host:  # "user:p@ss@host": the first @ ended the user-info part
+            raise ConfigurationError("database URL has an @ in its password or user name: percent-encode it (@ is %40)")
         if url.drivername not in _ACCEPTED_DRIVERS:
             raise ConfigurationError(
                 f"database URL scheme {url.drivername!r} is not supported; use postgresql:// (or postgresql+psycopg,"
                 " +asyncpg, +psycopg2: the product connects with psycopg whichever the URL names)"
             )
         url = url.set(query=_libpq_parameters(url))
+        if url.host and "%" in url.host:  # a unix socket directory, percent-encoded as libpq's docs show
+            url = url.set(host=unquote(url.host))
         if url.port is not None and not 0 < url.port < 65536:
             raise ConfigurationError(f"database URL port {url.port} is out of range")
         if url.password == "":
@@ -115,14 +120,17 @@ class DatabaseUrl:
         return {key: value for key, value in params.items() if value not in (None, "")}
 
     def create_engine(self, **kwargs: Any) -> Engine:
-        return create_engine(self.url, **kwargs)
+        """A SQLAlchemy engine (psycopg) connecting with ``connect_kwargs``: the one reading of the URL."""
+        return create_engine(URL.create("postgresql+psycopg"), connect_args=self.connect_kwargs(), **kwargs)
 
 
 def _libpq_parameters(url: URL) -> dict[str, str | tuple[str, ...]]:
     """The URL's query as libpq parameters: another driver's translated or left out, anything else refused."""
     query: dict[str, str | tuple[str, ...]] = {}
     for key, value in url.query.items():
-        if key == "ssl" and url.drivername == "postgresql+asyncpg":
+        if key == "host" and url.host is None:
+            query.update(_hosts(value if isinstance(value, tuple) else (value,)))
+        elif key == "ssl" and url.drivername == "postgresql+asyncpg":
             mode = value if isinstance(value, str) else value[-1]
             query["sslmode"] = _ASYNCPG_SSL.get(mode.lower(), mode)
         elif key in _LIBPQ_PARAMETERS:
@@ -133,6 +141,21 @@ def _libpq_parameters(url: URL) -> dict[str, str | tuple[str, ...]]:
                 " (https://www.postgresql.org/docs/current/libpq-connect.html#LIBPQ-PARAMKEYWORDS)"
             )
     return query
+
+
+def _hosts(hosts: tuple[str, ...]) -> dict[str, str]:
+    """SQLAlchemy's several hosts (``?host=h1:5432&host=h2:5433``) as libpq's (``host=h1,h2 port=5432,5433``)."""
+    names, ports = [], []
+    for entry in hosts:
+        name, _, port = entry.rpartition(":")
+        if entry.startswith("/") or not port.isdigit() or not name or name.endswith(":"):  # a socket, no port, IPv6
+            name, port = entry, ""
+        names.append(name.strip("[]"))
+        ports.append(port)
+    params = {"host": ",".join(names)}
+    if any(ports):
+        params["port"] = ",".join(ports)  # an empty entry: that host's default port
+    return params
 
 
 def connect_params(db: DatabaseUrl, *, application_name: str, connect_timeout: int = 10) -> dict[str, Any]:

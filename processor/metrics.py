@@ -1,9 +1,9 @@
-"""Prometheus metrics and a health endpoint for `outbox run --metrics-port N`, and its probe.
+"""Prometheus metrics and a health endpoint for `outbox run --metrics-port N`.
 
 Counters and the batch histogram move with every batch the worker commits (Worker.on_batch);
 pending events and dead letters are read from the database every few seconds on a connection of
-their own, so a slow count never delays the worker. `outbox healthcheck` (a container's
-HEALTHCHECK) asks /health with probe_health.
+their own, so a slow count never delays the worker. `outbox healthcheck` and a container's
+HEALTHCHECK ask /health through processor.probe.
 """
 
 from __future__ import annotations
@@ -11,8 +11,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
@@ -166,20 +164,3 @@ def serve(metrics: WorkerMetrics, port: int, health: Callable[[], HealthReport])
     server = make_server("", port, app, handler_class=_QuietHandler)
     threading.Thread(target=server.serve_forever, name="outbox-metrics-http", daemon=True).start()
     return server
-
-
-def probe_health(host: str, port: int, timeout: float) -> str | None:
-    """Ask a worker's /health: None when it answers 200, else the reason, one line."""
-    # No proxy from the environment: the worker is on this host or network, never behind one.
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    try:
-        with opener.open(f"http://{host}:{port}/health", timeout=timeout):
-            return None
-    except urllib.error.HTTPError as exc:
-        said = "; ".join(line.strip() for line in exc.read().decode("utf-8", "replace").splitlines() if line.strip())
-        return f"the worker on port {port} is unhealthy ({exc.code}): {said or exc.reason}"
-    except (urllib.error.URLError, OSError) as exc:
-        reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
-        if isinstance(reason, TimeoutError):
-            return f"no answer from a worker on port {port} within {timeout:g} s"
-        return f"no worker answering on port {port} ({host}: {getattr(reason, 'strerror', None) or reason})"

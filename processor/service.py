@@ -101,7 +101,7 @@ class WorkerService(StartsInBackground):
         unknown = sorted(set(settings) - (set(Settings.model_fields) - _NOT_FOR_A_SERVICE))
         if unknown:
             raise TypeError(f"WorkerService() got unknown settings: {', '.join(unknown)} (see processor.settings)")
-        loaded = load_settings(**settings)
+        loaded = load_settings(as_keywords=True, **settings)
         if loaded.database_url is None:
             raise ConfigurationError(NO_DATABASE)
         self._setup(loaded, loaded.database(), metrics_port)
@@ -269,7 +269,9 @@ class WorkerService(StartsInBackground):
 
     @property
     def metrics_port(self) -> int | None:
-        """The port /metrics and /health are served on (the one bound, for ``metrics_port=0``); None: none."""
+        """The port /metrics and /health are served on (the one bound, for ``metrics_port=0``); None: none now."""
+        if self._ended:
+            return None
         server = self._server
         return int(server.server_port) if server is not None else self._port
 

@@ -118,19 +118,28 @@ class Settings(BaseSettings):
         return DatabaseUrl.parse(embedded_database_url(self.embedded_data_dir))
 
 
-def load_settings(**overrides: Any) -> Settings:
-    """Settings from the environment, with explicit (non-None) overrides; errors as one line."""
+def load_settings(*, as_keywords: bool = False, **overrides: Any) -> Settings:
+    """Settings from the environment, with explicit (non-None) overrides; errors as one line.
+
+    ``as_keywords``: the overrides are a caller's keyword arguments (processor.WorkerService), and a
+    problem with one of them is named ``name=``, not by its variable.
+    """
+    given = {key: value for key, value in overrides.items() if value is not None}
     try:
-        return Settings(**{key: value for key, value in overrides.items() if value is not None})
+        return Settings(**given)
     except ValidationError as exc:
-        problems = "; ".join(_problem(err) for err in exc.errors(include_url=False, include_input=False))
+        keywords = set(given) if as_keywords else set()
+        errors = exc.errors(include_url=False, include_input=False)
+        problems = "; ".join(_problem(err, keywords) for err in errors)
         raise ConfigurationError(f"invalid settings: {problems}") from None
 
 
-def _problem(err: Any) -> str:
-    """One setting's problem, named by its variable (a check across settings names them in its message)."""
-    name = "_".join(str(part) for part in err["loc"]).upper()
-    return f"OUTBOX_{name}: {_message(err)}" if name else _message(err)
+def _problem(err: Any, keywords: set[str]) -> str:
+    """One setting's problem, named by its variable or keyword (a check across settings names them in its message)."""
+    name = "_".join(str(part) for part in err["loc"])
+    if not name:
+        return _message(err)
+    return f"{name}=: {_message(err)}" if name in keywords else f"OUTBOX_{name.upper()}: {_message(err)}"
 
 
 def _message(err: Any) -> str:

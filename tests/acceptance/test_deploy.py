@@ -1,13 +1,18 @@
-"""What the image and docker-compose.yml rely on: `outbox healthcheck` against a real worker, and an
-unattended `outbox migrate --show-plan` that refuses to drop a legacy trigger unless told to."""
+"""What the image and docker-compose.yml rely on: the health probe (`python -m processor.probe`, `outbox
+healthcheck`) against a real worker, and an unattended `outbox migrate --show-plan` that refuses to
+drop a legacy trigger unless told to."""
 
 from __future__ import annotations
 
+import http.server
+import subprocess
+import sys
+import threading
 import uuid
 from pathlib import Path
 
 from processor.database import connect
-from processor.metrics import probe_health
+from processor.probe import probe_health
 from tests.acceptance.test_cli import outbox_cli
 from tests.acceptance.test_metrics import free_port
 from tests.fix_database import subprocess_env
@@ -21,6 +26,54 @@ def one_error_line(stderr: str) -> str:
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), stderr
     return lines[0]
+
+
+def probe_module(port: int | str) -> subprocess.CompletedProcess[str]:
+    env = subprocess_env(None, OUTBOX_METRICS_PORT=str(port))
+    return subprocess.run(
+        [sys.executable, "-m", "processor.probe"], env=env, capture_output=True, text=True, timeout=30, check=False
+    )
+
+
+def test_the_probe_reports_what_answers_in_one_line_and_follows_no_redirect():
+    """A 503 with a huge body stays one short line; a redirect is reported, never followed."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.server.server_port == big.server_port:
+                body = ("x" * 99 + "\n") * 1000
+                self.send_response(503)
+                self.end_headers()
+                self.wfile.write(body.encode())
+            else:
+                self.send_response(301)
+                self.send_header("Location", "http://example.invalid/health")
+                self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    big = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    moved = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    for server in (big, moved):
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        line = one_error_line(probe_module(big.server_port).stderr)
+        assert line.startswith(f"error: the worker on port {big.server_port} is unhealthy (503): xxx")
+        assert len(line) < 400
+        line = one_error_line(probe_module(moved.server_port).stderr)
+        assert line.startswith(f"error: the worker on port {moved.server_port} is unhealthy (301)"), line
+        assert "example.invalid" not in line
+    finally:
+        for server in (big, moved):
+            server.shutdown()
+            server.server_close()
+    for bad in ("", "0", "http", "70000"):
+        result = probe_module(bad)
+        assert result.returncode == 1
+        assert (
+            one_error_line(result.stderr) == "error: OUTBOX_METRICS_PORT must be the worker's metrics port (1 to 65535)"
+        )
 
 
 def test_healthcheck_answers_for_a_running_worker_and_says_why_not(db, tmp_path):
@@ -39,6 +92,8 @@ def test_healthcheck_answers_for_a_running_worker_and_says_why_not(db, tmp_path)
             healthy = outbox_cli("healthcheck", env=subprocess_env(None, OUTBOX_METRICS_PORT=str(port)))
             assert healthy.returncode == 0, healthy.stderr
             assert f"port {port} is healthy" in healthy.stdout
+            image_probe = probe_module(port)  # the image's HEALTHCHECK: the same answer
+            assert image_probe.returncode == 0 and f"port {port} is healthy" in image_probe.stdout, image_probe.stderr
 
             # A problem /health reports (503) is the reason the probe gives.
             conn.execute(
@@ -52,6 +107,7 @@ def test_healthcheck_answers_for_a_running_worker_and_says_why_not(db, tmp_path)
             line = one_error_line(sick.stderr)
             assert f"the worker on port {port} is unhealthy (503)" in line
             assert "legacy trigger sneaky on jobs_variants writes job state" in line
+            assert one_error_line(probe_module(port).stderr) == line
     finally:
         worker.kill()
 

@@ -42,6 +42,7 @@ ALTER TABLE jobs ALTER COLUMN user_id DROP DEFAULT;
 ALTER TABLE jobs_variants ADD COLUMN model text NOT NULL DEFAULT '';
 ALTER TABLE jobs_variants ALTER COLUMN model DROP DEFAULT;
 ALTER TABLE jobs_variants ADD COLUMN "Score Threshold" numeric(4, 2);
+ALTER TABLE jobs ADD COLUMN code char(5);
 """
 
 
@@ -163,7 +164,6 @@ def test_each_connection_checks_what_the_sync_api_checks(
                 lambda c: outbox.aio.update_variant(c, "not-a-uuid", status="running"),
                 lambda c: outbox.aio.create_job(c, variants=0),
                 lambda c: outbox.aio.create_job(c, step="no_such_step", columns={"user_id": 1}),
-                lambda c: outbox.aio.create_job(c, columns={"user_id": 1, "no_such_column": 2}),
                 lambda c: outbox.aio.create_job(c, columns={"status": "done"}),
                 lambda c: outbox.aio.hold_job(c, uuid.uuid4(), status="done", reason=""),
             ]
@@ -172,14 +172,29 @@ def test_each_connection_checks_what_the_sync_api_checks(
                     async with transaction() as c:
                         await attempt(c)
                 messages.append(f"{type(caught.value).__name__}: {str(caught.value).splitlines()[0]}")
+            # What the database refuses (a column the table lacks, a value too long for its column,
+            # a variant row that violates NOT NULL) comes from the driver as for the application's
+            # own INSERT, and the job is not written either: it is one statement with its variants.
+            database_refusals: list[Callable[[Any], Any]] = [
+                lambda c: outbox.aio.create_job(c, columns={"user_id": 1, "no_such_column": 2}),
+                lambda c: outbox.aio.create_job(c, columns={"user_id": 1, "code": "abcdefgh"}),
+                lambda c: outbox.aio.create_job(c, variants=3, columns={"user_id": 1}),  # model is NOT NULL
+            ]
+            for attempt in database_refusals:
+                with pytest.raises(Exception) as caught:
+                    async with transaction() as c:
+                        await attempt(c)
+                messages.append(f"database: {str(caught.value).splitlines()[0]}")
         return messages
 
     messages = asyncio.run(refused())
     assert [m.split(":")[0] for m in messages] == [
         "ValidationError", "UnknownStepError", "VariantNotFoundError", "ValueError", "ValueError",
-        "UnknownStepError", "UnknownColumnError", "ValueError", "ValueError",
+        "UnknownStepError", "ValueError", "ValueError", "database", "database", "database",
     ], messages  # fmt: skip
-    assert "jobs has no column 'no_such_column'" in messages[6]
+    assert 'column "no_such_column" of relation "jobs" does not exist' in messages[8]
+    assert "value too long for type character(5)" in messages[9]  # refused, not cut short
+    assert 'null value in column "model"' in messages[10]
     # Nothing of the refused calls was written: one job, one variant, one event.
     counts = conn.execute(
         "SELECT (SELECT count(*) FROM jobs), (SELECT count(*) FROM jobs_variants), (SELECT count(*) FROM outbox_events)"
@@ -202,7 +217,7 @@ def test_a_wrong_connection_type_is_told_what_is_accepted(db: DatabaseUrl, engin
         asyncio.run(outbox.aio.create_job(sa))
     with pytest.raises(TypeError, match=r"pass `conn` from `with engine.begin\(\) as conn`"):
         outbox.create_job(engine)
-    with pytest.raises(TypeError, match=r"SQLAlchemy Connection or Session .*or a psycopg Connection.*got str"):
+    with pytest.raises(TypeError, match=r"SQLAlchemy Connection or Session .*or a psycopg Connection.*got a str"):
         outbox.create_job("postgresql://db/app")
 
 
@@ -245,3 +260,74 @@ def test_concurrent_coroutines_finishing_the_last_variants_leave_no_job_stuck(
     assert len(expected) == jobs
     assert actual == expected
     assert set(actual.values()) == {("done", "iou_eval")}  # 0 stuck
+
+
+def test_create_job_is_all_or_nothing_outside_a_transaction(db: DatabaseUrl, conn: psycopg.Connection[Any]) -> None:
+    """On an autocommit connection (asyncpg's default too) a refused variant row leaves no job behind."""
+    conn.execute(APPLICATION_COLUMNS)
+
+    async def attempt() -> None:
+        raw = await asyncpg.connect(_plain(db))
+        try:
+            with pytest.raises(asyncpg.NotNullViolationError):
+                await outbox.aio.create_job(raw, variants=2, columns={"user_id": 1})  # model is NOT NULL
+        finally:
+            await raw.close()
+
+    asyncio.run(attempt())
+    with psycopg.connect(_plain(db), autocommit=True) as auto, pytest.raises(psycopg.errors.NotNullViolation):
+        outbox.create_job(auto, variants=2, columns={"user_id": 1})
+    assert conn.execute("SELECT (SELECT count(*) FROM jobs), (SELECT count(*) FROM jobs_variants)").fetchone() == (0, 0)
+
+
+def test_a_connection_with_its_own_row_factory_works(db: DatabaseUrl, conn: psycopg.Connection[Any]) -> None:
+    """dict_row connections, common in applications: the API reads its rows as tuples whatever the factory."""
+    from psycopg.rows import dict_row
+
+    conn.execute(APPLICATION_COLUMNS)
+    with psycopg.connect(_plain(db), row_factory=dict_row) as c:
+        job_id, (variant,) = outbox.create_job(c, step="ingest", columns={"user_id": 7}, variant_columns={"model": "m"})
+        outbox.update_variant(c, variant, status="running", step="detect")
+        with pytest.raises(outbox.UnknownStepError):
+            outbox.update_variant(c, variant, status="running", step="no_such_step")
+        outbox.hold_job(c, job_id, status="failed", reason="support")
+        assert outbox.release_job(c, job_id) is True
+
+    async def on_async() -> None:
+        async with await psycopg.AsyncConnection.connect(_plain(db), row_factory=dict_row) as c:
+            await outbox.aio.create_job(c, step="ingest", columns={"user_id": 8}, variant_columns={"model": "m"})
+
+    asyncio.run(on_async())
+    assert conn.execute("SELECT count(*) FROM jobs WHERE user_id IN (7, 8)").fetchone() == (2,)
+
+
+def test_an_orm_session_is_flushed_first_so_changes_keep_program_order(
+    db: DatabaseUrl, engine: Any, conn: psycopg.Connection[Any]
+) -> None:
+    from sqlalchemy import Column, String, Uuid
+    from sqlalchemy.orm import Session, declarative_base
+
+    Base = declarative_base()
+
+    class Variant(Base):  # type: ignore[misc,valid-type]
+        __tablename__ = "jobs_variants"
+        job_variants_id = Column(Uuid, primary_key=True)
+        job_id = Column(Uuid)
+        status = Column(String)
+        current_step = Column(String)
+
+    with engine.begin() as sa:
+        job_id, (variant,) = outbox.create_job(sa)
+    with Session(engine) as session, session.begin():
+        session.get(Variant, variant).status = "running"  # pending in the session
+        outbox.update_variant(session, variant, status="failed")  # after it, in program order
+        other = uuid.uuid4()
+        session.add(Variant(job_variants_id=other, job_id=job_id, status="queued"))
+        outbox.update_variant(session, other, status="running")  # the ORM's new row is there first
+    statuses = conn.execute(
+        "SELECT payload->>'status' FROM outbox_events WHERE variant_id = %s ORDER BY variant_version", [variant]
+    ).fetchall()
+    assert [row[0] for row in statuses] == ["queued", "running", "failed"]
+    assert conn.execute("SELECT status FROM jobs_variants WHERE job_variants_id = %s", [variant]).fetchone() == (
+        "failed",
+    )

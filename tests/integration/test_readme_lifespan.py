@@ -20,7 +20,7 @@ from processor import store, subscriptions
 from processor.database import connect
 from processor.service import WorkerState
 from tests.fix_database import TEST_STEPS
-from tests.helpers import finish_jobs, wait_for_async
+from tests.helpers import finish_jobs, wait_for, wait_for_async
 from tests.reference import actual_job_states, reference_job_states
 
 MARKER = "# README example: lifespan"
@@ -76,11 +76,18 @@ def test_the_readme_lifespan_example_runs_the_worker_and_a_subscriber_and_stops_
     assert worker.health().state is WorkerState.STOPPED
     assert subscriber.health().state is SubscriberState.STOPPED
     assert outbox_health(app)[0] == 503
-    locks = conn.execute(
-        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted "
-        "AND (classid = %s::oid AND objsubid = 2 OR classid = %s::oid)",
-        [store.CONSUMER_LOCK_CLASS, SUBSCRIBER_LOCK_CLASS],
-    ).fetchone()
-    assert locks == (0,)
+
+    def locks_held() -> int:
+        return int(
+            conn.execute(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted "
+                "AND (classid = %s::oid AND objsubid = 2 OR classid = %s::oid)",
+                [store.CONSUMER_LOCK_CLASS, SUBSCRIBER_LOCK_CLASS],
+            ).fetchone()[0]
+        )
+
+    # Released, or gone with the connection that held them: a backend ends a moment after its client
+    # closed the connection, so the server is waited for (a session left open would fail this).
+    wait_for(lambda: locks_held() == 0, timeout=5, what="the consumers' locks to be released")
     assert conn.execute("SELECT count(DISTINCT job_id), count(*) FROM notifications").fetchone() == (10, 10)
     assert actual_job_states(conn) == reference_job_states(conn, TEST_STEPS)

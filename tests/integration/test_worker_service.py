@@ -185,9 +185,9 @@ def test_settings_come_from_keywords_then_the_environment_and_a_missing_url_is_o
 
     with pytest.raises(TypeError, match="unknown settings: batchsize"):
         processor.WorkerService(database_url=url_of(db), batchsize=10)  # a typo is no silent default
-    with pytest.raises(ConfigurationError, match="OUTBOX_BATCH_SIZE") as invalid:
-        processor.WorkerService(database_url=url_of(db), batch_size=0)
-    assert "\n" not in str(invalid.value)
+    with pytest.raises(ConfigurationError, match="batch_size=: Input should be greater") as invalid:
+        processor.WorkerService(database_url=url_of(db), batch_size=0)  # named as the caller wrote it
+    assert "\n" not in str(invalid.value) and "OUTBOX_" not in str(invalid.value)
 
     monkeypatch.setenv("OUTBOX_DATABASE_URL", url_of(db))
     monkeypatch.setenv("OUTBOX_BATCH_SIZE", "7")
@@ -195,6 +195,9 @@ def test_settings_come_from_keywords_then_the_environment_and_a_missing_url_is_o
     from_env = processor.WorkerService()
     assert (from_env.settings.batch_size, from_env.settings.partition) == (7, 0)
     assert processor.WorkerService(batch_size=9).settings.batch_size == 9  # a keyword wins
+    monkeypatch.setenv("OUTBOX_PARTITION", "-1")
+    with pytest.raises(ConfigurationError, match="OUTBOX_PARTITION:"):  # a variable's problem names the variable
+        processor.WorkerService()
 
 
 def test_the_password_stays_out_of_the_log_the_health_and_the_repr(caplog):
@@ -363,6 +366,16 @@ def test_the_sync_subscriber_runs_in_a_with_block_and_shows_its_health(db, conn,
     total = conn.execute("SELECT count(*) FROM outbox_job_transitions").fetchone()[0]
     assert len(counts) == total and all(n == 1 for _, n in counts)
     assert first.health().delivered + second.health().delivered == total
+
+    # One run per object: a second would share its state and deliver without the subscription's lock.
+    again = subscriber()
+    with again:
+        wait_for(in_state(again, SubscriberState.ACTIVE), what="the subscriber to be active")
+        with pytest.raises(RuntimeError, match="already running"):
+            again.run()
+        with pytest.raises(RuntimeError, match="already running"):
+            again.start()
+    assert again.health().state is SubscriberState.STOPPED
 
     missing = outbox.Subscriber("nobody", url_of(db), handler, poll_interval=0.05)
     with pytest.raises(SubscriptionNotFoundError), missing:

@@ -65,6 +65,21 @@ def test_another_drivers_parameters_are_translated_or_left_out_and_unknown_ones_
     assert "secret" not in str(info.value)
 
 
+def test_several_hosts_and_socket_directories_read_as_libpq_reads_them():
+    several = DatabaseUrl.parse("postgresql+asyncpg://app:secret@/jobs?host=h1:5432&host=h2:5433&host=h3")
+    assert (several.connect_kwargs()["host"], several.connect_kwargs()["port"]) == ("h1,h2,h3", "5432,5433,")
+    encoded = DatabaseUrl.parse("postgresql://app:secret@%2Fvar%2Frun%2Fpostgresql/jobs")
+    assert encoded.connect_kwargs()["host"] == "/var/run/postgresql"
+    with pytest.raises(ConfigurationError, match=r"\?host=h1:5432&host=h2:5432"):
+        DatabaseUrl.parse("postgresql://app:secret@h1:5432,h2:5433/jobs")
+
+
+def test_an_unencoded_at_sign_in_the_password_is_refused_without_showing_any_of_it():
+    with pytest.raises(ConfigurationError, match="percent-encode it") as info:
+        DatabaseUrl.parse("postgresql://app:Pa@ssWord9@db/jobs")
+    assert "ssWord9" not in str(info.value) and "Pa" not in str(info.value).replace("password", "")
+
+
 def test_a_non_url_is_refused_without_echoing_it():
     with pytest.raises(ConfigurationError) as info:
         DatabaseUrl.parse("not a url with secret")
