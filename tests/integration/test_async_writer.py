@@ -331,3 +331,28 @@ def test_an_orm_session_is_flushed_first_so_changes_keep_program_order(
     assert conn.execute("SELECT status FROM jobs_variants WHERE job_variants_id = %s", [variant]).fetchone() == (
         "failed",
     )
+
+
+@pytest.mark.parametrize("driver", ["psycopg", "psycopg2"])
+def test_the_sync_api_on_sqlalchemys_drivers_and_orm_session(
+    driver: str, db: DatabaseUrl, conn: psycopg.Connection[Any]
+) -> None:
+    import sqlalchemy
+    from sqlalchemy.orm import Session
+
+    conn.execute(APPLICATION_COLUMNS)
+    engine = sqlalchemy.create_engine(db.url.set(drivername=f"postgresql+{driver}"))
+    try:
+        with engine.begin() as sa:
+            job_id, variants = outbox.create_job(
+                sa, variants=2, step="ingest", columns={"user_id": 5}, variant_columns={"model": "m"}
+            )
+            outbox.update_variant(sa, variants[0], status="done", step="iou_eval")
+        with Session(engine) as session, session.begin():
+            outbox.update_variant(session, variants[1], status="done", step="iou_eval")
+            with pytest.raises(outbox.UnknownStepError):
+                outbox.update_variant(session, variants[1], status="done", step="no_such_step")
+    finally:
+        engine.dispose()
+    rows = conn.execute("SELECT status, current_step FROM jobs_variants WHERE job_id = %s", [job_id]).fetchall()
+    assert rows == [("done", "iou_eval")] * 2
