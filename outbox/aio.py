@@ -266,7 +266,8 @@ class AsyncSubscriber(Consumer):
             async with session.transaction() as conn:
                 await self._fence(session, position)
                 for transition in run:
-                    await self.handler(conn, transition)
+                    with self.handling(transition):
+                        await self.handler(conn, transition)
                 await session.fetch("subscription_acknowledge", self.acknowledge_params(0, run[-1].transition_id))
         except FencedError:
             raise
@@ -286,7 +287,8 @@ class AsyncSubscriber(Consumer):
                         await session.fetch("subscription_fence_redelivery", self.redelivery_params(transition)),
                         transition,
                     )
-                await self.handler(conn, transition)
+                with self.handling(transition):
+                    await self.handler(conn, transition)
                 await session.fetch(
                     "subscription_acknowledge",
                     self.acknowledge_params(transition.transition_id, transition.transition_id),

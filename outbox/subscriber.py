@@ -280,7 +280,8 @@ class Subscriber(Consumer, StartsInBackground):
             with session.transaction() as conn:
                 self._fence(session, position)
                 for transition in run:
-                    self.handler(conn, transition)
+                    with self.handling(transition):
+                        self.handler(conn, transition)
                 acknowledged = self.acknowledge_params(0, run[-1].transition_id)
                 session.fetch("subscription_acknowledge", acknowledged)
         except FencedError:
@@ -301,7 +302,8 @@ class Subscriber(Consumer, StartsInBackground):
                     self.fenced_redelivery(
                         session.fetch("subscription_fence_redelivery", self.redelivery_params(transition)), transition
                     )
-                self.handler(conn, transition)
+                with self.handling(transition):
+                    self.handler(conn, transition)
                 session.fetch(
                     "subscription_acknowledge",
                     self.acknowledge_params(transition.transition_id, transition.transition_id),

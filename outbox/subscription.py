@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass
 from enum import StrEnum
 from typing import Any
 
+from outbox import tracing
 from outbox.sqlfile import load_queries
 
 QUERIES = load_queries("outbox", "transitions.sql")
@@ -95,13 +96,15 @@ class Transition:
     written_by: str
     transitioned_at: dt.datetime
     attempt: int = 1  # 1 for the first delivery to this subscription, then 2, 3, ...
+    # The W3C traceparent of the event that caused it (outbox.tracing); None: its writer had no span.
+    trace_parent: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         """A JSON object (the webhook body, one line of `outbox transitions --json`)."""
         data = asdict(self)
         data["job_id"] = str(self.job_id)
         data["transitioned_at"] = self.transitioned_at.isoformat()
-        del data["attempt"]
+        del data["attempt"], data["trace_parent"]
         return data
 
     def to_json_text(self) -> str:
@@ -130,7 +133,7 @@ class Page:
         for row in rows:
             if row[0] is None:
                 continue
-            transitions.append(Transition(*row[:9], attempt=row[9] + 1))  # type: ignore[misc]
+            transitions.append(Transition(*row[:9], attempt=row[9] + 1, trace_parent=row[14]))  # type: ignore[misc]
             if row[10] is not None:
                 failed_at[row[0]] = row[10]
         return cls(
@@ -316,6 +319,10 @@ class Consumer:
                 break
             run.append(transition)
         return run
+
+    def handling(self, transition: Transition) -> contextlib.AbstractContextManager[Any]:
+        """Around one handler call: its span (outbox.tracing; a no-op without an OpenTelemetry SDK)."""
+        return tracing.handler_span(self.name, transition)
 
     def session_limits(self) -> dict[str, Any]:
         """The server ends a session of ours idle (or idle in a transaction) this long: a frozen consumer's

@@ -30,13 +30,14 @@ WITH sub AS MATERIALIZED (
 )
 SELECT c.transition_id, c.job_id, c.partition, c.from_status, c.from_step, c.to_status, c.to_step,
        c.written_by, c.transitioned_at, coalesce(f.attempts, 0), f.failed_at,
-       (SELECT position FROM sub), (SELECT max(transition_id) FROM outbox_job_transitions), clock_timestamp()
+       (SELECT position FROM sub), (SELECT max(transition_id) FROM outbox_job_transitions), clock_timestamp(),
+       c.trace_parent  -- the trace context of the event that caused it (0013): the handler's span is its child
 FROM candidates AS c
 LEFT JOIN outbox_subscription_failures AS f ON f.subscription = %(name)s AND f.transition_id = c.transition_id
 UNION ALL
 -- Always one row, so that an empty page still says the position (NULL: no such subscription).
 SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
-       (SELECT position FROM sub), (SELECT max(transition_id) FROM outbox_job_transitions), clock_timestamp()
+       (SELECT position FROM sub), (SELECT max(transition_id) FROM outbox_job_transitions), clock_timestamp(), NULL
 ORDER BY 1 NULLS LAST
 LIMIT %(limit)s + 1
 

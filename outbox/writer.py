@@ -8,6 +8,8 @@ the pipeline, ids and the application's own columns before the first statement.
 
 Each call is written once, as an operation (outbox.connections): the sync functions here run it on
 a sync connection, ``outbox.aio``'s on an asyncio one, so both check and write exactly the same.
+Called inside an OpenTelemetry span, ``create_job`` and ``update_variant`` carry its trace context
+into their events (outbox.tracing).
 """
 
 from __future__ import annotations
@@ -18,11 +20,16 @@ from typing import Any
 
 from psycopg import sql
 
+from outbox import tracing
 from outbox.connections import Operation, Statement, run
 from outbox.events import VariantChanged, VariantStatus
 from outbox.sqlfile import load_queries
 
 _QUERIES = load_queries("outbox", "queries.sql")
+# The condition that sets the caller's trace context (its comment left out), and variant_update with
+# it in its /*trace*/ slot.
+_TRACE_CONTEXT_SET = "\n".join(line for line in _QUERIES["trace_context_set"].splitlines() if not line.startswith("--"))
+_VARIANT_UPDATE_TRACED = _QUERIES["variant_update"].replace("/*trace*/", f"AND {_TRACE_CONTEXT_SET}")
 
 # The columns create_job writes itself; ``columns=``/``variant_columns=`` are for the others.
 _OWN_COLUMNS = {
@@ -139,6 +146,9 @@ def create_job_operation(
         "first_variant_id": variant_ids[0],
         "other_variant_ids": variant_ids[1:],
     }
+    traceparent = tracing.current_traceparent()
+    if traceparent is not None:  # the caller has a span: its context goes into the events (outbox.tracing)
+        yield Statement(f"SELECT {_TRACE_CONTEXT_SET}", {"traceparent": traceparent}, returns_rows=True)
     yield Statement(_job_create(params, job_values, variant_values), params)
     return job_uuid, variant_ids
 
@@ -148,7 +158,11 @@ def update_variant_operation(
 ) -> Operation[None]:
     change = VariantChanged.model_validate({"status": status, "step": step})
     params = {"variant_id": _as_uuid(variant_id, "variant id"), "status": change.status.value, "step": change.step}
-    updated = yield Statement(_QUERIES["variant_update"], params)
+    traceparent = tracing.current_traceparent()
+    if traceparent is None:
+        updated = yield Statement(_QUERIES["variant_update"], params)
+    else:  # the caller has a span: the statement itself puts its context in the event (outbox.tracing)
+        updated = yield Statement(_VARIANT_UPDATE_TRACED, {**params, "traceparent": traceparent})
     if updated.rowcount == 0:
         if change.step is not None:  # the step may be the reason: say so
             _check_step(change.step, (yield _pipeline_has_step(change.step)).first)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import psycopg
 
-from processor import store
+from processor import store, tracing
 from processor.decode import DeadLetter, EventRow, decode_event
 from processor.fold import FailurePolicy, JobState, Pipeline, UnfoldableJobError, VariantState, fold_job
 from processor.fold_config import FoldConfig
@@ -60,6 +60,8 @@ class BatchResult:
     event_ids: list[int] = field(default_factory=list, repr=False)
     # Seconds from each event's write to the commit of this batch (database clock).
     latencies: list[float] = field(default_factory=list, repr=False)
+    # The status each job changed was given, one per job (metrics by to_status; counted only there).
+    job_statuses: Sequence[str] = field(default=(), repr=False)
 
 
 def decode_batch(events: Sequence[EventRow]) -> tuple[list[tuple[VariantState, int]], list[DeadLetter]]:
@@ -132,9 +134,11 @@ def apply_batch(
     states only move to a higher version.
     """
     partition = ctx.partition
-    with conn.transaction():
+    # The batch's span (a no-op without an OpenTelemetry SDK) ends after the commit.
+    with tracing.batch_span(partition) as span, conn.transaction():
         _fence(conn, ctx, expected)
         applied = store.events_apply(conn, partition, expected, limit)
+        tracing.link_events(span, applied.trace_parents.values())
         complete = applied.count < limit
         if complete:
             new = expected.caught_up_to(applied.target)
@@ -176,7 +180,8 @@ def apply_batch(
         )
         # Last: it takes the lock that orders transitions, held until the commit (also publishes
         # what holds staged, during a long catch-up too).
-        store.transitions_append(conn, written)
+        store.transitions_append(conn, written, trace_parents=applied.trace_parents)
+        tracing.batch_outcome(span, events=applied.count, jobs_changed=written.jobs_changed, dead_letters=parked)
         if before_commit is not None:
             before_commit()  # test hook: a crash placed here must leave no trace
     _log_outcome(dead, jobs.flags, written.jobs_blocked, conn)
@@ -192,6 +197,7 @@ def apply_batch(
         deferred=defer or bool(written.jobs_blocked),
         event_ids=applied.event_ids,
         latencies=[committed - created for created in applied.created_at],
+        job_statuses=written.to_statuses,
     )
 
 
@@ -221,6 +227,7 @@ class Refolded:
     taken: int
     jobs_changed: int
     next_retry_in: float | None  # seconds until a job whose row was locked is due again
+    job_statuses: Sequence[str] = ()  # the status each job changed was given (as BatchResult's)
 
 
 def refold_dirty_jobs(conn: Connection, ctx: FoldContext, *, cursor: Cursor, limit: int) -> Refolded:
@@ -229,7 +236,9 @@ def refold_dirty_jobs(conn: Connection, ctx: FoldContext, *, cursor: Cursor, lim
         _fence(conn, ctx, cursor)
         job_ids, next_retry_in = store.dirty_jobs_take(conn, ctx.partition, limit)
         written = fold_and_write_jobs(conn, ctx.config, job_ids)
-    return Refolded(len(job_ids), written.jobs_changed, next_retry_in if not written.jobs_blocked else 1.0)
+    return Refolded(
+        len(job_ids), written.jobs_changed, next_retry_in if not written.jobs_blocked else 1.0, written.to_statuses
+    )
 
 
 def _log_outcome(

@@ -1,4 +1,4 @@
-"""The `outbox` command: migrate, run, demo, backlog, replay, verify, dead-letters, prune.
+"""The `outbox` command: migrate, run, demo, backlog, explain, replay, verify, dead-letters, prune.
 
 Every flag falls back to an OUTBOX_* environment variable (shown in --help). Errors print one line
 with their cause and exit 1; a usage error exits 2.
@@ -402,6 +402,32 @@ def backlog(
     if max_lag is not None and lag is not None and lag > max_lag:
         print(f"error: oldest pending event is {lag:.1f} s old, over --max-lag {max_lag:g}", file=sys.stderr)
         raise SystemExit(3)
+
+
+@app.command()
+def explain(
+    job_id: Annotated[str, typer.Argument(help="The job's id (a UUID).", show_default=False)],
+    events: Annotated[int, typer.Option("--events", min=1, max=1000, help="Newest events shown per variant.")] = 20,
+    transitions: Annotated[
+        int, typer.Option("--transitions", min=1, max=1000, help="Newest job transitions shown.")
+    ] = 20,
+    database_url: DatabaseOption = None,
+    as_json: JsonOption = False,
+    log_level: LogLevelOption = "WARNING",
+) -> None:
+    """Why a job is in its state: its row, variants, events (applied, in flight, invisible), flags, the fold."""
+    from processor.explain import explain as run_explain
+    from processor.explain import parse_job_id, render, to_json
+
+    job = parse_job_id(job_id)
+    _, db, console = setup(database_url, log_level)
+    with connect(db, application_name=application_name("explain")) as conn:
+        check_ready(conn)
+        report = run_explain(conn, job, events=events, transitions=transitions)
+    if as_json:
+        print(json.dumps(to_json(report), indent=2))
+    else:
+        render(report, console)
 
 
 @contextmanager

@@ -6,6 +6,7 @@ import datetime as dt
 import json
 import uuid
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
 from pydantic import ValidationError
@@ -33,6 +34,47 @@ class EventRow:
 
 
 PAYLOAD_MAX_BYTES = 65_536  # as outbox_event_payload
+
+
+class DeadLetterClass(StrEnum):
+    """The class of a dead letter's reason: a small fixed set, for a metric's label and an alert.
+
+    The one owner of the classification: every reason decode_event writes begins with its class's
+    ``prefix`` (``reason`` writes it), and ``of`` reads it back; so does the metric's query, which is
+    given each class's prefix (store.dead_letters_count_by_class).
+    """
+
+    MISSING_IDS = "missing_ids"  # no job_id, variant_id or variant_version
+    VERSION_NOT_ISSUED = "version_not_issued"  # a version capture never issued (hand-written)
+    UNKNOWN_TYPE = "unknown_type"  # an event type or schema version this worker does not know
+    PAYLOAD_TOO_LARGE = "payload_too_large"  # over PAYLOAD_MAX_BYTES, never read
+    UNREADABLE_JSON = "unreadable_json"
+    INVALID_PAYLOAD = "invalid_payload"  # JSON that its payload model refuses
+    OTHER = "other"  # a reason written by hand, or by an older version
+
+    @property
+    def prefix(self) -> str:
+        return _PREFIXES[self]
+
+    def reason(self, detail: str) -> str:
+        """The reason text of a dead letter of this class."""
+        return self.prefix + detail
+
+    @classmethod
+    def of(cls, reason: str) -> DeadLetterClass:
+        """The class of a stored reason."""
+        return next((kind for kind, prefix in _PREFIXES.items() if reason.startswith(prefix)), cls.OTHER)
+
+
+_PREFIXES = {
+    DeadLetterClass.MISSING_IDS: "event has no ",
+    DeadLetterClass.VERSION_NOT_ISSUED: "variant_version ",
+    DeadLetterClass.UNKNOWN_TYPE: "unknown event type ",
+    DeadLetterClass.PAYLOAD_TOO_LARGE: "payload is over ",
+    DeadLetterClass.UNREADABLE_JSON: "payload is not readable JSON",
+    DeadLetterClass.INVALID_PAYLOAD: "invalid payload",
+    DeadLetterClass.OTHER: "",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +105,8 @@ def decode_event(row: EventRow) -> Decoded:
 
     ordered = row.variant_id is not None and row.variant_version is not None and row.version_issued
 
-    def dead(reason: str) -> Decoded:
+    def dead(kind: DeadLetterClass, detail: str) -> Decoded:
+        reason = kind.reason(detail)
         if row.job_id is None or not ordered:
             return Decoded(None, DeadLetter(row.event_id, row.job_id, row.variant_id, reason, row.job_id is not None))
         assert row.variant_id is not None and row.variant_version is not None
@@ -75,32 +118,33 @@ def decode_event(row: EventRow) -> Decoded:
 
     if row.job_id is None or row.variant_id is None or row.variant_version is None:
         missing = [name for name in ("job_id", "variant_id", "variant_version") if getattr(row, name) is None]
-        return dead(f"event has no {' or '.join(missing)}")
+        return dead(DeadLetterClass.MISSING_IDS, " or ".join(missing))
     if not row.version_issued:
         return dead(
-            f"variant_version {row.variant_version} was never issued by capture (a hand-written event?): "
-            "it has no place in the variant's order"
+            DeadLetterClass.VERSION_NOT_ISSUED,
+            f"{row.variant_version} was never issued by capture (a hand-written event?): "
+            "it has no place in the variant's order",
         )
     model = PAYLOAD_MODELS.get((row.event_type, row.schema_version))
     if model is None:
-        return dead(f"unknown event type {row.event_type!r} at schema version {row.schema_version}")
+        return dead(DeadLetterClass.UNKNOWN_TYPE, f"{row.event_type!r} at schema version {row.schema_version}")
     if row.payload is None:
-        return dead(f"payload is over {PAYLOAD_MAX_BYTES:,} bytes (not read)")
+        return dead(DeadLetterClass.PAYLOAD_TOO_LARGE, f"{PAYLOAD_MAX_BYTES:,} bytes (not read)")
     try:
         # Payloads arrive as text and are parsed here, one at a time, so that a hostile one (nested
         # deeper than Python's parser allows, say) becomes this event's dead letter, not a crash.
         data = json.loads(row.payload) if isinstance(row.payload, str) else row.payload
     except (ValueError, RecursionError) as exc:
-        return dead(f"payload is not readable JSON: {type(exc).__name__}")
+        return dead(DeadLetterClass.UNREADABLE_JSON, f": {type(exc).__name__}")
     fast = _variant_changed_fast(row, data)
     if fast is not None:
         return fast
     try:
         payload = model.model_validate(data)
     except ValidationError as exc:
-        return dead(f"invalid payload: {_first_error(exc)}")
+        return dead(DeadLetterClass.INVALID_PAYLOAD, f": {_first_error(exc)}")
     except RecursionError:
-        return dead("invalid payload: nested too deeply")
+        return dead(DeadLetterClass.INVALID_PAYLOAD, ": nested too deeply")
 
     if row.event_type == EventType.VARIANT_REMOVED:
         return Decoded(VariantState(row.variant_id, row.job_id, row.variant_version, None, None, removed=True))

@@ -105,6 +105,11 @@ class JobState:
     current_step: str | None
 
 
+def finished(state: VariantState, pipeline: Pipeline) -> bool:
+    """Whether a variant is done for good: ``done`` at the final step."""
+    return state.status is VariantStatus.DONE and state.step == pipeline.final
+
+
 def fold_job(
     states: Iterable[VariantState],
     pipeline: Pipeline,
@@ -125,10 +130,7 @@ def fold_job(
             )  # nil: a dead letter holding the job
             raise UnfoldableJobError(f"{where}{state.problem}")
 
-    def finished(state: VariantState) -> bool:
-        return state.status is VariantStatus.DONE and state.step == pipeline.final
-
-    unfinished = [s for s in live if not finished(s)]
+    unfinished = [s for s in live if not finished(s, pipeline)]
     # Rank every step, the finished variants' too, so an unknown step is never passed over.
     ranks = {s.variant_id: pipeline.rank(s.step) for s in live}
     if not unfinished:

@@ -1,138 +1,264 @@
-"""Prometheus metrics and a health endpoint for `outbox run --metrics-port N`.
+"""Prometheus metrics and a health endpoint for `outbox run --metrics-port N` (and WorkerService).
 
-Counters and the batch histogram move with every batch the worker commits (Worker.on_batch);
-pending events and dead letters are read from the database every few seconds on a connection of
-their own, so a slow count never delays the worker. `outbox healthcheck` and a container's
-HEALTHCHECK ask /health through processor.probe.
+Two kinds, by who computes them:
+
+- each worker, about itself: counters and the batch histogram move with every batch it commits
+  (``on_batch``), the lag of the partitions it consumes, whether it consumes them, what its schema
+  check found (every standby interval), its build;
+- one worker for all of them: the gauges that scan pending work (pending events and their age, dead
+  letters, flagged jobs, subscriptions, the oldest open transaction that wrote events). Every
+  worker's refresh thread tries, on a connection of its own, a session advisory lock
+  (store.METRICS_LOCK_CLASS); the one that holds it reads them every few seconds, the others export
+  none of them (no stale copy), and take over within one interval when the holder's session ends.
+  Dashboards and alerts take ``max`` over the workers.
+
+`outbox healthcheck` and a container's HEALTHCHECK ask /health through processor.probe.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import threading
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any, Protocol
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client.core import GaugeMetricFamily
 
 from processor import store
 from processor.batch import BatchResult
 from processor.database import DatabaseUrl, connect
-from processor.store import QUERIES
+from processor.decode import DeadLetterClass
+from processor.schema_check import SchemaReport
+from processor.store import Connection
 from processor.subscriptions import SubscriptionInfo, list_subscriptions
 
 log = logging.getLogger(__name__)
 
 
+def product_version() -> str:
+    try:
+        return version("pg-outbox-processor")
+    except PackageNotFoundError:  # a source tree that was never installed
+        return "unknown"
+
+
 class WorkerMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
-        self._reported: set[int] = set()  # partitions with a pending-events value
+        self.refreshed = threading.Event()  # set after each pass of refresh_from_database (tests wait on it)
         labels = ["partition"]
-        self.events_applied = Counter(
-            "outbox_events_applied", "Events applied to job state.", labels, registry=self.registry
+        r = self.registry
+
+        # This worker's own.
+        self.build_info = Gauge("outbox_build_info", "Always 1; the version in a label.", ["version"], registry=r)
+        self.build_info.labels(product_version()).set(1)
+        self.events_applied = Counter("outbox_events_applied", "Events applied to job state.", labels, registry=r)
+        self.batches = Counter("outbox_batches", "Batches committed.", labels, registry=r)
+        self.jobs_changed = Counter(
+            "outbox_job_state_changes",
+            "Job states changed (status or current step), by the status the job was given.",
+            [*labels, "to_status"],
+            registry=r,
         )
-        self.batches = Counter("outbox_batches", "Batches committed.", labels, registry=self.registry)
-        self.jobs_changed = Counter("outbox_job_state_changes", "Job states changed.", labels, registry=self.registry)
         self.batch_duration = Histogram(
             "outbox_batch_duration_seconds",
             "Time from reading a batch to its commit.",
             labels,
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
-            registry=self.registry,
+            registry=r,
         )
         self.lag = Gauge(
             "outbox_lag_seconds",
-            "Age of the oldest event of the last batch when it committed (0 when caught up).",
+            "Age of the oldest event of the last batch when it committed (0 when caught up); exported by "
+            "the partition's consumer.",
             labels,
-            registry=self.registry,
-        )
-        self.pending = Gauge(
-            "outbox_pending_events", "Committed events not applied yet.", labels, registry=self.registry
-        )
-        self.dead_letters = Gauge(
-            "outbox_dead_letters", "Dead letters waiting for retry or discard.", registry=self.registry
-        )
-        self.schema_problems = Gauge(
-            "outbox_schema_problems",
-            "Problems with the schema this worker found at its last check (a product trigger missing or "
-            "disabled, a legacy writer of job state); 0 when all is in place.",
-            registry=self.registry,
-        )
-        self.subscription_lag = Gauge(
-            "outbox_subscription_lag_transitions",
-            "Job transitions after a subscription's position that pass its filter (not acknowledged yet).",
-            ["subscription"],
-            registry=self.registry,
-        )
-        self.subscription_parked = Gauge(
-            "outbox_subscription_parked_transitions",
-            "Transitions a subscription's handler gave up on (`outbox subscriptions failures NAME`).",
-            ["subscription"],
-            registry=self.registry,
+            registry=r,
         )
         self.active = Gauge(
             "outbox_active_consumer",
             "1 while this worker is the partition's consumer (lock held, checks done).",
             labels,
-            registry=self.registry,
+            registry=r,
         )
+        self.schema_problems = Gauge(
+            "outbox_schema_problems",
+            "Problems with the schema this worker found at its last check (a product trigger missing or "
+            "disabled, a legacy writer of job state); 0 when all is in place.",
+            registry=r,
+        )
+        self.capture_trigger = Gauge(
+            "outbox_capture_trigger_enabled",
+            "1 while the capture trigger is present and enabled on jobs_variants, else 0 (this worker's last "
+            "schema check; `outbox migrate` restores it).",
+            ["trigger"],
+            registry=r,
+        )
+        self.metrics_scanner = Gauge(
+            "outbox_metrics_scanner",
+            "1 while this worker computes the gauges that scan pending work (one worker does), else 0.",
+            registry=r,
+        )
+        self.partitions = Gauge("outbox_partitions", "The partition count (outbox repartition).", registry=r)
+
+        # Scanned by one worker (see the module's docstring): exported from the last scan, while it holds.
+        self.scanned = ScannedGauges()
+        self.registry.register(self.scanned)
+
+    # ----- this worker's own (called from the worker's thread)
 
     def on_batch(self, result: BatchResult, seconds: float) -> None:
         p = str(result.partition)
         self.events_applied.labels(p).inc(result.events)
         self.batches.labels(p).inc()
-        self.jobs_changed.labels(p).inc(result.jobs_changed)
+        self.on_jobs_changed(result.partition, result.job_statuses)
         self.batch_duration.labels(p).observe(seconds)
         self.lag.labels(p).set(max(result.latencies, default=0.0))
 
+    def on_jobs_changed(self, partition: int, statuses: Sequence[str]) -> None:
+        """Count job state changes by the status each job was given (a batch's, or a refold's)."""
+        if statuses:
+            p = str(partition)
+            for status, n in collections.Counter(statuses).items():
+                self.jobs_changed.labels(p, status).inc(n)
+
+    def caught_up(self, partition: int) -> None:
+        """The consumer found nothing to apply: no lag."""
+        self.lag.labels(str(partition)).set(0)
+
     def set_active(self, partition: int, active: bool) -> None:
         self.active.labels(str(partition)).set(1 if active else 0)
+        if not active:  # the lag of a partition is its consumer's to tell
+            with contextlib.suppress(KeyError):
+                self.lag.remove(str(partition))
+
+    def on_schema_check(self, report: SchemaReport) -> None:
+        self.schema_problems.set(len(report.problems()))
+        for trigger, enabled in report.capture_enabled().items():
+            self.capture_trigger.labels(trigger).set(1 if enabled else 0)
+
+    # ----- scanned by one worker (the refresh thread)
 
     def refresh_from_database(self, db: DatabaseUrl, stop: threading.Event, every: float = 5.0) -> None:
-        """Keep pending events and dead letters current until ``stop`` (run in a thread)."""
-        conn = None
+        """Every ``every`` seconds until ``stop``: the partition count, and the scanned gauges while this
+        worker holds the metrics lock (run in a thread, on a connection of its own)."""
+        conn: Connection | None = None
+        scanning = False
         while not stop.is_set():
             try:
                 if conn is None or conn.closed:
+                    scanning = False
                     conn = connect(db, application_name="outbox-metrics")
-                # Every partition's, not only this worker's: any worker's /metrics shows the whole backlog.
-                with store.one_snapshot(conn):
-                    counts = {
-                        p: store.events_pending_summary(conn, p, top=0).count for p in range(store.partitions_get(conn))
-                    }
-                for partition in self._reported - set(counts):  # removed by a repartition
-                    for gauge in (self.pending, self.lag):
-                        with contextlib.suppress(KeyError):
-                            gauge.remove(str(partition))
-                self._reported = set(counts)
-                for partition, pending in counts.items():
-                    self.pending.labels(str(partition)).set(pending)
-                    if pending == 0:
-                        self.lag.labels(str(partition)).set(0)
-                row = conn.execute(QUERIES["dead_letters_count"]).fetchone()
-                self.dead_letters.set(row[0] if row else 0)
-                self._refresh_subscriptions(list_subscriptions(conn))
+                # A session lock: taken once, held until this connection closes (it stacks if taken twice).
+                scanning = scanning or store.metrics_lock_try(conn)
+                self.partitions.set(store.partitions_get(conn))
+                self.scanned.scan = scan(conn) if scanning else None
             except Exception as exc:  # the database may be away; the worker reports that itself
                 log.debug("metrics refresh failed: %s", type(exc).__name__)
                 if conn is not None:
                     conn.close()
                 conn = None
+                scanning = False
+                self.scanned.scan = None
+            self.metrics_scanner.set(1 if scanning else 0)
+            self.refreshed.set()
             stop.wait(every)
         if conn is not None:
             conn.close()
+        self.scanned.scan = None
+        self.metrics_scanner.set(0)
 
-    def _refresh_subscriptions(self, found: list[SubscriptionInfo]) -> None:
-        names = {info.name for info in found}
-        for gauge in (self.subscription_lag, self.subscription_parked):
-            for (name,) in list(gauge._metrics):
-                if name not in names:
-                    gauge.remove(name)
-        for info in found:
-            self.subscription_lag.labels(info.name).set(info.lag)
-            self.subscription_parked.labels(info.name).set(info.parked)
+
+@dataclass(frozen=True, slots=True)
+class Scan:
+    """The gauges that scan pending work, read at once by the worker that holds the metrics lock."""
+
+    pending: dict[int, int]  # by partition
+    oldest_pending_age: dict[int, float]  # seconds, by partition (0: nothing pending)
+    dead_letters: dict[DeadLetterClass, int]  # every class, 0 included
+    flagged_jobs: int
+    oldest_open_writer_age: float  # seconds (0: none)
+    subscriptions: list[SubscriptionInfo]
+
+
+def scan(conn: Connection) -> Scan:
+    # Every partition's, not only this worker's: the whole backlog, in one consistent view.
+    with store.one_snapshot(conn):
+        summaries = {p: store.events_pending_summary(conn, p, top=0) for p in range(store.partitions_get(conn))}
+        dead = store.dead_letters_count_by_class(conn)
+        flagged = store.job_flags_count(conn)
+        subscriptions = list_subscriptions(conn)
+    return Scan(
+        pending={p: s.count for p, s in summaries.items()},
+        oldest_pending_age={p: s.oldest_age_seconds or 0.0 for p, s in summaries.items()},
+        dead_letters=dead,
+        flagged_jobs=flagged,
+        oldest_open_writer_age=store.event_writers_oldest_age(conn),  # pg_locks: now, not in the snapshot
+        subscriptions=subscriptions,
+    )
+
+
+class ScannedGauges:
+    """A collector of the last ``Scan`` (replaced whole by the refresh thread): None exports no sample."""
+
+    def __init__(self) -> None:
+        self.scan: Scan | None = None
+
+    def describe(self) -> list[GaugeMetricFamily]:
+        return self._families(None)
+
+    def collect(self) -> list[GaugeMetricFamily]:
+        return self._families(self.scan)
+
+    @staticmethod
+    def _families(scan: Scan | None) -> list[GaugeMetricFamily]:
+        pending = GaugeMetricFamily("outbox_pending_events", "Committed events not applied yet.", labels=["partition"])
+        oldest = GaugeMetricFamily(
+            "outbox_oldest_pending_age_seconds",
+            "Age of the oldest pending work of the partition (an event not applied, or a job waiting to be "
+            "folded); 0 when there is none.",
+            labels=["partition"],
+        )
+        dead = GaugeMetricFamily(
+            "outbox_dead_letters",
+            "Dead letters waiting for retry or discard, by the class of their reason (processor.decode).",
+            labels=["reason"],
+        )
+        flagged = GaugeMetricFamily(
+            "outbox_flagged_jobs", "Jobs flagged in outbox_job_flags (their state is left as it was)."
+        )
+        writer = GaugeMetricFamily(
+            "outbox_oldest_open_transaction_age_seconds",
+            "Age of the oldest open transaction that wrote outbox events: they wait for its commit (0: none).",
+        )
+        lag = GaugeMetricFamily(
+            "outbox_subscription_lag_transitions",
+            "Job transitions after a subscription's position that pass its filter (not acknowledged yet).",
+            labels=["subscription"],
+        )
+        parked = GaugeMetricFamily(
+            "outbox_subscription_parked_transitions",
+            "Transitions a subscription's handler gave up on (`outbox subscriptions failures NAME`).",
+            labels=["subscription"],
+        )
+        if scan is not None:
+            for partition, count in scan.pending.items():
+                pending.add_metric([str(partition)], count)
+            for partition, age in scan.oldest_pending_age.items():
+                oldest.add_metric([str(partition)], age)
+            for kind, count in scan.dead_letters.items():
+                dead.add_metric([str(kind)], count)
+            flagged.add_metric([], scan.flagged_jobs)
+            writer.add_metric([], scan.oldest_open_writer_age)
+            for info in scan.subscriptions:
+                lag.add_metric([info.name], info.lag)
+                parked.add_metric([info.name], info.parked)
+        return [pending, oldest, dead, flagged, writer, lag, parked]
 
 
 class _QuietHandler(WSGIRequestHandler):

@@ -32,6 +32,9 @@ PRODUCT_TRIGGERS = (
     ("jobs", "outbox_guard_job_state"),
 )
 
+# The triggers that capture the changes of variants: without them no event is written.
+CAPTURE_TRIGGERS = tuple(trigger for table, trigger in PRODUCT_TRIGGERS if table == "jobs_variants")
+
 JOB_STATE_COLUMNS = frozenset({"status", "current_step"})
 _DEPTH = 4  # how deep calls are followed
 
@@ -124,13 +127,32 @@ def _is_job_state(conn: Connection, target: tuple[str, ...]) -> bool:
     return bool(row and row[0])
 
 
+@dataclass(frozen=True)
+class SchemaReport:
+    """What one check found (empty lists: all is in place)."""
+
+    triggers: list[TriggerProblem]
+    legacy: list[LegacyTrigger]
+    casts: list[str]
+
+    def problems(self) -> list[str]:
+        """Every problem, one line each."""
+        return [p.describe() for p in self.triggers] + [t.describe() for t in self.legacy] + self.casts
+
+    def capture_enabled(self) -> dict[str, bool]:
+        """Each capture trigger on jobs_variants: whether it is present and fires."""
+        broken = {p.trigger for p in self.triggers if p.table == "jobs_variants"}
+        return {trigger: trigger not in broken for trigger in CAPTURE_TRIGGERS}
+
+
+def report(conn: Connection) -> SchemaReport:
+    """Check the product's triggers, legacy writers of job state and the cast functions."""
+    return SchemaReport(trigger_problems(conn), legacy_triggers(conn), app_schema.cast_problems(conn))
+
+
 def problems(conn: Connection) -> list[str]:
     """Every problem, one line each (empty: all is in place)."""
-    return (
-        [p.describe() for p in trigger_problems(conn)]
-        + [t.describe() for t in legacy_triggers(conn)]
-        + app_schema.cast_problems(conn)
-    )
+    return report(conn).problems()
 
 
 def restore_triggers(conn: Connection) -> list[TriggerProblem]:

@@ -5,16 +5,18 @@ from __future__ import annotations
 import datetime as dt
 import uuid
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
+from psycopg.rows import class_row
 
 from outbox.events import VariantStatus
 from outbox.sqlfile import load_queries
-from processor.decode import DeadLetter, EventRow
+from outbox.subscription import Transition
+from processor.decode import DeadLetter, DeadLetterClass, EventRow
 from processor.errors import PartitionMissingError
 from processor.fold import JobState, VariantState
 from processor.snapshot import Cursor, Position, Snapshot
@@ -60,6 +62,11 @@ class JobsWritten:
     jobs_blocked: list[uuid.UUID]  # rows another transaction held locked: tried again later
     # Each job written, its state before and after: the transitions transitions_append writes.
     transitions: tuple[list[Any], ...] = ((), (), (), (), ())  # type: ignore[assignment]
+
+    @property
+    def to_statuses(self) -> Sequence[str]:
+        """The status each job written was given, one per job changed (the metric by ``to_status``)."""
+        return self.transitions[3]
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +146,8 @@ class AppliedEvents:
     unreadable: list[int]  # event ids left to processor.decode
     jobs: list[uuid.UUID]  # to refold
     moved_from: list[uuid.UUID]  # jobs that variants left (to refold too)
+    # The W3C traceparent of each job's last event that carries one (the writer's trace context).
+    trace_parents: dict[uuid.UUID, str] = field(default_factory=dict)
 
 
 def events_apply(conn: Connection, partition: int, cursor: Cursor, limit: int) -> AppliedEvents:
@@ -147,7 +156,7 @@ def events_apply(conn: Connection, partition: int, cursor: Cursor, limit: int) -
         QUERIES["events_apply"], {"partition": partition, "limit": limit, **_cursor_params(cursor)}, binary=True
     ).fetchone()
     assert row is not None
-    target, count, event_ids, created_at, last_txid, readable, unreadable, jobs, moved_from = row
+    target, count, event_ids, created_at, last_txid, readable, unreadable, jobs, moved_from, traced, parents = row
     event_ids = event_ids or []
     unreadable = unreadable or []
     if readable + len(unreadable) != count:  # every event is applied here or decoded in Python: never neither
@@ -161,6 +170,7 @@ def events_apply(conn: Connection, partition: int, cursor: Cursor, limit: int) -
         unreadable=unreadable,
         jobs=jobs or [],
         moved_from=moved_from or [],
+        trace_parents=dict(zip(traced, parents, strict=True)) if traced else {},
     )
 
 
@@ -342,21 +352,25 @@ def jobs_write(
     return JobsWritten(row[0], row[1], list(row[2]), tuple(row[3:8]))
 
 
-def transitions_append(conn: Connection, *written: JobsWritten) -> int:
+def transitions_append(
+    conn: Connection, *written: JobsWritten, trace_parents: Mapping[uuid.UUID, str] | None = None
+) -> int:
     """The transitions of the job states written in this transaction, and those holds staged; how many.
 
     The last statement before the commit (the query says why); with nothing written, it publishes
-    what holds staged (an idle worker's call).
+    what holds staged (an idle worker's call). ``trace_parents``: the trace context each job's
+    transition carries (AppliedEvents.trace_parents).
     """
     columns: list[list[Any]] = [[], [], [], [], []]
     for each in written:
         for column, values in zip(columns, each.transitions, strict=True):
             column.extend(values)
     job_ids, from_statuses, from_steps, to_statuses, to_steps = columns
+    parents = [trace_parents.get(job_id) for job_id in job_ids] if trace_parents else []
     row = conn.execute(
         QUERIES["transitions_append"],
         {"job_ids": job_ids, "from_statuses": from_statuses, "from_steps": from_steps,
-         "to_statuses": to_statuses, "to_steps": to_steps},
+         "to_statuses": to_statuses, "to_steps": to_steps, "trace_parents": parents if any(parents) else None},
     ).fetchone()  # fmt: skip
     assert row is not None
     return int(row[0]) + int(row[1] or 0)
@@ -524,6 +538,9 @@ def wakeup_trigger_set(conn: Connection, *, enabled: bool) -> None:
 # Partitions (processor/repartition.py, and the worker's share of them).
 
 MEMBER_LOCK_CLASS = CONSUMER_LOCK_CLASS + 1  # held shared by every live worker session
+# Held (key 0) by the one metrics refresh connection that computes the gauges that scan pending work
+# (processor/metrics.py); 0x0B0C5E13 is outbox.subscription's.
+METRICS_LOCK_CLASS = CONSUMER_LOCK_CLASS + 3
 
 
 def partitions_get(conn: Connection) -> int:
@@ -549,3 +566,151 @@ def consumer_lock_holders(conn: Connection) -> dict[int, LockHolder]:
 def job_ids_in_partition(conn: Connection, job_ids: Sequence[uuid.UUID], partition: int) -> list[uuid.UUID]:
     rows = conn.execute(QUERIES["jobs_in_partition"], {"job_ids": list(job_ids), "partition": partition})
     return [row[0] for row in rows]
+
+
+# `outbox explain` (processor/explain.py): one job, every read by a key or an index.
+
+
+@dataclass(frozen=True, slots=True)
+class JobOverview:
+    """A job's row, its partition's checkpoint, its flag and its place in outbox_dirty_jobs."""
+
+    status: str | None
+    current_step: str | None
+    updated_at: dt.datetime | None
+    partition: int
+    done_snapshot: str | None
+    target_snapshot: str | None
+    checkpoint_updated_at: dt.datetime | None
+    flag_reason: str | None
+    flagged_at: dt.datetime | None
+    awaiting_fold_since: dt.datetime | None
+    awaiting_fold_retry_at: dt.datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class VariantInspection:
+    """One variant of a job: its row, stored state, baseline, event counts and the open transaction on its row."""
+
+    variant_id: uuid.UUID
+    partition: int | None  # of the job its stored state (else its row) is in
+    row_job_id: uuid.UUID | None
+    row_status: str | None
+    row_step: str | None
+    state_job_id: uuid.UUID | None
+    state_version: int | None
+    state_status: str | None
+    state_step: str | None
+    state_removed: bool | None
+    state_problem: str | None
+    state_event_id: int | None
+    baseline_job_id: uuid.UUID | None
+    baseline_version: int | None
+    baseline_status: str | None
+    baseline_step: str | None
+    baseline_removed: bool | None
+    baseline_event_id: int | None
+    events_total: int
+    events_pending: int
+    writer_pid: int | None
+    writer_application_name: str | None
+    writer_state: str | None
+    writer_since: dt.datetime | None
+    writer_xid: str | None
+    writer_prepared_gid: str | None
+    writer_wrote_outbox: bool | None
+
+
+@dataclass(frozen=True, slots=True)
+class RecentEvent:
+    """One of a variant's newest events, as the drain reads it, with what its checkpoint says of it."""
+
+    variant_id: uuid.UUID
+    event_id: int
+    txid: str
+    partition: int
+    job_id: uuid.UUID | None
+    event_type: str
+    version: int | None
+    created_at: dt.datetime
+    status: str | None
+    step: str | None
+    readable: bool
+    applied: bool | None  # None: no checkpoint for its partition
+    pending: bool
+    dead_letter_reason: str | None
+    dead_letter_holds_job: bool | None
+    dead_letter_discarded_at: dt.datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class JobDeadLetter:
+    event_id: int
+    variant_id: uuid.UUID | None
+    reason: str
+    holds_job: bool
+    parked_at: dt.datetime
+    discarded_at: dt.datetime | None
+    event_type: str | None  # None: its event was pruned
+    created_at: dt.datetime | None
+
+
+def job_overview_get(conn: Connection, job_id: uuid.UUID) -> JobOverview | None:
+    with conn.cursor(row_factory=class_row(JobOverview)) as cur:
+        return cur.execute(QUERIES["job_overview_get"], {"job_id": job_id}).fetchone()
+
+
+def job_variants_inspect(conn: Connection, job_id: uuid.UUID) -> list[VariantInspection]:
+    with conn.cursor(row_factory=class_row(VariantInspection)) as cur:
+        return cur.execute(QUERIES["job_variants_inspect"], {"job_id": job_id}).fetchall()
+
+
+def variant_events_recent(conn: Connection, variant_ids: Sequence[uuid.UUID], limit: int) -> list[RecentEvent]:
+    """The ``limit`` newest events of each variant, newest first."""
+    with conn.cursor(row_factory=class_row(RecentEvent)) as cur:
+        return cur.execute(
+            QUERIES["variant_events_recent"], {"variant_ids": list(variant_ids), "limit": limit}
+        ).fetchall()
+
+
+def job_dead_letters_list(conn: Connection, job_id: uuid.UUID, limit: int) -> list[JobDeadLetter]:
+    with conn.cursor(row_factory=class_row(JobDeadLetter)) as cur:
+        return cur.execute(QUERIES["job_dead_letters_list"], {"job_id": job_id, "limit": limit}).fetchall()
+
+
+def job_transitions_recent(conn: Connection, job_id: uuid.UUID, limit: int) -> list[Transition]:
+    """The job's ``limit`` newest transitions, newest first."""
+    rows = conn.execute(QUERIES["job_transitions_recent"], {"job_id": job_id, "limit": limit}).fetchall()
+    return [Transition(*row) for row in rows]
+
+
+# Metrics (processor/metrics.py): what only the elected refresh connection reads.
+
+
+def metrics_lock_try(conn: Connection) -> bool:
+    """Take the metrics refresh's session lock (one holder among every worker); call once per session."""
+    row = conn.execute(QUERIES["metrics_lock_try"], {"lock_class": METRICS_LOCK_CLASS}).fetchone()
+    return bool(row and row[0])
+
+
+def dead_letters_count_by_class(conn: Connection) -> dict[DeadLetterClass, int]:
+    """Dead letters waiting for retry or discard, by the class of their reason (every class, 0 included)."""
+    kinds = list(DeadLetterClass)
+    rows = conn.execute(
+        QUERIES["dead_letters_count_by_class"],
+        {"classes": [str(k) for k in kinds], "prefixes": [k.prefix for k in kinds]},
+    ).fetchall()
+    counts = dict.fromkeys(kinds, 0)
+    counts.update({DeadLetterClass(kind): int(n) for kind, n in rows})
+    return counts
+
+
+def job_flags_count(conn: Connection) -> int:
+    row = conn.execute(QUERIES["job_flags_count"]).fetchone()
+    return int(row[0]) if row else 0
+
+
+def event_writers_oldest_age(conn: Connection) -> float:
+    """Seconds since the oldest open transaction that wrote outbox events began (0: none is open)."""
+    row = conn.execute(QUERIES["event_writers_oldest_age"]).fetchone()
+    return float(row[0]) if row and row[0] is not None else 0.0

@@ -303,7 +303,8 @@ class Worker:
 
     def _check_schema(self, conn: Connection) -> None:
         """Log each problem of the schema once, when it appears and when it is gone (every standby interval)."""
-        found = schema_check.problems(conn)
+        report = schema_check.report(conn)
+        found = report.problems()
         for problem in found:
             if problem not in self.schema_problems:
                 log.error("%s", problem)
@@ -311,7 +312,7 @@ class Worker:
             log.info("the schema's problems are gone: the product's triggers are in place, no legacy writer")
         self.schema_problems = found
         if self.metrics is not None:
-            self.metrics.schema_problems.set(len(found))
+            self.metrics.on_schema_check(report)
 
     def health_problems(self) -> list[str]:
         """What is wrong, for /health (empty: healthy): no connection, or the schema's problems."""
@@ -415,6 +416,8 @@ class Worker:
         if state.dirty and cursor.target is None:
             refolded = refold_dirty_jobs(conn, ctx, cursor=cursor, limit=batch_size)
             self.stats.jobs_changed += refolded.jobs_changed
+            if self.metrics is not None:
+                self.metrics.on_jobs_changed(ctx.partition, refolded.job_statuses)
             state.dirty = refolded.taken == batch_size
             if refolded.next_retry_in is not None:
                 state.retry_at = time.monotonic() + max(0.0, refolded.next_retry_in)
@@ -424,6 +427,8 @@ class Worker:
         # When idle, a read-only check first: a batch transaction locks the checkpoint row.
         if state.probe and cursor.target is None and not store.events_probe(conn, ctx.partition, cursor):
             store.transitions_append(conn)  # holds' staged transitions, when no batch publishes them
+            if self.metrics is not None:
+                self.metrics.caught_up(ctx.partition)
             return _Outcome.IDLE
         started = time.monotonic()
         result = apply_batch(

@@ -182,7 +182,7 @@ $$;
 -- are the processor's alone.
 GRANT SELECT, INSERT, DELETE ON jobs TO outbox_writer;
 GRANT SELECT, INSERT, UPDATE, DELETE ON jobs_variants TO outbox_writer;
-GRANT INSERT (partition, event_type, schema_version, job_id, variant_id, variant_version, payload)
+GRANT INSERT (partition, event_type, schema_version, job_id, variant_id, variant_version, payload, trace_parent)
     ON outbox_events TO outbox_writer;
 GRANT USAGE ON SEQUENCE outbox_variant_versions TO outbox_writer;
 GRANT EXECUTE ON FUNCTION
@@ -223,7 +223,7 @@ GRANT SELECT (job_id, status, current_step, updated_at, xmin), UPDATE (status, c
 GRANT SELECT (job_variants_id, job_id, status, current_step, updated_at), UPDATE (updated_at)
     ON jobs_variants TO outbox_processor;
 GRANT SELECT, DELETE, UPDATE (txid) ON outbox_events TO outbox_processor;
-GRANT INSERT (partition, event_type, schema_version, job_id, variant_id, variant_version, payload)
+GRANT INSERT (partition, event_type, schema_version, job_id, variant_id, variant_version, payload, trace_parent)
     ON outbox_events TO outbox_processor;
 GRANT USAGE ON SEQUENCE outbox_variant_versions TO outbox_processor;
 GRANT SELECT, UPDATE ON outbox_checkpoints TO outbox_processor;

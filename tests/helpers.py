@@ -222,5 +222,5 @@ def write_jobs_behind_the_processor(conn: psycopg.Connection[Any], query: str, p
     statement does.
     """
     with conn.transaction():
-        conn.execute("SELECT set_config('outbox.job_writer', 'processor:12', true)")
+        conn.execute("SELECT set_config('outbox.job_writer', 'processor:13', true)")
         conn.execute(query, params)

@@ -23,10 +23,10 @@ def free_port() -> int:
 
 def scrape(port: int) -> tuple[dict[str, float], str]:
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    values = {}
+    values: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            values[sample.name] = sample.value
+        for sample in family.samples:  # summed over labels (job state changes come by to_status)
+            values[sample.name] = values.get(sample.name, 0.0) + sample.value
     return values, text
 
 

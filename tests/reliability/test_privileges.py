@@ -28,6 +28,7 @@ import outbox
 from processor.backlog import collect_backlog
 from processor.database import DatabaseUrl, connect
 from processor.dead_letters import discard, list_dead_letters, retry
+from processor.metrics import scan as metrics_scan
 from processor.prune import prune
 from processor.replay import replay
 from processor.store import job_ids_all
@@ -98,6 +99,7 @@ COLUMNS: dict[tuple[str, str], dict[str, str]] = {
     ("outbox_events", "variant_id"): _EVENT_WRITE,
     ("outbox_events", "variant_version"): _EVENT_WRITE,
     ("outbox_events", "payload"): _EVENT_WRITE,
+    ("outbox_events", "trace_parent"): _EVENT_WRITE,  # capture copies the writer's trace context (0013)
     ("outbox_events", "created_at"): {WRITER: "", PROCESSOR: "SELECT"},
     # A subscriber moves its position; nothing else of a subscription.
     ("outbox_subscriptions", "position"): {WRITER: "", PROCESSOR: "SELECT INSERT UPDATE", SUBSCRIBER: "SELECT UPDATE"},
@@ -408,6 +410,8 @@ def test_whole_flow_under_the_writer_and_processor_roles(logins: Logins, admin: 
         _assert_matches_reference(admin)
         backlog = collect_backlog(ops, 0)
         assert (backlog["pending_events"], backlog["dead_letters"], backlog["flagged_jobs"]) == (0, 0, 0)
+        scanned = metrics_scan(ops)  # what the metrics' elected worker reads, under the same grants
+        assert (sum(scanned.pending.values()), sum(scanned.dead_letters.values()), scanned.flagged_jobs) == (0, 0, 0)
 
         # Replay: job state lost (by the owner) is rebuilt from the events.
         expected = actual_job_states(admin)

@@ -458,16 +458,19 @@ def test_metrics_forget_the_partitions_a_repartition_removes(db, engine):
 
     def refresh() -> dict[int, float | None]:
         """One pass of the worker's metrics refresh thread; each partition's pending events."""
-        metrics.dead_letters.set(-1)  # set again at the end of a pass
+        metrics.refreshed.clear()  # set at the end of a pass
         stop = threading.Event()
         thread = threading.Thread(target=metrics.refresh_from_database, args=(db, stop, 3600.0))
         thread.start()
         try:
-            wait_for(lambda: metrics.registry.get_sample_value("outbox_dead_letters") != -1, what="a refresh")
+            assert metrics.refreshed.wait(30), "no refresh"
+            # While it runs: the thread exports nothing scanned once it stops.
+            return {
+                p: metrics.registry.get_sample_value("outbox_pending_events", {"partition": str(p)}) for p in range(8)
+            }
         finally:
             stop.set()
             thread.join()
-        return {p: metrics.registry.get_sample_value("outbox_pending_events", {"partition": str(p)}) for p in range(8)}
 
     assert all(pending for pending in refresh().values())
     drain(make_settings(db))
