@@ -325,6 +325,7 @@ def explain(conn: Connection, job_id: uuid.UUID, *, events: int = 20, transition
         row_lock=lock,
         checkpoint=checkpoint,
         pending=sum(v.events_pending for v in variants),
+        held_back=[v for v in variants if v.open_transaction is not None],
     )
     return ExplainReport(
         job_id=job_id,
@@ -463,6 +464,7 @@ def _decide(
     row_lock: Backend | None,
     checkpoint: CheckpointView,
     pending: int,
+    held_back: list[ExplainedVariant],
 ) -> FoldDecision:
     """What the fold (processor.fold.fold_job, on the worker's own input) decides, in words, against the job row."""
     unfoldable: str | None = None
@@ -509,6 +511,18 @@ def _decide(
             verdict += f"; {pending} newer event(s) of its variants are not in job state yet"
         if checkpoint.worker is None:
             verdict += f"; no worker holds partition {checkpoint.partition}: nothing applies them (`outbox run`)"
+    for v in held_back[:NAMED_AT_MOST]:  # what an open transaction holds back is not in any state yet
+        assert v.open_transaction is not None
+        opened = v.open_transaction
+        who = f"prepared transaction {opened.prepared_gid!r}" if opened.prepared_gid else f"backend pid {opened.pid}"
+        since = f" (open since {_time(opened.since)})" if opened.since else ""
+        verdict += (
+            f"; a change of variant {v.variant_id} waits for transaction {opened.xid} of {who}{since} to end"
+            if opened.wrote_events
+            else f"; variant {v.variant_id} is locked by transaction {opened.xid} of {who}{since}"
+        )
+    if len(held_back) > NAMED_AT_MOST:
+        verdict += f"; and {len(held_back) - NAMED_AT_MOST} more variants held by open transactions"
     return FoldDecision(
         state.status.value if state else None, state.current_step if state else None, unfoldable, words, matches,
         verdict,
@@ -526,7 +540,12 @@ def _words(state: JobState | None, variants: list[ExplainedVariant], pipeline: P
     if state.status is VariantStatus.DONE:
         return f"done at `{final}`: all {_variants(n)} done at `{final}`"
     step = state.current_step
-    deciding = [s for s in live if not finished(s, pipeline) and pipeline.rank(s.step) == pipeline.rank(step)]
+    # The variants that hold the job at its step: unfinished there, and (while the job still runs) not failed,
+    # since under the settled policy a failed variant waits for the others rather than holding the job.
+    unfinished = [s for s in live if not finished(s, pipeline)]
+    if state.status is not VariantStatus.FAILED:
+        unfinished = [s for s in unfinished if s.status is not VariantStatus.FAILED] or unfinished
+    deciding = [s for s in unfinished if pipeline.rank(s.step) == pipeline.rank(step)] or unfinished
     named = ", ".join(
         f"variant {s.variant_id} is `{s.status.value if s.status else None}` at `{s.step or 'no step yet'}`"
         for s in deciding[:NAMED_AT_MOST]
@@ -621,7 +640,10 @@ def render(report: ExplainReport, console: Console) -> None:
     for name, value in [
         (
             "held",
-            f"yes, at {hold.status}/{hold.current_step} since {_time(hold.held_at)}: {hold.reason}" if hold else "no",
+            f"yes, at {hold.status}{f'/{hold.current_step}' if hold.current_step else ''} since "
+            f"{_time(hold.held_at)}: {hold.reason}"
+            if hold
+            else "no",
         ),
         ("flagged", f"yes, since {_time(flag.flagged_at)}: {flag.reason}" if flag else "no"),
         (

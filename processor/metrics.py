@@ -21,6 +21,7 @@ import collections
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
@@ -32,7 +33,7 @@ from prometheus_client.core import GaugeMetricFamily
 
 from processor import store
 from processor.batch import BatchResult
-from processor.database import DatabaseUrl, connect
+from processor.database import DatabaseUrl, connect, redact
 from processor.decode import DeadLetterClass
 from processor.schema_check import SchemaReport
 from processor.store import Connection
@@ -108,6 +109,7 @@ class WorkerMetrics:
 
         # Scanned by one worker (see the module's docstring): exported from the last scan, while it holds.
         self.scanned = ScannedGauges()
+        self._writers = WriterClock()  # the scans' view of open transactions that wrote events
         self.registry.register(self.scanned)
 
     # ----- this worker's own (called from the worker's thread)
@@ -148,7 +150,7 @@ class WorkerMetrics:
         """Every ``every`` seconds until ``stop``: the partition count, and the scanned gauges while this
         worker holds the metrics lock (run in a thread, on a connection of its own)."""
         conn: Connection | None = None
-        scanning = False
+        scanning = failing = False
         while not stop.is_set():
             try:
                 if conn is None or conn.closed:
@@ -157,9 +159,15 @@ class WorkerMetrics:
                 # A session lock: taken once, held until this connection closes (it stacks if taken twice).
                 scanning = scanning or store.metrics_lock_try(conn)
                 self.partitions.set(store.partitions_get(conn))
-                self.scanned.scan = scan(conn) if scanning else None
+                self.scanned.scan = scan(conn, self._writers) if scanning else None
+                failing = False
             except Exception as exc:  # the database may be away; the worker reports that itself
-                log.debug("metrics refresh failed: %s", type(exc).__name__)
+                # Once per run of failures (a scan that always fails, lacking a grant, would else be silent:
+                # the OutboxMetricsScanMissing alert and this line say it).
+                (log.debug if failing else log.warning)(
+                    "metrics refresh failed: %s", redact(str(exc).strip().split("\n")[0] or type(exc).__name__, db)
+                )
+                failing = True
                 if conn is not None:
                     conn.close()
                 conn = None
@@ -186,7 +194,23 @@ class Scan:
     subscriptions: list[SubscriptionInfo]
 
 
-def scan(conn: Connection) -> Scan:
+class WriterClock:
+    """How long each open transaction that wrote events has been open, even when its start is hidden.
+
+    Without pg_read_all_stats a login does not see when another login's transaction began: such a
+    transaction is counted from when a scan first saw it (a lower bound, never "none open").
+    """
+
+    def __init__(self) -> None:
+        self._first_seen: dict[str, float] = {}
+
+    def oldest_age(self, writers: dict[str, float | None]) -> float:
+        now = time.monotonic()
+        self._first_seen = {xid: self._first_seen.get(xid, now) for xid in writers}
+        return max((now - self._first_seen[xid] if age is None else age for xid, age in writers.items()), default=0.0)
+
+
+def scan(conn: Connection, writers: WriterClock | None = None) -> Scan:
     # Every partition's, not only this worker's: the whole backlog, in one consistent view.
     with store.one_snapshot(conn):
         summaries = {p: store.events_pending_summary(conn, p, top=0) for p in range(store.partitions_get(conn))}
@@ -198,7 +222,8 @@ def scan(conn: Connection) -> Scan:
         oldest_pending_age={p: s.oldest_age_seconds or 0.0 for p, s in summaries.items()},
         dead_letters=dead,
         flagged_jobs=flagged,
-        oldest_open_writer_age=store.event_writers_oldest_age(conn),  # pg_locks: now, not in the snapshot
+        # pg_locks: now, not in the snapshot
+        oldest_open_writer_age=(writers or WriterClock()).oldest_age(store.event_writers_list(conn)),
         subscriptions=subscriptions,
     )
 

@@ -844,8 +844,8 @@ GROUP BY c.class
 -- name: job_flags_count
 SELECT count(*) FROM outbox_job_flags
 
--- name: event_writers_oldest_age
--- Seconds since the oldest open transaction that wrote outbox events began (NULL: none is open).
+-- name: event_writers_list
+-- The open transactions that wrote outbox events, and how long each has been open.
 -- Its events are invisible until it ends: each batch's target snapshot lists it as in progress
 -- (xip), and events_apply leaves its events for the batch whose snapshot first sees it committed,
 -- so it holds back its own events (and its jobs' state), never other transactions'. A transaction
@@ -862,7 +862,10 @@ WITH locks AS MATERIALIZED (
       AND relation = 'outbox_events'::regclass
       AND mode = 'RowExclusiveLock' AND granted
 )
-SELECT extract(epoch FROM clock_timestamp() - min(coalesce(a.xact_start, x.prepared)))::float8
+-- One row per such transaction: its id and its age, NULL when this login may not see when it began
+-- (another login's, without pg_read_all_stats): the caller then counts from when it first saw it.
+SELECT l.transactionid::text,
+       extract(epoch FROM clock_timestamp() - coalesce(a.xact_start, x.prepared))::float8
 FROM locks AS l
 JOIN writers AS w USING (virtualtransaction)
 LEFT JOIN pg_stat_activity AS a ON a.pid = l.pid

@@ -710,7 +710,6 @@ def job_flags_count(conn: Connection) -> int:
     return int(row[0]) if row else 0
 
 
-def event_writers_oldest_age(conn: Connection) -> float:
-    """Seconds since the oldest open transaction that wrote outbox events began (0: none is open)."""
-    row = conn.execute(QUERIES["event_writers_oldest_age"]).fetchone()
-    return float(row[0]) if row and row[0] is not None else 0.0
+def event_writers_list(conn: Connection) -> dict[str, float | None]:
+    """The open transactions that wrote outbox events: {transaction id: seconds open, None if hidden}."""
+    return {str(xid): (None if age is None else float(age)) for xid, age in conn.execute(QUERIES["event_writers_list"])}

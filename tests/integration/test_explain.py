@@ -153,6 +153,10 @@ def test_event_held_back_by_an_open_transaction(conn, engine, settings, db):
         assert held.events_total == 1 and held.agreement is Agreement.AGREE  # the change is not visible yet
         (other,) = [v for v in report.variants if v.variant_id == ids[1]]
         assert other.open_transaction is None
+        # The verdict says it, not only the variant's line: this is how a job looks stuck.
+        assert f"a change of variant {ids[0]} waits for transaction {xid[0]} of backend pid {pid}" in (
+            report.fold.verdict
+        )
 
         writer.execute("SELECT 1 FROM jobs_variants WHERE job_variants_id = %s FOR UPDATE", [ids[1]])
         report = explain(conn, job_id)
@@ -355,3 +359,17 @@ def test_every_read_uses_an_index_on_a_large_outbox(conn, settings):
         assert variant.events_total == 6 and variant.events_pending == 3 and variant.events_pruned
         states = [e.state for e in variant.events]
         assert states == [EventState.IN_FLIGHT] * 3 + [EventState.APPLIED] * 3
+
+
+def test_a_running_job_names_the_variant_it_waits_for_not_the_failed_one(conn, engine, settings):
+    """Failure policy settled: a failed variant waits for the others; the words name the one still running."""
+    job_id, ids = new_job(engine, 2)
+    with engine.begin() as sa:
+        outbox.update_variant(sa, ids[0], status="failed", step="detect")
+        outbox.update_variant(sa, ids[1], status="running", step="segment")
+    drain(settings)
+    decision = explain(conn, job_id).fold.decision
+    assert decision.startswith("running at `detect`: 0 of 2 variants done at `iou_eval`"), decision
+    assert f"variant {ids[1]} is `running` at `segment`" in decision
+    assert str(ids[0]) not in decision
+    assert decision.endswith("1 failed, the job waits for the others (failure policy settled)")
