@@ -80,7 +80,9 @@ def test_the_readme_lifespan_example_runs_the_worker_and_a_subscriber_and_stops_
     def locks_held() -> int:
         return int(
             conn.execute(
+                # This test's database only: advisory locks of other databases' workers show in pg_locks too.
                 "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted "
+                "AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
                 "AND (classid = %s::oid AND objsubid = 2 OR classid = %s::oid)",
                 [store.CONSUMER_LOCK_CLASS, SUBSCRIBER_LOCK_CLASS],
             ).fetchone()[0]
@@ -88,6 +90,13 @@ def test_the_readme_lifespan_example_runs_the_worker_and_a_subscriber_and_stops_
 
     # Released, or gone with the connection that held them: a backend ends a moment after its client
     # closed the connection, so the server is waited for (a session left open would fail this).
-    wait_for(lambda: locks_held() == 0, timeout=5, what="the consumers' locks to be released")
+    try:
+        wait_for(lambda: locks_held() == 0, timeout=5, what="the consumers' locks to be released")
+    except AssertionError:
+        holders = conn.execute(
+            "SELECT l.classid, l.objid, l.objsubid, a.application_name, a.state, a.query FROM pg_locks l "
+            "JOIN pg_stat_activity a USING (pid) WHERE l.locktype = 'advisory' AND a.datname = current_database()"
+        ).fetchall()
+        raise AssertionError(f"locks still held: {holders}") from None
     assert conn.execute("SELECT count(DISTINCT job_id), count(*) FROM notifications").fetchone() == (10, 10)
     assert actual_job_states(conn) == reference_job_states(conn, TEST_STEPS)

@@ -172,7 +172,8 @@ def consumer_active(conn: Conn, application: str) -> bool:
     """Whether a session named ``application`` (a LIKE pattern) holds a subscription's consumer lock."""
     row = conn.execute(
         "SELECT EXISTS (SELECT FROM pg_locks AS l JOIN pg_stat_activity AS a USING (pid) "
-        "WHERE l.locktype = 'advisory' AND l.granted AND l.classid = %s::oid AND a.application_name LIKE %s)",
+        "WHERE l.locktype = 'advisory' AND l.granted AND l.classid = %s::oid AND a.application_name LIKE %s "
+        "AND a.datname = current_database())",
         [SUBSCRIBER_LOCK_CLASS, application],
     ).fetchone()
     return bool(row and row[0])
