@@ -1,4 +1,4 @@
-"""The processor's database operations: every statement it runs, from processor/queries.sql."""
+"""What is left of the store before its split by concern (processor/store/__init__.py)."""
 
 from __future__ import annotations
 
