@@ -1,6 +1,6 @@
 # The worker image: the runtime dependencies at exactly the locked versions (requirements.lock),
 # the project on top, without the embedded server (it needs OUTBOX_DATABASE_URL). It serves
-# /metrics and /health on OUTBOX_METRICS_PORT; its HEALTHCHECK asks /health. README: "Deploying".
+# /metrics and /health on OUTBOX_METRICS_PORT; its HEALTHCHECK asks /health. docs/operations.md: "Deploying".
 ARG PYTHON_IMAGE=python:3.12-slim
 
 # Builder: a venv in /opt/outbox, at the same path and on the same Python as the runtime stage.

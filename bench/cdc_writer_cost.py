@@ -1,7 +1,7 @@
 """What capture by logical decoding would cost the writers: a measurement for a design decision.
 
 Not a product path. Capture by a PL/pgSQL trigger cannot reach the writer-ratio target on the
-2-core bench host (bench/README.md, "Writer path"); logical decoding is the alternative that writes
+2-core bench host (bench/HISTORY.md, "Writer path"); logical decoding is the alternative that writes
 no second row in the writer's transaction. This measures, on a scratch cluster of its own, the
 writers of bench/run.py's writers group (4 threads, single-variant updates, interleaved windows):
 

@@ -394,6 +394,11 @@ class Writers:
     Every write is one single-variant update transaction that changes the variant's status or step
     (so every write with capture appends an event): a plain UPDATE in every mode but python_api,
     outbox.update_variant for python_api. The connections stay open across windows.
+
+    Kept apart from processor/workload.py (the writers the demo and the tests simulate) on purpose:
+    this one's exact statement (UPDATE_SQL, no updated_at) and its per-window timing are what the
+    writer benchmark measures, and HISTORY.md's figures were taken with it; a change to the shared
+    workload must not move them.
     """
 
     def __init__(self, db: DatabaseUrl, variants: Sequence[Any], seed: int = 1) -> None:

@@ -11,30 +11,39 @@ written (status, step against the pipeline, ids). asyncio code: the same calls i
 
 To react to job transitions (a job became ``done``): ``outbox.Subscriber``, or
 ``outbox.aio.AsyncSubscriber`` in asyncio code.
+
+Every error raised on purpose is an ``outbox.OutboxError`` (the tree: outbox.errors); those that
+were a ``ValueError``, ``TypeError``, ``LookupError`` or ``RuntimeError`` before still are.
 """
 
-from outbox.events import EventType, VariantChanged, VariantRemoved, VariantStatus
-from outbox.subscriber import Subscriber
-from outbox.subscription import (
-    RetryPolicy,
+from outbox.errors import (
+    ArgumentTypeError,
+    FencedError,
+    InvalidArgumentError,
+    InvalidEventError,
+    LifecycleError,
+    OutboxError,
+    StillRunningError,
     SubscriberBusyError,
-    SubscriberHealth,
-    SubscriberState,
     SubscriptionNotFoundError,
-    Transition,
-)
-from outbox.writer import (
     UnknownStepError,
     VariantNotFoundError,
-    create_job,
-    hold_job,
-    release_job,
-    update_variant,
 )
+from outbox.events import EventType, VariantChanged, VariantRemoved, VariantStatus
+from outbox.subscriber import Subscriber
+from outbox.subscription import RetryPolicy, SubscriberHealth, SubscriberState, Transition
+from outbox.writer import create_job, hold_job, release_job, update_variant
 
 __all__ = [
+    "ArgumentTypeError",
     "EventType",
+    "FencedError",
+    "InvalidArgumentError",
+    "InvalidEventError",
+    "LifecycleError",
+    "OutboxError",
     "RetryPolicy",
+    "StillRunningError",
     "Subscriber",
     "SubscriberBusyError",
     "SubscriberHealth",

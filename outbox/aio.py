@@ -39,17 +39,18 @@ except ImportError:  # pragma: no cover - only psycopg connections and URLs then
 
 from outbox import writer
 from outbox.connections import Statement, execute_async, run_async
+from outbox.errors import ArgumentTypeError, FencedError
 from outbox.events import VariantStatus
 from outbox.subscription import (
     QUERIES,
     Consumer,
-    FencedError,
     Page,
     RetryPolicy,
     Transition,
     check_transactional,
     lock_params,
     page_params,
+    single_value,
 )
 
 AsyncHandler = Callable[[Any, Transition], Awaitable[None]]
@@ -114,7 +115,7 @@ class AsyncSubscriber(Consumer):
         per_transaction: int = 50,
     ) -> None:
         if not isinstance(source, str | psycopg.AsyncConnection | AsyncEngine | SAAsyncConnection):
-            raise TypeError(
+            raise ArgumentTypeError(
                 "source must be a database URL, a psycopg AsyncConnection, or a SQLAlchemy AsyncEngine or "
                 f"AsyncConnection (got {type(source).__name__}); for sync code use outbox.Subscriber"
             )
@@ -185,7 +186,7 @@ class AsyncSubscriber(Consumer):
             await asyncio.shield(self._release(session))
 
     async def _take_lock(self, session: _AsyncSession) -> bool:
-        (taken,) = (await session.fetch("subscriber_lock_try", lock_params(self.name)))[0]
+        taken = single_value(await session.fetch("subscriber_lock_try", lock_params(self.name)))
         if not taken:
             return False
         self.active = True
@@ -305,7 +306,7 @@ class AsyncSubscriber(Consumer):
 
     async def _failed(self, session: _AsyncSession, transition: Transition, position: int, exc: Exception) -> None:
         params = self.failure_params(transition, exc)
-        (attempts,) = (await session.fetch("subscription_failure_record", params))[0]
+        attempts = single_value(await session.fetch("subscription_failure_record", params))
         if attempts < self.retry.max_attempts:
             self.log_failed(transition, attempts, params["error"])
             return

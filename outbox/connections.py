@@ -27,6 +27,7 @@ from psycopg.rows import tuple_row
 from sqlalchemy.engine import Connection as SAConnection
 from sqlalchemy.orm import Session
 
+from outbox.errors import ArgumentTypeError
 from outbox.sqlfile import numbered, sqlalchemy_text
 
 try:  # SQLAlchemy's asyncio needs greenlet, which an application with an AsyncEngine has
@@ -100,12 +101,14 @@ def _sync_executor(conn: Any, call: str) -> Callable[[Statement], Result]:
     if isinstance(conn, SAConnection):
         return functools.partial(_on_sqlalchemy, conn)
     if _is_async(conn):
-        raise TypeError(
+        raise ArgumentTypeError(
             f"outbox.{call} runs on a sync connection; for {_kind(conn)} use `await outbox.aio.{call}(...)`"
         )
     if isinstance(conn, sqlalchemy.Engine):
-        raise TypeError(f"outbox.{call} writes in a transaction: pass `conn` from `with engine.begin() as conn`")
-    raise TypeError(f"outbox.{call} takes {SYNC_ACCEPTED}, in the transaction to write in (got {_kind(conn)})")
+        raise ArgumentTypeError(
+            f"outbox.{call} writes in a transaction: pass `conn` from `with engine.begin() as conn`"
+        )
+    raise ArgumentTypeError(f"outbox.{call} takes {SYNC_ACCEPTED}, in the transaction to write in (got {_kind(conn)})")
 
 
 async def _async_executor(conn: Any, call: str) -> Callable[[Statement], Awaitable[Result]]:
@@ -119,12 +122,14 @@ async def _async_executor(conn: Any, call: str) -> Callable[[Statement], Awaitab
     if _is_asyncpg(conn):
         return functools.partial(_on_asyncpg, conn)
     if isinstance(conn, psycopg.Connection | SAConnection | Session):
-        raise TypeError(f"outbox.aio.{call} runs on an asyncio connection; for {_kind(conn)} use outbox.{call}")
+        raise ArgumentTypeError(f"outbox.aio.{call} runs on an asyncio connection; for {_kind(conn)} use outbox.{call}")
     if isinstance(conn, AsyncEngine):
-        raise TypeError(
+        raise ArgumentTypeError(
             f"outbox.aio.{call} writes in a transaction: pass `conn` from `async with engine.begin() as conn`"
         )
-    raise TypeError(f"outbox.aio.{call} takes {ASYNC_ACCEPTED}, in the transaction to write in (got {_kind(conn)})")
+    raise ArgumentTypeError(
+        f"outbox.aio.{call} takes {ASYNC_ACCEPTED}, in the transaction to write in (got {_kind(conn)})"
+    )
 
 
 def execute(conn: psycopg.Connection[Any] | SAConnection, statement: Statement) -> Result:
@@ -149,7 +154,7 @@ def _on_psycopg(conn: psycopg.Connection[Any], statement: Statement) -> Result:
 def _on_sqlalchemy(conn: SAConnection, statement: Statement) -> Result:
     if conn.dialect.paramstyle == "pyformat":
         # psycopg and psycopg2 take %(name)s as it is: exec_driver_sql hands the statement to the
-        # driver inside SQLAlchemy's transaction, with no compilation (bench/README.md, "Writer path").
+        # driver inside SQLAlchemy's transaction, with no compilation (bench/HISTORY.md, "Writer path").
         result = conn.exec_driver_sql(statement.sql, dict(statement.params))
     else:
         result = conn.execute(_text(statement.sql), statement.params)

@@ -14,19 +14,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-# The longest step name an event carries (characters). Capture refuses far longer ones at write time
-# (65,000 bytes, what a payload can hold); a pipeline may not name a longer step, and an event with
-# one is a dead letter. The drain's SQL decoding (outbox_event_decode) uses the same number.
-STEP_MAX_CHARS = 200
-
-
-class VariantStatus(StrEnum):
-    """The statuses a variant can have; anything else is refused at write time."""
-
-    QUEUED = "queued"
-    RUNNING = "running"
-    DONE = "done"
-    FAILED = "failed"
+# The event limits (statuses, step length) are outbox.limits'; re-exported here, where they always were.
+from outbox.limits import STEP_MAX_CHARS as STEP_MAX_CHARS
+from outbox.limits import VariantStatus as VariantStatus
 
 
 class EventType(StrEnum):

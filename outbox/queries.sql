@@ -27,22 +27,25 @@ FROM unnest(CAST(%(other_variant_ids)s AS uuid[])) WITH ORDINALITY AS t (variant
 CROSS JOIN first_variant AS f
 ORDER BY t.n
 
--- name: trace_context_set
+-- fragment: trace_context
 -- The caller's trace context (W3C traceparent), for the events captured after it in this
 -- transaction: the capture trigger copies it into outbox_events.trace_parent (migration 0013). Set
 -- by the write API only when the caller has a span (plain SQL writers never set it): before
--- job_create, as a statement of its own; in variant_update's /*trace*/ slot, as a condition of the
--- UPDATE itself (no round trip more, and the same transaction on a connection in autocommit: the
--- row's capture fires at the end of the statement, after the condition set it).
+-- job_create, as a statement of its own (trace_context_set); in variant_update_traced, as a
+-- condition of the UPDATE itself (no round trip more, and the same transaction on a connection in
+-- autocommit: the row's capture fires at the end of the statement, after the condition set it).
 set_config('outbox.traceparent', CAST(%(traceparent)s AS text), true) IS NOT NULL
+
+-- name: trace_context_set
+SELECT {{trace_context}}
 
 -- name: pipeline_has_step
 -- Whether the pipeline every worker folds with (outbox_fold_config) has this step, and the pipeline.
 SELECT CAST(%(step)s AS text) = ANY(pipeline_steps), pipeline_steps FROM outbox_fold_config
 
--- name: variant_update
+-- fragment: variant_change
 -- No RETURNING: the row count says whether the variant exists, and a result set costs the server a
--- row to send and the client (above all SQLAlchemy) a result to build (bench/README.md, "Writer path").
+-- row to send and the client (above all SQLAlchemy) a result to build (bench/HISTORY.md, "Writer path").
 -- A step outside the pipeline is refused here (no row changes; update_variant then says why): the
 -- job could not be folded. CAST, not ::, so that SQLAlchemy's text() (asyncpg) reads the parameters.
 UPDATE jobs_variants
@@ -52,7 +55,15 @@ SET status = outbox_variant_status(%(status)s),
 WHERE job_variants_id = %(variant_id)s
   AND (CAST(%(step)s AS text) IS NULL
        OR EXISTS (SELECT FROM outbox_fold_config WHERE CAST(%(step)s AS text) = ANY(pipeline_steps)))
-  /*trace*/
+
+-- name: variant_update
+-- outbox.update_variant (the UPDATE: fragment variant_change).
+{{variant_change}}
+
+-- name: variant_update_traced
+-- The same, for a caller with a span: its trace context is set by a condition of the UPDATE itself.
+{{variant_change}}
+  AND {{trace_context}}
 
 -- name: job_hold
 -- outbox.hold_job (migration 0010: the function writes the job's row with the owner's rights).

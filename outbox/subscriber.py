@@ -27,17 +27,17 @@ from sqlalchemy.engine import Connection as SAConnection
 from sqlalchemy.engine import Engine
 
 from outbox.connections import Statement, execute
+from outbox.errors import ArgumentTypeError, FencedError, LifecycleError, SubscriberBusyError
 from outbox.subscription import (
     QUERIES,
     Consumer,
-    FencedError,
     Page,
     RetryPolicy,
-    SubscriberBusyError,
     Transition,
     check_transactional,
     lock_params,
     page_params,
+    single_value,
 )
 from processor.background import Background, StartsInBackground
 from processor.wakeup import Waiter
@@ -104,7 +104,7 @@ class Subscriber(Consumer, StartsInBackground):
         per_transaction: int = 50,
     ) -> None:
         if not isinstance(source, str | psycopg.Connection | Engine | SAConnection):
-            raise TypeError(
+            raise ArgumentTypeError(
                 "source must be a database URL, a psycopg Connection, or a SQLAlchemy Engine or Connection "
                 f"(got {type(source).__name__}); for asyncio use outbox.aio.AsyncSubscriber"
             )
@@ -143,7 +143,7 @@ class Subscriber(Consumer, StartsInBackground):
     def start(self) -> None:
         """Deliver in a background thread until ``stop()``, then ``join()`` (or use ``with``)."""
         if self.running or (self._background is not None and not self._background.ended):
-            raise RuntimeError(f"subscriber {self.name!r} is already running (one run per object)")
+            raise LifecycleError(f"subscriber {self.name!r} is already running (one run per object)")
         self._stopping.clear()  # here, not in the thread: a stop() right after start() is kept
         self._background = Background(
             self._run, name=f"outbox-subscriber-{self.name}", on_error=lambda _: self.log_died()
@@ -156,7 +156,7 @@ class Subscriber(Consumer, StartsInBackground):
         TimeoutError if it still runs after ``timeout`` seconds.
         """
         if self._background is None:
-            raise RuntimeError(f"subscriber {self.name!r} was not started in the background (start, with)")
+            raise LifecycleError(f"subscriber {self.name!r} was not started in the background (start, with)")
         self._background.join(timeout)
 
     def stop(self) -> None:
@@ -201,7 +201,7 @@ class Subscriber(Consumer, StartsInBackground):
             self._release(session)
 
     def _take_lock(self, session: _Session) -> bool:
-        (taken,) = session.fetch("subscriber_lock_try", lock_params(self.name))[0]
+        taken = single_value(session.fetch("subscriber_lock_try", lock_params(self.name)))
         if not taken:
             return False
         self.active = True
@@ -320,7 +320,7 @@ class Subscriber(Consumer, StartsInBackground):
 
     def _failed(self, session: _Session, transition: Transition, position: int, exc: Exception) -> None:
         params = self.failure_params(transition, exc)
-        (attempts,) = (session.fetch("subscription_failure_record", params))[0]
+        attempts = single_value(session.fetch("subscription_failure_record", params))
         if attempts < self.retry.max_attempts:
             self.log_failed(transition, attempts, params["error"])
             return

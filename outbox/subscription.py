@@ -28,9 +28,17 @@ import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from enum import StrEnum
-from typing import Any
+from typing import Any, NamedTuple
 
 from outbox import tracing
+from outbox.errors import (
+    ArgumentTypeError,
+    FencedError,
+    InvalidArgumentError,
+    LifecycleError,
+    SubscriberBusyError,
+    SubscriptionNotFoundError,
+)
 from outbox.sqlfile import load_queries
 
 QUERIES = load_queries("outbox", "transitions.sql")
@@ -74,14 +82,6 @@ class SubscriberHealth:
         return {**asdict(self), "state": self.state.value, "ok": self.ok}
 
 
-class SubscriptionNotFoundError(LookupError):
-    """No subscription of that name: create it first (``outbox subscriptions create NAME``)."""
-
-
-class FencedError(RuntimeError):
-    """The subscription's position moved under this consumer (another consumer, or a reset)."""
-
-
 @dataclass(frozen=True, slots=True)
 class Transition:
     """A change of one job's state, as the processor (or a hold) wrote it."""
@@ -111,6 +111,52 @@ class Transition:
         return json.dumps(self.to_json(), separators=(",", ":"), sort_keys=True)
 
 
+class PageRow(NamedTuple):
+    """A row of ``transitions_page`` by name: its columns, in the statement's order (the one place they are listed).
+
+    A named tuple over the driver's plain tuple, so that every driver (psycopg, psycopg2, asyncpg, through
+    outbox.connections) is read the same way; tests/integration/test_transitions.py checks the names
+    against the statement's own.
+    """
+
+    transition_id: int | None  # None: the one row that is always there, to say the position
+    job_id: uuid.UUID
+    partition: int
+    from_status: str | None
+    from_step: str | None
+    to_status: str
+    to_step: str | None
+    written_by: str
+    transitioned_at: dt.datetime
+    attempts: int  # made so far
+    failed_at: dt.datetime | None  # when the last one failed
+    position: int | None  # the subscription's; None: no such subscription
+    head: int | None
+    read_at: dt.datetime  # the database's clock
+    trace_parent: str | None
+
+    def transition(self) -> Transition:
+        return Transition(
+            self.transition_id,  # type: ignore[arg-type]  # None only on the position row, skipped
+            self.job_id,
+            self.partition,
+            self.from_status,
+            self.from_step,
+            self.to_status,
+            self.to_step,
+            self.written_by,
+            self.transitioned_at,
+            attempt=self.attempts + 1,
+            trace_parent=self.trace_parent,
+        )
+
+
+def single_value(rows: Sequence[Sequence[Any]]) -> Any:
+    """The one value of a one-column statement's first row (``subscriber_lock_try``, ``subscription_fence``, ...)."""
+    (value,) = rows[0]
+    return value
+
+
 @dataclass(frozen=True, slots=True)
 class Page:
     """The next transitions of a subscription (``transitions_page``)."""
@@ -124,20 +170,23 @@ class Page:
 
     @classmethod
     def of(cls, name: str, rows: Sequence[Sequence[Any]], limit: int) -> Page:
-        if not rows or rows[0][11] is None:
+        page = [PageRow._make(row) for row in rows]
+        position = page[0].position if page else None
+        if position is None:
             raise SubscriptionNotFoundError(
                 f"no subscription named {name!r}; create it with `outbox subscriptions create {name}`"
             )
         transitions: list[Transition] = []
         failed_at: dict[int, dt.datetime] = {}
-        for row in rows:
-            if row[0] is None:
+        for row in page:
+            if row.transition_id is None:  # the row that is always there, to say the position
                 continue
-            transitions.append(Transition(*row[:9], attempt=row[9] + 1, trace_parent=row[14]))  # type: ignore[misc]
-            if row[10] is not None:
-                failed_at[row[0]] = row[10]
+            transitions.append(row.transition())
+            if row.failed_at is not None:
+                failed_at[row.transition_id] = row.failed_at
+        first = page[0]
         return cls(
-            int(rows[0][11]), int(rows[0][12] or 0), transitions, failed_at, len(transitions) >= limit, rows[0][13]
+            int(position), int(first.head or 0), transitions, failed_at, len(transitions) >= limit, first.read_at
         )
 
     def wait_before(self, transition: Transition, policy: RetryPolicy) -> float:
@@ -161,9 +210,9 @@ class RetryPolicy:
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
-            raise ValueError(f"max_attempts must be at least 1 (got {self.max_attempts})")
+            raise InvalidArgumentError(f"max_attempts must be at least 1 (got {self.max_attempts})")
         if not 0 <= self.first_delay <= self.max_delay:
-            raise ValueError("retry delays must satisfy 0 <= first_delay <= max_delay")
+            raise InvalidArgumentError("retry delays must satisfy 0 <= first_delay <= max_delay")
 
     def delay(self, attempts: int) -> float:
         """Seconds to wait after ``attempts`` failed attempts."""
@@ -179,7 +228,7 @@ class RetryPolicy:
 
 def check_name(name: str) -> str:
     if not isinstance(name, str) or not NAME_PATTERN.match(name):
-        raise ValueError(
+        raise InvalidArgumentError(
             "a subscription name is 1-63 letters, digits, '_', '.' or '-', starting with a letter or digit "
             f"(got {name!r})"
         )
@@ -193,9 +242,9 @@ def check_transactional(in_transaction: bool, autocommit: bool) -> None:
     AUTOCOMMIT the handler's effect would commit apart from its acknowledgement (exactly once lost).
     """
     if in_transaction:
-        raise ValueError("the subscriber's connection is inside a transaction: give it one that is idle")
+        raise InvalidArgumentError("the subscriber's connection is inside a transaction: give it one that is idle")
     if autocommit:
-        raise ValueError(
+        raise InvalidArgumentError(
             "the subscriber's connection is in AUTOCOMMIT: exactly-once needs transactions "
             "(conn.execution_options(isolation_level='READ COMMITTED'))"
         )
@@ -236,15 +285,15 @@ class Consumer:
         per_transaction: int,
     ) -> None:
         if not callable(handler):
-            raise TypeError("handler must be callable as handler(connection, transition)")
+            raise ArgumentTypeError("handler must be callable as handler(connection, transition)")
         if batch_size < 1 or poll_interval <= 0 or standby_interval <= 0:
-            raise ValueError("batch_size must be at least 1, and poll_interval and standby_interval above 0")
+            raise InvalidArgumentError("batch_size must be at least 1, and poll_interval and standby_interval above 0")
         if session_timeout < 2 * max(poll_interval, standby_interval):
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"session_timeout ({session_timeout:g} s) must be at least twice poll_interval and standby_interval"
             )
         if per_transaction < 1:
-            raise ValueError(f"per_transaction must be at least 1 (got {per_transaction})")
+            raise InvalidArgumentError(f"per_transaction must be at least 1 (got {per_transaction})")
         self.session_timeout = session_timeout
         # Transitions handled in one transaction (one commit, one fsync) when all go well; 1 for a
         # handler with effects elsewhere that a later transition's failure should not repeat.
@@ -284,7 +333,7 @@ class Consumer:
         """
         with self._run_lock:
             if self.running:
-                raise RuntimeError(f"subscriber {self.name!r} is already running (one run per object)")
+                raise LifecycleError(f"subscriber {self.name!r} is already running (one run per object)")
             self.running = True
         self._phase = SubscriberState.CONNECTING
         try:
@@ -339,8 +388,9 @@ class Consumer:
         """Raise FencedError unless the locked position (``subscription_fence``) is the one expected."""
         if not rows:
             raise FencedError(f"subscription {self.name!r} was dropped")
-        if rows[0][0] != expected:
-            raise FencedError(f"its position moved to {rows[0][0]} (this consumer expected {expected})")
+        position = single_value(rows)
+        if position != expected:
+            raise FencedError(f"its position moved to {position} (this consumer expected {expected})")
 
     def redelivery_params(self, transition: Transition) -> dict[str, Any]:
         return {"name": self.name, "transition_id": transition.transition_id}
@@ -382,9 +432,5 @@ class Consumer:
     def log_died(self) -> None:
         log.error("subscription %s: the subscriber stopped on an error: %s", self.name, self.last_error)
 
-    def busy(self) -> RuntimeError:
+    def busy(self) -> SubscriberBusyError:
         return SubscriberBusyError(f"another consumer of subscription {self.name!r} is active")
-
-
-class SubscriberBusyError(RuntimeError):
-    """``run_until_idle`` found another consumer of the subscription active."""

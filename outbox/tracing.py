@@ -1,6 +1,6 @@
 """OpenTelemetry tracing, through ``opentelemetry-api`` only: a no-op unless the process configures an SDK.
 
-One trace (with links) follows a variant update to the reaction it caused (README, "Tracing"):
+One trace (with links) follows a variant update to the reaction it caused (docs/operations.md, "Tracing"):
 
 - the write API (outbox.writer) puts the W3C ``traceparent`` of the caller's span, when there is
   one, in a setting local to the caller's transaction, and capture copies it into the event's

@@ -28,9 +28,11 @@ WITH sub AS MATERIALIZED (
      ORDER BY t.transition_id
      LIMIT %(limit)s)
 )
+-- The columns are read by name through outbox.subscription.PageRow, which lists them in this order.
 SELECT c.transition_id, c.job_id, c.partition, c.from_status, c.from_step, c.to_status, c.to_step,
-       c.written_by, c.transitioned_at, coalesce(f.attempts, 0), f.failed_at,
-       (SELECT position FROM sub), (SELECT max(transition_id) FROM outbox_job_transitions), clock_timestamp(),
+       c.written_by, c.transitioned_at, coalesce(f.attempts, 0) AS attempts, f.failed_at,
+       (SELECT position FROM sub) AS position, (SELECT max(transition_id) FROM outbox_job_transitions) AS head,
+       clock_timestamp() AS read_at,
        c.trace_parent  -- the trace context of the event that caused it (0013): the handler's span is its child
 FROM candidates AS c
 LEFT JOIN outbox_subscription_failures AS f ON f.subscription = %(name)s AND f.transition_id = c.transition_id
@@ -112,77 +114,3 @@ SELECT pg_try_advisory_lock(%(lock_class)s, hashtext(%(name)s))
 
 -- name: subscriber_lock_release
 SELECT pg_advisory_unlock(%(lock_class)s, hashtext(%(name)s))
-
--- name: subscription_create
--- --from start: every transition still kept; --from now: those written from now on.
-INSERT INTO outbox_subscriptions (name, position, to_statuses)
-SELECT %(name)s,
-       CASE WHEN %(from_start)s THEN 0 ELSE coalesce((SELECT max(transition_id) FROM outbox_job_transitions), 0) END,
-       %(to_statuses)s::text[]
-ON CONFLICT (name) DO NOTHING
-RETURNING position
-
--- name: subscription_reset
--- Moves a subscription's position (start, now, or a transition id) and forgets its failures:
--- the consumer delivers from there again.
-WITH failures AS (
-    DELETE FROM outbox_subscription_failures WHERE subscription = %(name)s
-)
-UPDATE outbox_subscriptions
-SET position = CASE %(to)s::text
-                   WHEN 'start' THEN 0
-                   WHEN 'now' THEN coalesce((SELECT max(transition_id) FROM outbox_job_transitions), 0)
-                   ELSE %(to)s::bigint
-               END,
-    acknowledged_at = now()
-WHERE name = %(name)s
-RETURNING position
-
--- name: subscription_drop
-DELETE FROM outbox_subscriptions WHERE name = %(name)s RETURNING name
-
--- name: subscriptions_list
--- Each subscription with its lag: transitions after its position that pass its filter (counted
--- up to a bound: an index range, not the table), the age of the oldest, and its failures.
-SELECT s.name, s.position, s.to_statuses, s.created_at, s.acknowledged_at,
-       lag.transitions, lag.oldest,
-       (SELECT count(*) FROM outbox_subscription_failures AS f WHERE f.subscription = s.name AND f.parked_at IS NOT NULL),
-       (SELECT count(*) FROM outbox_subscription_failures AS f WHERE f.subscription = s.name AND f.parked_at IS NULL),
-       (SELECT max(transition_id) FROM outbox_job_transitions)
-FROM outbox_subscriptions AS s
-CROSS JOIN LATERAL (
-    SELECT count(*) AS transitions, min(t.transitioned_at) AS oldest
-    FROM (SELECT t.transitioned_at
-          FROM outbox_job_transitions AS t
-          WHERE t.transition_id > s.position
-            AND (s.to_statuses IS NULL OR t.to_status = ANY(s.to_statuses))
-          ORDER BY t.transition_id
-          LIMIT %(count_limit)s) AS t
-) AS lag
-WHERE %(name)s::text IS NULL OR s.name = %(name)s
-ORDER BY s.name
-
--- name: subscription_failures_list
-SELECT f.transition_id, f.attempts, f.last_error, f.failed_at, f.parked_at, t.job_id, t.to_status, t.to_step
-FROM outbox_subscription_failures AS f
-LEFT JOIN outbox_job_transitions AS t USING (transition_id)
-WHERE f.subscription = %(name)s
-ORDER BY f.transition_id
-
--- name: subscription_unpark
--- `outbox subscriptions retry`: parked transitions go back to the consumer, which delivers them
--- before anything new (transitions_page), with their attempts counted afresh.
-UPDATE outbox_subscription_failures
-SET parked_at = NULL, attempts = 0
-WHERE subscription = %(name)s AND parked_at IS NOT NULL
-  AND (%(transition_id)s::bigint IS NULL OR transition_id = %(transition_id)s)
-RETURNING transition_id
-
--- name: transitions_list
--- `outbox transitions`: in order, after an id, of one job or all.
-SELECT transition_id, job_id, partition, from_status, from_step, to_status, to_step, written_by, transitioned_at
-FROM outbox_job_transitions
-WHERE transition_id > %(after)s
-  AND (%(job_id)s::uuid IS NULL OR job_id = %(job_id)s)
-ORDER BY transition_id
-LIMIT %(limit)s

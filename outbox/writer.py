@@ -18,32 +18,28 @@ import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import pydantic
 from psycopg import sql
 
 from outbox import tracing
 from outbox.connections import Operation, Statement, run
+from outbox.errors import (
+    ArgumentTypeError,
+    InvalidArgumentError,
+    InvalidEventError,
+    UnknownStepError,
+    VariantNotFoundError,
+)
 from outbox.events import VariantChanged, VariantStatus
 from outbox.sqlfile import load_queries
 
 _QUERIES = load_queries("outbox", "queries.sql")
-# The condition that sets the caller's trace context (its comment left out), and variant_update with
-# it in its /*trace*/ slot.
-_TRACE_CONTEXT_SET = "\n".join(line for line in _QUERIES["trace_context_set"].splitlines() if not line.startswith("--"))
-_VARIANT_UPDATE_TRACED = _QUERIES["variant_update"].replace("/*trace*/", f"AND {_TRACE_CONTEXT_SET}")
 
 # The columns create_job writes itself; ``columns=``/``variant_columns=`` are for the others.
 _OWN_COLUMNS = {
     "jobs": ("job_id", "status", "current_step", "updated_at"),
     "jobs_variants": ("job_variants_id", "job_id", "status", "current_step", "updated_at"),
 }
-
-
-class VariantNotFoundError(LookupError):
-    """``update_variant`` was given the id of a variant that does not exist."""
-
-
-class UnknownStepError(ValueError):
-    """A step that is not in the pipeline every worker folds with (`outbox pipeline show`)."""
 
 
 def create_job(
@@ -82,9 +78,10 @@ def update_variant(
 
     The UPDATE takes the variant's row lock, under which the event's version is assigned: the
     processor applies a variant's changes in the order they committed. A change to the same status
-    and step writes no event. Raises ``pydantic.ValidationError`` for an invalid status or step,
-    ``UnknownStepError`` for a step the pipeline lacks and ``VariantNotFoundError`` for an unknown
-    variant. ``conn`` as for ``create_job`` (asyncio: ``outbox.aio.update_variant``).
+    and step writes no event. Raises ``InvalidEventError`` (a ``pydantic.ValidationError``) for an
+    invalid status or step, ``UnknownStepError`` for a step the pipeline lacks and
+    ``VariantNotFoundError`` for an unknown variant, all of them ``outbox.OutboxError`` (outbox.errors).
+    ``conn`` as for ``create_job`` (asyncio: ``outbox.aio.update_variant``).
     """
     run(conn, update_variant_operation(variant_id, status=status, step=step), call="update_variant")
 
@@ -123,19 +120,19 @@ def create_job_operation(
     variant_columns: Mapping[str, Any] | None,
 ) -> Operation[tuple[uuid.UUID, list[uuid.UUID]]]:
     if isinstance(variants, bool | str | bytes | float) or not isinstance(variants, int | Iterable):
-        raise TypeError(f"variants must be a count or a list of variant ids (got {type(variants).__name__})")
+        raise ArgumentTypeError(f"variants must be a count or a list of variant ids (got {type(variants).__name__})")
     if isinstance(variants, int):
         if variants < 1:
-            raise ValueError(f"a job needs at least one variant (got {variants})")
+            raise InvalidArgumentError(f"a job needs at least one variant (got {variants})")
         variant_ids = [uuid.uuid4() for _ in range(variants)]
     else:
         variant_ids = [_as_uuid(v, "variant id") for v in variants]
         if not variant_ids:
-            raise ValueError("a job needs at least one variant")
+            raise InvalidArgumentError("a job needs at least one variant")
         if len(set(variant_ids)) != len(variant_ids):
-            raise ValueError("the variant ids of a job must differ")
+            raise InvalidArgumentError("the variant ids of a job must differ")
     job_uuid = uuid.uuid4() if job_id is None else _as_uuid(job_id, "job id")
-    VariantChanged(status=VariantStatus.QUEUED, step=step)  # validates step
+    _event(VariantStatus.QUEUED, step)  # validates step
     job_values = _app_columns("jobs", columns)
     variant_values = _app_columns("jobs_variants", variant_columns)
     if step is not None:
@@ -148,7 +145,7 @@ def create_job_operation(
     }
     traceparent = tracing.current_traceparent()
     if traceparent is not None:  # the caller has a span: its context goes into the events (outbox.tracing)
-        yield Statement(f"SELECT {_TRACE_CONTEXT_SET}", {"traceparent": traceparent}, returns_rows=True)
+        yield Statement(_QUERIES["trace_context_set"], {"traceparent": traceparent}, returns_rows=True)
     yield Statement(_job_create(params, job_values, variant_values), params)
     return job_uuid, variant_ids
 
@@ -156,13 +153,13 @@ def create_job_operation(
 def update_variant_operation(
     variant_id: uuid.UUID | str, *, status: VariantStatus | str, step: str | None
 ) -> Operation[None]:
-    change = VariantChanged.model_validate({"status": status, "step": step})
+    change = _event(status, step)
     params = {"variant_id": _as_uuid(variant_id, "variant id"), "status": change.status.value, "step": change.step}
     traceparent = tracing.current_traceparent()
     if traceparent is None:
         updated = yield Statement(_QUERIES["variant_update"], params)
     else:  # the caller has a span: the statement itself puts its context in the event (outbox.tracing)
-        updated = yield Statement(_VARIANT_UPDATE_TRACED, {**params, "traceparent": traceparent})
+        updated = yield Statement(_QUERIES["variant_update_traced"], {**params, "traceparent": traceparent})
     if updated.rowcount == 0:
         if change.step is not None:  # the step may be the reason: say so
             _check_step(change.step, (yield _pipeline_has_step(change.step)).first)
@@ -172,9 +169,9 @@ def update_variant_operation(
 def hold_job_operation(
     job_id: uuid.UUID | str, *, status: VariantStatus | str, step: str | None, reason: str
 ) -> Operation[None]:
-    status = VariantStatus(status)
+    status = _status(status)
     if not reason:
-        raise ValueError("a hold needs a reason")
+        raise InvalidArgumentError("a hold needs a reason")
     params = {"job_id": _as_uuid(job_id, "job id"), "status": status.value, "step": step, "reason": reason}
     yield Statement(_QUERIES["job_hold"], params, returns_rows=True)
 
@@ -182,6 +179,21 @@ def hold_job_operation(
 def release_job_operation(job_id: uuid.UUID | str) -> Operation[bool]:
     released = yield Statement(_QUERIES["job_release"], {"job_id": _as_uuid(job_id, "job id")}, returns_rows=True)
     return bool(released.first and released.first[0])
+
+
+def _event(status: VariantStatus | str, step: str | None) -> VariantChanged:
+    """The change as the event model validates it; a refusal as the product's error, in pydantic's words."""
+    try:
+        return VariantChanged.model_validate({"status": status, "step": step})
+    except pydantic.ValidationError as exc:
+        raise InvalidEventError.of(exc) from None
+
+
+def _status(status: VariantStatus | str) -> VariantStatus:
+    try:
+        return VariantStatus(status)
+    except ValueError as exc:  # "'paused' is not a valid VariantStatus"
+        raise InvalidArgumentError(str(exc)) from None
 
 
 def _pipeline_has_step(step: str) -> Statement:
@@ -202,15 +214,21 @@ def _app_columns(table: str, values: Mapping[str, Any] | None) -> dict[str, Any]
     if values is None:
         return {}
     if not isinstance(values, Mapping):
-        raise TypeError(f"the {table} columns must be a mapping of column name to value (got {type(values).__name__})")
+        raise ArgumentTypeError(
+            f"the {table} columns must be a mapping of column name to value (got {type(values).__name__})"
+        )
     quoted = {}
     for name, value in values.items():
         if not isinstance(name, str) or not name:
-            raise ValueError(f"a {table} column name must be a non-empty string (got {name!r})")
+            raise InvalidArgumentError(f"a {table} column name must be a non-empty string (got {name!r})")
         if name in _OWN_COLUMNS[table]:
-            raise ValueError(f"create_job writes {table}.{name} itself; pass only the application's own columns")
+            raise InvalidArgumentError(
+                f"create_job writes {table}.{name} itself; pass only the application's own columns"
+            )
         if "%" in name or ":" in name:  # they would read as parameters in the statement
-            raise ValueError(f"create_job cannot write the column {name!r} (its name has % or :); insert it with SQL")
+            raise InvalidArgumentError(
+                f"create_job cannot write the column {name!r} (its name has % or :); insert it with SQL"
+            )
         quoted[sql.Identifier(name).as_string()] = value
     return quoted
 
@@ -239,4 +257,4 @@ def _as_uuid(value: uuid.UUID | str, what: str) -> uuid.UUID:
     try:
         return uuid.UUID(str(value))
     except ValueError:
-        raise ValueError(f"{what} must be a UUID (got {value!r})") from None
+        raise InvalidArgumentError(f"{what} must be a UUID (got {value!r})") from None

@@ -14,12 +14,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import psycopg
-from psycopg import sql
 
-from outbox.events import VariantStatus
+from outbox.limits import VariantStatus
 from processor.errors import ConfigurationError
 from processor.fold import Pipeline
-from processor.store import QUERIES, Connection
+from processor.store import Connection, catalog
 
 
 @dataclass(frozen=True)
@@ -51,7 +50,6 @@ class Column:
 
 def columns(conn: Connection) -> list[Column]:
     """The four columns, with their types (the tables exist: migration 0001 creates or adopts them)."""
-    rows = conn.execute(QUERIES["app_column_types"]).fetchall()
     functions = {
         ("jobs", "status"): "outbox_job_status",
         ("jobs", "current_step"): "outbox_job_step",
@@ -59,23 +57,25 @@ def columns(conn: Connection) -> list[Column]:
         ("jobs_variants", "current_step"): "outbox_variant_step",
     }
     return [
-        Column(t, c, type_, name, length, bool(is_string), functions[(t, c)])
-        for t, c, type_, name, length, is_string in rows
+        Column(
+            row.table_name,
+            row.column_name,
+            row.type,
+            row.type_name,
+            row.max_length,
+            row.is_string,
+            functions[(row.table_name, row.column_name)],
+        )
+        for row in catalog.app_column_types(conn)
     ]
-
-
-def _cast_function(conn: Connection, col: Column) -> tuple[str, str, list[str]] | None:
-    """The cast function of ``col`` as it is: its return type, its body, who may execute it; None if absent."""
-    row = conn.execute(QUERIES["app_cast_function_get"], {"name": col.cast_function}).fetchone()
-    return None if row is None else (row[0], row[1].strip(), list(row[2]))
 
 
 def casts_to_write(conn: Connection, found: list[Column]) -> list[Column]:
     """The columns whose cast function is absent, or written for another type (a column's type changed)."""
     result = []
     for col in found:
-        current = _cast_function(conn, col)
-        if current is None or current[:2] != (col.cast_returns, col.cast_body):
+        current = catalog.app_cast_function_get(conn, col.cast_function)
+        if current is None or (current.returns, current.body) != (col.cast_returns, col.cast_body):
             result.append(col)
     return result
 
@@ -88,21 +88,9 @@ def write_casts(conn: Connection, found: list[Column]) -> list[Column]:
     """
     changed = casts_to_write(conn, found)
     for col in changed:
-        current = _cast_function(conn, col)
-        function = sql.Identifier(col.cast_function)
-        conn.execute(sql.SQL("DROP FUNCTION IF EXISTS {}(text)").format(function))
-        # STABLE, not IMMUTABLE: a cast from text to an enum is stable, and an immutable function
-        # would be folded while a statement is planned, where an error has no context. Still inlined.
-        conn.execute(
-            sql.SQL("CREATE FUNCTION {}(p text) RETURNS {} LANGUAGE sql STABLE PARALLEL SAFE AS {}").format(
-                function, sql.SQL(col.cast_returns), sql.Literal(col.cast_body)
-            )
-        )
-        if current is not None:
-            conn.execute(sql.SQL("REVOKE ALL ON FUNCTION {}(text) FROM PUBLIC").format(function))
-            for grantee in current[2]:
-                target = sql.SQL("PUBLIC") if grantee == "-" else sql.Identifier(grantee)
-                conn.execute(sql.SQL("GRANT EXECUTE ON FUNCTION {}(text) TO {}").format(function, target))
+        current = catalog.app_cast_function_get(conn, col.cast_function)
+        executors = None if current is None else current.executors
+        catalog.app_cast_function_write(conn, col.cast_function, col.cast_returns, col.cast_body, executors)
     return changed
 
 
@@ -129,7 +117,7 @@ def check_values(conn: Connection, found: list[Column], pipeline: Pipeline) -> N
             try:
                 with conn.transaction():  # a savepoint: a failed cast leaves the caller's transaction usable
                     # The column's own type (the cast functions may not exist yet: migrate --dry-run).
-                    conn.execute(sql.SQL("SELECT %s::text::{}").format(sql.SQL(col.type_name)), [value])
+                    catalog.app_value_cast(conn, col.type_name, value)
             except psycopg.DataError as exc:
                 what = "status" if col.column == "status" else "pipeline step"
                 raise ConfigurationError(

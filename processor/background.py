@@ -17,6 +17,8 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Self
 
+from outbox.errors import StillRunningError
+
 
 class Background:
     """One run of ``target`` in a daemon thread named ``name``; ``on_error`` sees the error it dies of."""
@@ -42,7 +44,7 @@ class Background:
     def join(self, timeout: float | None = None) -> None:
         """Wait for the thread to end; re-raise the error it died of. TimeoutError if it is still running."""
         if not self._ended.wait(timeout):
-            raise TimeoutError(f"{self._thread.name} still running after {timeout:g} s")
+            raise StillRunningError(f"{self._thread.name} still running after {timeout:g} s")
         self._thread.join()  # it ends right after: only the callbacks are left
         self.raise_error()
 

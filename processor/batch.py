@@ -13,7 +13,8 @@ import psycopg
 
 from processor import store, tracing
 from processor.decode import DeadLetter, EventRow, decode_event
-from processor.fold import FailurePolicy, JobState, Pipeline, UnfoldableJobError, VariantState, fold_job
+from processor.errors import FencedError, FoldConfigChangedError, UnfoldableJobError
+from processor.fold import FailurePolicy, JobState, Pipeline, VariantState, fold_job, newest_states
 from processor.fold_config import FoldConfig
 from processor.snapshot import Cursor
 from processor.store import Connection
@@ -37,14 +38,6 @@ class FoldContext:
         return self.config.policy
 
 
-class FencedError(RuntimeError):
-    """The checkpoint moved under this worker: another consumer applied events; apply nothing."""
-
-
-class FoldConfigChangedError(FencedError):
-    """`outbox pipeline set` changed the fold configuration: reload it, then go on (nothing applied)."""
-
-
 @dataclass(frozen=True, slots=True)
 class BatchResult:
     partition: int
@@ -55,8 +48,8 @@ class BatchResult:
     committed_at: dt.datetime
     # Every event of the transactions the batch covers was applied (no more after it for now).
     complete: bool = True
-    # The jobs were queued in outbox_dirty_jobs, to be folded once the catch-up is complete.
-    deferred: bool = False
+    # Jobs await their fold in outbox_dirty_jobs (until the catch-up is complete, or their row is free).
+    awaiting_fold: bool = False
     event_ids: list[int] = field(default_factory=list, repr=False)
     # Seconds from each event's write to the commit of this batch (database clock).
     latencies: list[float] = field(default_factory=list, repr=False)
@@ -65,7 +58,7 @@ class BatchResult:
 
 
 def decode_batch(events: Sequence[EventRow]) -> tuple[list[tuple[VariantState, int]], list[DeadLetter]]:
-    """Decode events into states (with their event ids; the merge keeps each variant's newest) and dead letters."""
+    """Decode events into each variant's newest state (with its event id) and dead letters."""
     states: list[tuple[VariantState, int]] = []
     dead: list[DeadLetter] = []
     for event in events:
@@ -74,7 +67,7 @@ def decode_batch(events: Sequence[EventRow]) -> tuple[list[tuple[VariantState, i
             dead.append(decoded.dead_letter)
         if decoded.state is not None:
             states.append((decoded.state, event.event_id))
-    return states, dead
+    return list(newest_states(states).values()), dead
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,16 +115,16 @@ def apply_batch(
     *,
     expected: Cursor,
     limit: int,
-    dirty: bool = False,
+    awaiting_fold: bool = False,
     before_commit: Callable[[], None] | None = None,
 ) -> BatchResult:
     """Apply the next events after ``expected`` (up to ``limit``) and move the checkpoint past them, atomically.
 
     Jobs are folded at once only when the batch is a whole catch-up (every event committed so far)
-    and no jobs wait to be folded (``dirty``); otherwise they are queued in outbox_dirty_jobs and
-    folded once the catch-up is complete, so that no job shows a state between two committed
-    snapshots. Redelivery is harmless twice over: a checkpoint that moved is refused, and variant
-    states only move to a higher version.
+    and no jobs await their fold already (``dirty``); otherwise they await it in outbox_dirty_jobs
+    until the catch-up is complete, so that no job shows a state between two committed snapshots.
+    Redelivery is harmless twice over: a checkpoint that moved is refused, and variant states only
+    move to a newer version.
     """
     partition = ctx.partition
     # The batch's span (a no-op without an OpenTelemetry SDK) ends after the commit.
@@ -145,19 +138,19 @@ def apply_batch(
         else:
             assert applied.last is not None
             new = expected.partway_to(applied.target, applied.last)
-        defer = dirty or not complete or expected.target is not None
+        awaiting_fold = awaiting_fold or not complete or expected.target is not None
         # The events the statement could not read (rare): problem states and dead letters.
         changes, dead = decode_batch(store.events_get(conn, applied.unreadable)) if applied.unreadable else ([], [])
         parked = store.dead_letters_park(conn, partition, dead) if dead else 0
-        affected = store.variant_states_upsert(conn, partition, changes, defer=defer)
+        affected = store.variant_states_upsert(conn, partition, changes, awaiting_fold=awaiting_fold)
         # A dead letter that holds its job (no place in its variant's order) flags it, through the fold.
-        affected.update(d.job_id for d in dead if d.holds_job and d.job_id is not None and not defer)
-        if defer:
+        affected.update(d.job_id for d in dead if d.holds_job and d.job_id is not None and not awaiting_fold)
+        if awaiting_fold:
             if applied.moved_from:
-                store.dirty_jobs_add(conn, partition, applied.moved_from)
+                store.jobs_awaiting_fold_add(conn, partition, applied.moved_from)
             if complete:
                 # The catch-up is complete: every job it touched is folded now, from its complete state.
-                store.dirty_jobs_add_applied(conn, partition, expected.done, new.done)
+                store.jobs_awaiting_fold_add_applied(conn, partition, expected.done, new.done)
             jobs = FoldedJobs()
         else:
             affected.update(applied.jobs)
@@ -169,7 +162,7 @@ def apply_batch(
         written = (
             store.jobs_write(conn, jobs=jobs.states, flags=jobs.flags, folded=jobs.folded)
             if jobs.folded or jobs.flags
-            else store.JobsWritten(0, 0, [])
+            else store.JobsWritten.nothing()
         )
         result = store.batch_commit(
             conn,
@@ -194,17 +187,17 @@ def apply_batch(
         cursor=new,
         committed_at=result.committed_at,
         complete=complete,
-        deferred=defer or bool(written.jobs_blocked),
+        awaiting_fold=awaiting_fold or bool(written.jobs_blocked),
         event_ids=applied.event_ids,
         latencies=[committed - created for created in applied.created_at],
         job_statuses=written.to_statuses,
     )
 
 
-def write_jobs(conn: Connection, jobs: FoldedJobs, *, deferred_partitions: Iterable[int] = ()) -> store.JobsWritten:
-    """Write folded job states and flags outside a batch (jobs of ``deferred_partitions`` wait for their catch-up)."""
+def write_jobs(conn: Connection, jobs: FoldedJobs, *, catching_up_partitions: Iterable[int] = ()) -> store.JobsWritten:
+    """Write folded job states and flags outside a batch (jobs of ``catching_up_partitions`` await the catch-up)."""
     written = store.jobs_write(
-        conn, jobs=jobs.states, flags=jobs.flags, folded=jobs.folded, deferred_partitions=deferred_partitions
+        conn, jobs=jobs.states, flags=jobs.flags, folded=jobs.folded, catching_up_partitions=catching_up_partitions
     )
     if written.jobs_changed:
         # Operations hold every checkpoint: their transitions are written at once, not at the end.
@@ -214,12 +207,12 @@ def write_jobs(conn: Connection, jobs: FoldedJobs, *, deferred_partitions: Itera
 
 
 def fold_and_write_jobs(
-    conn: Connection, config: FoldConfig, job_ids: Iterable[uuid.UUID], *, deferred_partitions: Iterable[int] = ()
+    conn: Connection, config: FoldConfig, job_ids: Iterable[uuid.UUID], *, catching_up_partitions: Iterable[int] = ()
 ) -> store.JobsWritten:
     """Fold ``job_ids`` from the stored variant states and write them (inside the caller's transaction)."""
     job_ids = list(job_ids)
     folded = fold_jobs(job_ids, store.variant_states_to_fold(conn, job_ids), config)
-    return write_jobs(conn, folded, deferred_partitions=deferred_partitions)
+    return write_jobs(conn, folded, catching_up_partitions=catching_up_partitions)
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,14 +223,17 @@ class Refolded:
     job_statuses: Sequence[str] = ()  # the status each job changed was given (as BatchResult's)
 
 
-def refold_dirty_jobs(conn: Connection, ctx: FoldContext, *, cursor: Cursor, limit: int) -> Refolded:
-    """Fold up to ``limit`` jobs waiting in outbox_dirty_jobs (a closed catch-up's, or ones whose row was locked)."""
+def fold_awaiting_jobs(conn: Connection, ctx: FoldContext, *, cursor: Cursor, limit: int) -> Refolded:
+    """Fold up to ``limit`` jobs awaiting fold (a closed catch-up's, or ones whose row was locked)."""
     with conn.transaction():
         _fence(conn, ctx, cursor)
-        job_ids, next_retry_in = store.dirty_jobs_take(conn, ctx.partition, limit)
-        written = fold_and_write_jobs(conn, ctx.config, job_ids)
+        taken = store.jobs_awaiting_fold_take(conn, ctx.partition, limit)
+        written = fold_and_write_jobs(conn, ctx.config, taken.job_ids)
     return Refolded(
-        len(job_ids), written.jobs_changed, next_retry_in if not written.jobs_blocked else 1.0, written.to_statuses
+        len(taken.job_ids),
+        written.jobs_changed,
+        taken.next_retry_in if not written.jobs_blocked else 1.0,
+        written.to_statuses,
     )
 
 

@@ -18,10 +18,9 @@ import psycopg
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
-from outbox.subscription import SubscriptionNotFoundError
-from processor import cli_transitions, fold_config, store
+from outbox.limits import PARTITIONS_MAX, PARTITIONS_MIN
+from processor import cli_transitions, fold_config, render, store
 from processor.cli_common import DatabaseOption, JsonOption, LogLevelOption, setup, stop_on_signals
 from processor.database import DatabaseUrl, connect, redact
 from processor.errors import OutboxError, PartitionMissingError
@@ -83,10 +82,12 @@ PolicyOption = Annotated[
         show_default="the database's",
     ),
 ]
-# Partition numbers as the schema allows them (outbox_partitioning: 1 to 1024 partitions).
+# Partition numbers as the schema allows them (outbox.limits: PARTITIONS_MIN to PARTITIONS_MAX partitions).
 PartitionOption = Annotated[
     int | None,
-    typer.Option(envvar="OUTBOX_PARTITION", min=0, max=1023, help="Partition to work on.", show_default="all"),
+    typer.Option(
+        envvar="OUTBOX_PARTITION", min=0, max=PARTITIONS_MAX - 1, help="Partition to work on.", show_default="all"
+    ),
 ]
 
 
@@ -187,7 +188,9 @@ def migrate(
 
 @app.command()
 def repartition(
-    partitions: Annotated[int, typer.Argument(min=1, max=1024, help="The new partition count.", show_default=False)],
+    partitions: Annotated[
+        int, typer.Argument(min=PARTITIONS_MIN, max=PARTITIONS_MAX, help="The new partition count.", show_default=False)
+    ],
     database_url: DatabaseOption = None,
     timeout: Annotated[
         float, typer.Option(min=0.1, help="Seconds to wait for the workers to drain the outbox; then change nothing.")
@@ -195,7 +198,7 @@ def repartition(
     as_json: JsonOption = False,
     log_level: LogLevelOption = "WARNING",
 ) -> None:
-    """Change the partition count: holds writers back, waits for a drained outbox, then switches (README)."""
+    """Change the partition count: holds writers back, waits for a drained outbox, then switches (docs/design.md)."""
     _, db, console = setup(database_url, log_level)
     _repartition(db, console, partitions, timeout=timeout, as_json=as_json)
 
@@ -242,7 +245,7 @@ def run(
         typer.Option(
             envvar="OUTBOX_PARTITION",
             min=0,
-            max=1023,
+            max=PARTITIONS_MAX - 1,
             help="Consume only this partition.",
             show_default="a fair share of all",
         ),
@@ -332,20 +335,16 @@ def check(
     """One probe for monitoring: exit 1 on lag, a partition without a worker, flagged jobs, dead letters,
     a subscription behind or with parked transitions, a missing or disabled trigger of the product, or a
     legacy writer of job state."""
-    from processor.health import as_document, run_checks
+    from processor.health import run_checks
 
     _, db, console = setup(database_url, log_level)
     with connect(db, application_name=application_name("check")) as conn:
-        checks = run_checks(conn, max_lag=max_lag)
-    document = as_document(checks)
+        report = run_checks(conn, max_lag=max_lag)
     if as_json:
-        print(json.dumps(document, indent=2))
+        print(json.dumps(render.health_json(report), indent=2))
     else:
-        table = Table("check", "", "detail", title="outbox check", title_justify="left")
-        for item in checks:
-            table.add_row(item.name, "ok" if item.ok else "FAIL", item.detail)
-        console.print(table)
-    if not document["ok"]:
+        render.health_text(report, console)
+    if not report.ok:
         raise SystemExit(1)
 
 
@@ -388,17 +387,17 @@ def backlog(
     log_level: LogLevelOption = "WARNING",
 ) -> None:
     """Show the event backlog: pending events, lag, the consumer, standbys, dead letters."""
-    from processor.backlog import collect_backlog, render_backlog
+    from processor.backlog import collect_backlog
 
     settings, db, console = setup(database_url, log_level, partition=partition)
     with connect(db, application_name=application_name("backlog")) as conn:
         check_ready(conn)
         report = collect_backlog(conn, settings.partition)
     if as_json:
-        print(json.dumps(report, indent=2, default=str))
+        print(json.dumps(render.to_json(report), indent=2))
     else:
-        render_backlog(report, console)
-    lag = report["oldest_pending_age_seconds"]
+        render.backlog_text(report, console)
+    lag = report.oldest_pending_age_seconds
     if max_lag is not None and lag is not None and lag > max_lag:
         print(f"error: oldest pending event is {lag:.1f} s old, over --max-lag {max_lag:g}", file=sys.stderr)
         raise SystemExit(3)
@@ -417,7 +416,7 @@ def explain(
 ) -> None:
     """Why a job is in its state: its row, variants, events (applied, in flight, invisible), flags, the fold."""
     from processor.explain import explain as run_explain
-    from processor.explain import parse_job_id, render, to_json
+    from processor.explain import parse_job_id
 
     job = parse_job_id(job_id)
     _, db, console = setup(database_url, log_level)
@@ -425,9 +424,9 @@ def explain(
         check_ready(conn)
         report = run_explain(conn, job, events=events, transitions=transitions)
     if as_json:
-        print(json.dumps(to_json(report), indent=2))
+        print(json.dumps(render.to_json(report), indent=2))
     else:
-        render(report, console)
+        render.explain_text(report, console)
 
 
 @contextmanager
@@ -504,15 +503,9 @@ def replay(
                 conn, job_ids, dry_run=dry_run, on_chunk=lambda n: progress.advance(progress.task_ids[0], n)
             )
     if as_json:
-        print(json.dumps({
-            "jobs": len(job_ids), "dry_run": dry_run,
-            "changed": [{"job_id": str(c.job_id), "before": c.before, "after": c.after} for c in changes],
-        }, indent=2))  # fmt: skip
-        return
-    for change in changes:
-        console.print(("would change " if dry_run else "changed ") + change.describe())
-    verb = "would change" if dry_run else "changed"
-    console.print(f"replayed {len(job_ids)} jobs: {len(changes)} {verb}")
+        print(json.dumps(render.replay_json(len(job_ids), changes, dry_run=dry_run), indent=2))
+    else:
+        render.replay_text(len(job_ids), changes, dry_run=dry_run, console=console)
 
 
 @app.command()
@@ -544,50 +537,14 @@ def verify(
             repaired = run_repair(conn, report, wait=wait)
             after = run_verify(conn, settings.partition)
     if as_json:
-        out = report.as_dict()
-        if repaired is not None and after is not None:
-            out["repaired"] = repaired.as_dict()
-            out["after_repair"] = after.as_dict()
-        print(json.dumps(out, indent=2, default=str))
+        print(json.dumps(render.verify_json(report, repaired, after), indent=2))
     else:
-        _print_verify(report, console)
+        render.verify_text(report, console)
         if repaired is not None and after is not None:
-            console.print(
-                f"repaired: {repaired.resync_events} resync events written, {repaired.jobs_rebuilt} jobs rebuilt"
-                + (f"; {repaired.not_applied} resync events not applied yet (is `outbox run` running?)"
-                   if repaired.not_applied else "")
-            )  # fmt: skip
-            for line in repaired.cannot_repair:
-                console.print(f"cannot repair: {line}")
-            console.print("after repair: " + ("no drift, nothing flagged" if after.ok else _summary(after)))
+            render.repair_text(repaired, after, console)
     final = after if after is not None else report
     if not final.ok:
         raise SystemExit(1)
-
-
-def _print_verify(report: Any, console: Console) -> None:
-    for item in report.variant_drift:
-        console.print(f"variant {item['variant_id']}: row {item['row']} but events say {item['events']}")
-    for item in report.job_drift:
-        console.print(f"job {item['job_id']}: jobs says {item['jobs']} but its variants give {item['events']}")
-    for item in report.stuck_jobs:
-        console.print(f"job {item['job_id']} is {item['status']} although all its variants are done")
-    for item in report.flagged:
-        letters = f" (dead letters {', '.join(str(e) for e in item['dead_letters'])})" if item["dead_letters"] else ""
-        console.print(f"job {item['job_id']} is flagged{letters}: {item['reason']}")
-    for item in report.held:
-        console.print(
-            f"job {item['job_id']} is held at {item['status']}/{item['current_step']} (not compared): {item['reason']}"
-        )
-    console.print(_summary(report))
-
-
-def _summary(report: Any) -> str:
-    return (
-        f"{len(report.variant_drift)} variants and {len(report.job_drift)} jobs drifted, "
-        f"{len(report.stuck_jobs)} stuck; {report.flagged_jobs} flagged, {len(report.held)} held, "
-        f"{report.jobs_in_flight} in flight (skipped)"
-    )
 
 
 pipeline_app = typer.Typer(
@@ -668,18 +625,9 @@ def dead_letters_list(
     with _operation(database_url, log_level, None, "dead-letters") as (_, console, conn, _partitions):
         letters = list_dead_letters(conn, include_discarded=include_discarded)
     if as_json:
-        print(json.dumps(letters, indent=2))
-        return
-    table = Table("event", "job", "type", "reason", "parked at", title=f"{len(letters)} dead letters")
-    for letter in letters:
-        table.add_row(
-            str(letter["event_id"]),
-            str(letter["job_id"]),
-            str(letter["event_type"]),
-            letter["reason"],
-            letter["parked_at"],
-        )
-    console.print(table)
+        print(json.dumps(render.to_json(letters), indent=2))
+    else:
+        render.dead_letters_text(letters, console)
 
 
 EventIdsArgument = Annotated[
@@ -701,10 +649,10 @@ def _act_on_dead_letters(
     if not event_ids and not all_:
         raise typer.BadParameter("give one or more event ids (or --all, for retry)")
     run_action = dead_letters.retry if action == "retry" else dead_letters.discard
-    success = "applied" if action == "retry" else "discarded"
+    success = dead_letters.APPLIED if action == "retry" else dead_letters.DISCARDED
     with _operation(database_url, log_level, partition, "dead-letters") as (settings, console, conn, _partitions):
         if all_:
-            event_ids = [letter["event_id"] for letter in dead_letters.list_dead_letters(conn, limit=1_000_000)]
+            event_ids = [letter.event_id for letter in dead_letters.list_dead_letters(conn, limit=1_000_000)]
         chosen = event_ids or []
         if settings.partition is not None:
             by_partition = dead_letters.partitions_of(conn, chosen)
@@ -717,8 +665,7 @@ def _act_on_dead_letters(
         else:
             outcomes = {}
         outcomes.update(run_action(conn, chosen) if chosen else {})
-    for event_id in event_ids or []:
-        console.print(f"event {event_id}: {outcomes[event_id]}")
+    render.outcomes_text(event_ids or [], outcomes, console)
     if any(outcome != success for outcome in outcomes.values()):
         raise SystemExit(1)
 
@@ -780,13 +727,10 @@ def prune(
                 deleted += result.events_deleted
                 baselines += result.baseline_updates
             # Transitions belong to no partition: pruned with the whole outbox, not with one partition.
-            transitions = 0 if partition is not None else prune_transitions(conn, age)
+            transitions = None if partition is not None else prune_transitions(conn, age)
         if deleted:
-            conn.execute(store.QUERIES["outbox_analyze"])  # `backlog` reports the outbox's size from its statistics
-    summary = f"pruned {deleted} events older than {older_than}; {baselines} variant baselines updated"
-    if partition is None:
-        summary += f"; {transitions} job transitions removed (none that a subscription still needs)"
-    console.print(summary)
+            store.outbox_analyze(conn)  # `backlog` reports the outbox's size from its statistics
+    console.print(render.prune_summary(older_than, deleted, baselines, transitions))
 
 
 def main() -> None:
@@ -805,10 +749,10 @@ def main() -> None:
         message += _from_environment(exc)
         hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
         _fail(" ".join(message.split()) + hint, code=getattr(exc, "exit_code", 2))
-    except (OutboxError, SubscriptionNotFoundError) as exc:
-        _fail(str(exc))
-    except psycopg.Error as exc:
+    except psycopg.Error as exc:  # first: DatabaseUnavailableError is an OutboxError too, worded as the driver's
         _fail(f"database error: {_describe(exc)}")
+    except OutboxError as exc:  # outbox.errors: the product's own, subscriptions' included
+        _fail(str(exc))
     except KeyboardInterrupt:
         _fail("interrupted", code=130)
     raise SystemExit(code if isinstance(code, int) else 0)

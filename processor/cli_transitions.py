@@ -14,14 +14,13 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from outbox.subscriber import Subscriber
-from outbox.subscription import RetryPolicy, Transition
-from processor import subscriptions
+from outbox.subscription import RetryPolicy
+from processor import render, store, subscriptions
 from processor.cli_common import DatabaseOption, JsonOption, LogLevelOption, setup, stop_on_signals
 from processor.database import DatabaseUrl, connect
-from processor.errors import ConfigurationError
+from processor.errors import ConfigurationError, SubscriptionError
 from processor.migrate import check_ready
 from processor.worker import application_name
 
@@ -58,21 +57,14 @@ def transitions(
                 if as_json:
                     print(transition.to_json_text(), flush=True)
                 else:
-                    console.print(_line(transition))
+                    console.print(render.transition_line(transition))
                 after = transition.transition_id
             if not follow:
                 return
             if len(page) < limit:
-                conn.execute("LISTEN outbox_transitions")
+                store.transitions_listen(conn)
                 for _ in conn.notifies(timeout=1.0, stop_after=1):
                     pass
-
-
-def _line(t: Transition) -> str:
-    step = f" at {t.to_step}" if t.to_step else ""
-    was = f"{t.from_status}" + (f" at {t.from_step}" if t.from_step else "")
-    return (f"{t.transition_id}  {t.transitioned_at.isoformat(timespec='milliseconds')}  job {t.job_id}  "
-            f"{was} -> {t.to_status}{step}" + ("  (hold)" if t.written_by == "hold" else ""))  # fmt: skip
 
 
 subscriptions_app = typer.Typer(
@@ -112,17 +104,9 @@ def subscriptions_list(
     with _ready(database_url, log_level, "subscriptions") as (_db, console, conn):
         found = subscriptions.list_subscriptions(conn)
     if as_json:
-        print(json.dumps([s.to_json() for s in found], indent=2))
-        return
-    table = Table("name", "position", "statuses", "lag", "oldest unacknowledged", "retrying", "parked",
-                  title=f"{len(found)} subscriptions")  # fmt: skip
-    for s in found:
-        table.add_row(
-            s.name, str(s.position), ",".join(s.to_statuses or ["all"]), str(s.lag),
-            s.oldest_unacknowledged.isoformat(timespec="seconds") if s.oldest_unacknowledged else "-",
-            str(s.retrying), str(s.parked),
-        )  # fmt: skip
-    console.print(table)
+        print(json.dumps(render.to_json(found), indent=2))
+    else:
+        render.subscriptions_text(found, console)
 
 
 @subscriptions_app.command("reset")
@@ -157,13 +141,9 @@ def subscriptions_failures(
     with _ready(database_url, log_level, "subscriptions") as (_db, console, conn):
         found = subscriptions.failures(conn, name)
     if as_json:
-        print(json.dumps(found, indent=2))
-        return
-    table = Table("transition", "job", "to", "attempts", "state", "last error", title=f"{len(found)} failures")
-    for f in found:
-        table.add_row(str(f["transition_id"]), str(f["job_id"]), str(f["to_status"]), str(f["attempts"]),
-                      "parked" if f["parked_at"] else "retrying", f["last_error"])  # fmt: skip
-    console.print(table)
+        print(json.dumps(render.to_json(found), indent=2))
+    else:
+        render.failures_text(found, console)
 
 
 @subscriptions_app.command("retry")
@@ -223,7 +203,7 @@ def deliver(
     with connect(db, application_name=application_name("deliver")) as conn:
         check_ready(conn)
         if not subscriptions.list_subscriptions(conn, subscriptions.checked_name(name)):
-            raise subscriptions.SubscriptionError(
+            raise SubscriptionError(
                 f"no subscription named {name!r}; create it with `outbox subscriptions create {name}`"
             )
     subscriber = _subscriber(

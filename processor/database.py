@@ -12,7 +12,8 @@ from sqlalchemy import Engine, create_engine
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
-from processor.errors import ConfigurationError
+from processor.errors import ConfigurationError, DatabaseUnavailableError
+from processor.store.session import backend_pid
 
 # The schemes of a PostgreSQL URL an application may already have (SQLAlchemy's, with its driver).
 # The product opens its own connections with psycopg whatever the URL names: only the server, the
@@ -173,6 +174,8 @@ def connect(
     params = connect_params(db, application_name=application_name, connect_timeout=connect_timeout)
     try:
         return psycopg.connect(**params, autocommit=autocommit)
+    except psycopg.OperationalError as exc:  # down, refused, or these credentials refused: still an OperationalError
+        raise DatabaseUnavailableError(redact(str(exc), db)) from None
     except psycopg.Error as exc:
         raise type(exc)(redact(str(exc), db)) from None
 
@@ -270,14 +273,14 @@ def check_direct_session(conn: psycopg.Connection[Any]) -> None:
     was_idle = conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
     try:
         announced = conn.info.backend_pid
-        first = _backend_pid(conn)
+        first = backend_pid(conn)
         if announced != first:
             raise ConfigurationError(
                 f"the database connection goes through a connection pooler such as PgBouncer (the backend pid"
                 f" announced at connect, {announced}, is not the session's, {first}); {_POOLER_ADVICE}"
             )
         if conn.autocommit:
-            second = _backend_pid(conn)
+            second = backend_pid(conn)
             if second != first:
                 raise ConfigurationError(
                     f"the database connection goes through a transaction-pooling proxy (two transactions ran in"
@@ -292,9 +295,3 @@ _POOLER_ADVICE = (
     "transaction pooling breaks the consumer's session advisory lock (two workers could both be active);"
     " connect directly to PostgreSQL, or through a session-pooling proxy with OUTBOX_ALLOW_SESSION_PROXY=1"
 )
-
-
-def _backend_pid(conn: psycopg.Connection[Any]) -> int:
-    row = conn.execute("SELECT pg_backend_pid()").fetchone()
-    assert row is not None
-    return int(row[0])

@@ -8,25 +8,20 @@ holds every checkpoint: the same rule as everywhere decides the variant's newest
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 from processor import store
 from processor.decode import decode_event
 from processor.replay import rebuild_jobs
-from processor.store import QUERIES, Connection
+from processor.store import Connection, DeadLetterRecord
+
+APPLIED = "applied"
+DISCARDED = "discarded"
 
 
-def list_dead_letters(conn: Connection, *, include_discarded: bool = False, limit: int = 1000) -> list[dict[str, Any]]:
-    rows = conn.execute(QUERIES["dead_letters_list"], {"include_discarded": include_discarded, "limit": limit})
-    return [
-        {
-            "event_id": r[0], "partition": r[1], "job_id": _s(r[2]), "variant_id": _s(r[3]), "reason": r[4],
-            "parked_at": r[5].isoformat(), "discarded_at": r[6].isoformat() if r[6] else None,
-            "event_type": r[7], "schema_version": r[8], "written_at": r[9].isoformat() if r[9] else None,
-            "holds_job": r[10],
-        }
-        for r in rows
-    ]  # fmt: skip
+def list_dead_letters(
+    conn: Connection, *, include_discarded: bool = False, limit: int = 1000
+) -> list[DeadLetterRecord]:
+    return store.dead_letters_list(conn, include_discarded=include_discarded, limit=limit)
 
 
 def retry(conn: Connection, event_ids: Sequence[int]) -> dict[int, str]:
@@ -38,28 +33,25 @@ def retry(conn: Connection, event_ids: Sequence[int]) -> dict[int, str]:
     for event_id in event_ids:
         with conn.transaction():
             store.checkpoints_lock_all(conn)  # the workers wait for us
-            row = conn.execute(QUERIES["dead_letter_event_get"], {"event_id": event_id}).fetchone()
-            if row is None or row[10] is not None:
-                outcomes[event_id] = "not a dead letter waiting for retry (unknown, discarded or pruned)"
-                continue
-            (event,) = store.event_rows([row])
-            decoded = decode_event(event)
-            if decoded.dead_letter is not None:
-                conn.execute(
-                    QUERIES["dead_letter_update_reason"],
-                    {
-                        "event_id": event_id,
-                        "reason": decoded.dead_letter.reason,
-                        "holds_job": decoded.dead_letter.holds_job,
-                    },
-                )
-                outcomes[event_id] = f"still failing: {decoded.dead_letter.reason}"
-                continue
-            conn.execute(QUERIES["dead_letter_delete"], {"event_id": event_id})
-            assert event.job_id is not None and event.variant_id is not None
-            rebuild_jobs(conn, [event.job_id], variant_ids=[event.variant_id], dry_run=False)
-            outcomes[event_id] = "applied"
+            outcomes[event_id] = _retry_one(conn, event_id)
     return outcomes
+
+
+def _retry_one(conn: Connection, event_id: int) -> str:
+    letter = store.dead_letter_event_get(conn, event_id)
+    if letter is None or letter.discarded_at is not None:
+        return "not a dead letter waiting for retry (unknown, discarded or pruned)"
+    event = letter.event_row()
+    decoded = decode_event(event)
+    if decoded.dead_letter is not None:
+        store.dead_letter_reason_update(
+            conn, event_id, reason=decoded.dead_letter.reason, holds_job=decoded.dead_letter.holds_job
+        )
+        return f"still failing: {decoded.dead_letter.reason}"
+    store.dead_letter_delete(conn, event_id)
+    assert event.job_id is not None and event.variant_id is not None
+    rebuild_jobs(conn, [event.job_id], variant_ids=[event.variant_id], dry_run=False)
+    return APPLIED
 
 
 def discard(conn: Connection, event_ids: Sequence[int]) -> dict[int, str]:
@@ -71,22 +63,17 @@ def discard(conn: Connection, event_ids: Sequence[int]) -> dict[int, str]:
     for event_id in event_ids:
         with conn.transaction():
             store.checkpoints_lock_all(conn)
-            row = conn.execute(QUERIES["dead_letter_discard"], {"event_id": event_id}).fetchone()
-            if row is None:
+            discarded = store.dead_letter_discard(conn, event_id)
+            if discarded is None:
                 outcomes[event_id] = "not a dead letter (unknown event id)"
                 continue
-            job_id, variant_id = row
-            if job_id is not None:
-                rebuild_jobs(conn, [job_id], variant_ids=[variant_id] if variant_id else [], dry_run=False)
-            outcomes[event_id] = "discarded"
+            if discarded.job_id is not None:
+                variants = [discarded.variant_id] if discarded.variant_id else []
+                rebuild_jobs(conn, [discarded.job_id], variant_ids=variants, dry_run=False)
+            outcomes[event_id] = DISCARDED
     return outcomes
-
-
-def _s(value: object) -> str | None:
-    return None if value is None else str(value)
 
 
 def partitions_of(conn: Connection, event_ids: Sequence[int]) -> dict[int, int]:
     """The partition of each of these dead letters (ids that are none are left out)."""
-    rows = conn.execute(QUERIES["dead_letters_partitions"], {"event_ids": list(event_ids)}).fetchall()
-    return {row[0]: row[1] for row in rows}
+    return store.dead_letters_partitions(conn, event_ids)

@@ -11,6 +11,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from outbox import limits
 from outbox.events import PAYLOAD_MODELS, STEP_MAX_CHARS, EventType, VariantChanged, VariantStatus
 from processor.fold import VariantState
 
@@ -33,7 +34,7 @@ class EventRow:
     version_issued: bool = True
 
 
-PAYLOAD_MAX_BYTES = 65_536  # as outbox_event_payload
+PAYLOAD_MAX_BYTES = limits.PAYLOAD_MAX_BYTES  # as outbox_event_payload (outbox/limits.py owns it)
 
 
 class DeadLetterClass(StrEnum):
@@ -110,7 +111,7 @@ def decode_event(row: EventRow) -> Decoded:
         if row.job_id is None or not ordered:
             return Decoded(None, DeadLetter(row.event_id, row.job_id, row.variant_id, reason, row.job_id is not None))
         assert row.variant_id is not None and row.variant_version is not None
-        problem = f"event {row.event_id} is a dead letter: {reason}"  # as outbox_unreadable_problem
+        problem = f"event {row.event_id} is a dead letter: {reason}"  # as outbox_unreadable_problem_v1
         return Decoded(
             VariantState(row.variant_id, row.job_id, row.variant_version, None, None, problem=problem),
             DeadLetter(row.event_id, row.job_id, row.variant_id, reason),

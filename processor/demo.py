@@ -7,20 +7,22 @@ import statistics
 import threading
 import time
 import uuid
-from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
+import psycopg
 import sqlalchemy
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 import outbox
-from processor import store, subscriptions
+from processor import store, subscriptions, workload
 from processor.batch import BatchResult
 from processor.database import DatabaseUrl, connect
+from processor.errors import SubscriptionError
 from processor.settings import Settings
-from processor.store import QUERIES
 from processor.worker import Worker, application_name
 
 
@@ -75,20 +77,62 @@ class DemoReport:
         return 1000 * (max(latencies) if q >= 100 else cuts[int(q) - 1])
 
 
-class _Walk:
-    """The transitions one variant goes through: running then done at each step, failing sometimes."""
+class _Observations:
+    """What the worker, the subscriber and the writers report while the demo runs (each from its thread)."""
 
-    def __init__(
-        self, job_id: uuid.UUID, variant_id: uuid.UUID, steps: tuple[str, ...], fail_rate: float, rng: random.Random
-    ):
-        self.job_id = job_id
-        self.variant_id = variant_id
-        self.moves: deque[tuple[str, str]] = deque()
-        for step in steps:
-            self.moves.append(("running", step))
-            if rng.random() < fail_rate:  # fail, then retried: the job goes back to running
-                self.moves.extend([("failed", step), ("running", step)])
-            self.moves.append(("done", step))
+    def __init__(self) -> None:
+        self.latencies: list[float] = []
+        self.applied = 0
+        self.last_write: dict[uuid.UUID, float] = {}  # each job's last variant update, committed at (wall clock)
+        self.reactions: dict[uuid.UUID, float] = {}  # job -> seconds from that update to the handler's call
+
+    def on_batch(self, result: BatchResult) -> None:
+        self.applied += result.events
+        self.latencies.extend(result.latencies)
+
+    def on_write(self, jobs: Iterable[uuid.UUID]) -> None:
+        now = time.time()
+        self.last_write.update(dict.fromkeys(jobs, now))
+
+    def react(self, _conn: object, transition: outbox.Transition) -> None:
+        now = time.time()
+        self.reactions.setdefault(transition.job_id, now - self.last_write.get(transition.job_id, now))
+
+
+class _Background:
+    """The worker and the subscriber, each in its own thread for the length of the demo."""
+
+    def __init__(self, settings: Settings, db: DatabaseUrl, engine: sqlalchemy.Engine, seen: _Observations) -> None:
+        self.worker = Worker(settings, db, on_batch=seen.on_batch)
+        self.worker_errors: list[BaseException] = []
+        self.worker_thread = threading.Thread(target=self._work, name="outbox-worker", daemon=True)
+        self.subscriber = outbox.Subscriber("outbox-demo", engine, seen.react, poll_interval=0.5)
+        self.subscriber_thread = threading.Thread(target=self.subscriber.run, name="outbox-subscriber", daemon=True)
+
+    def _work(self) -> None:
+        try:
+            self.worker.run()
+        except BaseException as exc:
+            self.worker_errors.append(exc)
+
+    def start(self) -> None:
+        self.worker_thread.start()
+        self.subscriber_thread.start()
+
+    def check_worker(self, deadline: float) -> None:
+        """Raise if the worker failed, stopped, or has not drained by ``deadline``."""
+        if self.worker_errors:
+            raise self.worker_errors[0]
+        if time.monotonic() > deadline or not self.worker_thread.is_alive():
+            raise RuntimeError("the worker did not drain the outbox")
+
+    def stop(self) -> None:
+        self.subscriber.stop()
+        if self.subscriber_thread.is_alive():
+            self.subscriber_thread.join(timeout=30)
+        self.worker.stop()
+        if self.worker_thread.is_alive():
+            self.worker_thread.join(timeout=30)
 
 
 def run_demo(
@@ -96,152 +140,118 @@ def run_demo(
 ) -> DemoReport:
     rng = random.Random(options.seed)
     engine = db.create_engine(pool_size=options.writers + 3, max_overflow=0)
-    latencies: list[float] = []
-    applied = [0]
-    last_write: dict[uuid.UUID, float] = {}  # each job's last variant update, committed at (wall clock)
-    reactions: dict[uuid.UUID, float] = {}  # job -> seconds from that update to the handler's call
-
-    def react(_conn: object, transition: outbox.Transition) -> None:
-        reactions.setdefault(transition.job_id, time.time() - last_write.get(transition.job_id, time.time()))
-
-    with connect(db, application_name=application_name("demo")) as conn:
-        # From now: a demo run again on the same database reacts to its own jobs only.
-        try:
-            subscriptions.create(conn, "outbox-demo", from_start=False, to_statuses=["done", "failed"])
-        except subscriptions.SubscriptionError:
-            subscriptions.reset(conn, "outbox-demo", "now")
-    subscriber = outbox.Subscriber("outbox-demo", engine, react, poll_interval=0.5)
-    subscriber_thread = threading.Thread(target=subscriber.run, name="outbox-subscriber", daemon=True)
-
-    def on_batch(result: BatchResult) -> None:
-        applied[0] += result.events
-        latencies.extend(result.latencies)
-
-    worker = Worker(settings, db, on_batch=on_batch)
-    worker_errors: list[BaseException] = []
-
-    def work() -> None:
-        try:
-            worker.run()
-        except BaseException as exc:
-            worker_errors.append(exc)
-
-    worker_thread = threading.Thread(target=work, name="outbox-worker", daemon=True)
-
+    seen = _Observations()
+    _subscribe_from_now(db)
+    background = _Background(settings, db, engine, seen)
     started = time.monotonic()
-    worker_thread.start()
-    subscriber_thread.start()
+    background.start()
     try:
-        job_ids, walks = _create_jobs(engine, options, steps, rng)
-        pending: deque[_Walk] = deque(walks)
-        rng.shuffle(pending)
-        total_updates = sum(len(w.moves) for w in walks)
-        written = [0]
-        lock = threading.Lock()
-        writer_errors: list[BaseException] = []
-
-        def writer(index: int) -> None:
-            try:
-                with engine.connect() as conn:
-                    while True:
-                        with lock:
-                            if not pending:
-                                return
-                            walk = pending.popleft()
-                        status, step = walk.moves.popleft()
-                        with conn.begin():
-                            # Half the writers use the Python API, half plain SQL (the trigger path).
-                            if index % 2:
-                                outbox.update_variant(conn, walk.variant_id, status=status, step=step)
-                            else:
-                                conn.exec_driver_sql(
-                                    QUERIES["demo_variant_update"],
-                                    {"variant_id": walk.variant_id, "status": status, "step": step},
-                                )
-                        with lock:
-                            last_write[walk.job_id] = time.time()
-                            written[0] += 1
-                            if walk.moves:
-                                pending.append(walk)
-            except BaseException as exc:
-                writer_errors.append(exc)
-
-        writers = [threading.Thread(target=writer, args=(i,), daemon=True) for i in range(options.writers)]
-        for thread in writers:
-            thread.start()
-
-        with (
-            Progress(
-                TextColumn("{task.description:<22}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeElapsedColumn(),
-                console=console,
-                transient=False,
-            ) as progress,
-            connect(db, application_name=application_name("demo")) as watch,
-        ):
-            t_updates = progress.add_task("variant updates", total=total_updates)
-            t_events = progress.add_task("events applied", total=total_updates + len(walks))
-            t_done = progress.add_task("jobs done", total=len(job_ids))
-            final = steps[-1]
-            deadline: float | None = None
-            while True:
-                writers_busy = any(t.is_alive() for t in writers)
-                # Known before the summary is read, so that the last summary follows the last batch.
-                drained = not writers_busy and store.work_pending(watch, settings.partition) == 0
-                summary = watch.execute(
-                    QUERIES["demo_jobs_summary"], {"final_step": final, "job_ids": job_ids}
-                ).fetchone()
-                assert summary is not None
-                progress.update(t_updates, completed=written[0])
-                progress.update(t_events, completed=applied[0])
-                progress.update(t_done, completed=summary[0])
-                if drained:
-                    break
-                if not writers_busy:
-                    # The worker drains in well under a second here; give up loudly if it does not.
-                    deadline = deadline or time.monotonic() + 120
-                    if worker_errors:
-                        raise worker_errors[0]
-                    if time.monotonic() > deadline or not worker_thread.is_alive():
-                        raise RuntimeError("the worker did not drain the outbox")
-                time.sleep(0.1)  # screen refresh, not synchronisation
+        jobs = workload.create_jobs(engine, options.jobs, rng, variants=(options.min_variants, options.max_variants))
+        job_of = {variant: job for job, variants in jobs.items() for variant in variants}
+        walks = {variant: workload.pipeline_walk(steps, options.fail_rate, rng) for variant in job_of}
+        total_updates = sum(len(moves) for moves in walks.values())
+        writers = workload.WalkWriters(
+            db,
+            engine,
+            walks,
+            writers=options.writers,
+            seed=rng.random(),
+            vias=("plain-sql", "sqlalchemy-api"),  # half the writers plain SQL (the trigger path), half the API
+            on_commit=lambda variants: seen.on_write(job_of[v] for v in variants),
+        ).start()
+        with _progress(console) as progress, connect(db, application_name=application_name("demo")) as watch:
+            bars = _Bars(progress, total_updates, total_updates + len(walks), len(jobs))
+            summary = _follow_until_drained(watch, settings, list(jobs), steps[-1], writers, background, seen, bars)
             seconds = time.monotonic() - started
-            if writer_errors:
-                raise writer_errors[0]
-            done, stuck, total = summary
-            t_reactions = progress.add_task("reactions (done/failed)", total=done)
-            deadline = time.monotonic() + 60
-            while len(reactions) < done and time.monotonic() < deadline and subscriber_thread.is_alive():
-                progress.update(t_reactions, completed=len(reactions))
-                time.sleep(0.05)  # screen refresh, not synchronisation
-            progress.update(t_reactions, completed=len(reactions))
+            if writers.errors:
+                raise writers.errors[0]
+            _follow_reactions(progress, seen, summary.done, background)
         return DemoReport(
-            total, done, stuck, written[0], applied[0], seconds, latencies, len(reactions), list(reactions.values())
+            summary.total,
+            summary.done,
+            summary.stuck,
+            writers.counts["committed"],
+            seen.applied,
+            seconds,
+            seen.latencies,
+            len(seen.reactions),
+            list(seen.reactions.values()),
         )
     finally:
-        subscriber.stop()
-        if subscriber_thread.is_alive():
-            subscriber_thread.join(timeout=30)
-        worker.stop()
-        if worker_thread.is_alive():
-            worker_thread.join(timeout=30)
+        background.stop()
         engine.dispose()
 
 
-def _create_jobs(
-    engine: sqlalchemy.Engine, options: DemoOptions, steps: tuple[str, ...], rng: random.Random
-) -> tuple[list[uuid.UUID], list[_Walk]]:
-    job_ids: list[uuid.UUID] = []
-    walks: list[_Walk] = []
-    for _ in range(options.jobs):
-        count = rng.randint(options.min_variants, options.max_variants)
-        with engine.begin() as conn:  # one transaction per job, as an application would
-            job_id, variant_ids = outbox.create_job(conn, variants=count)
-        job_ids.append(job_id)
-        walks.extend(_Walk(job_id, v, steps, options.fail_rate, rng) for v in variant_ids)
-    return job_ids, walks
+def _subscribe_from_now(db: DatabaseUrl) -> None:
+    """Subscribe to jobs done or failed from now: a demo run again on a database reacts to its own jobs only."""
+    with connect(db, application_name=application_name("demo")) as conn:
+        try:
+            subscriptions.create(conn, "outbox-demo", from_start=False, to_statuses=["done", "failed"])
+        except SubscriptionError:
+            subscriptions.reset(conn, "outbox-demo", "now")
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(
+        TextColumn("{task.description:<22}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    )
+
+
+class _Bars:
+    """The progress bars of updates written, events applied and jobs done."""
+
+    def __init__(self, progress: Progress, updates: int, events: int, jobs: int) -> None:
+        self.progress = progress
+        self.updates = progress.add_task("variant updates", total=updates)
+        self.events = progress.add_task("events applied", total=events)
+        self.done = progress.add_task("jobs done", total=jobs)
+
+    def show(self, written: int, applied: int, done: int) -> None:
+        self.progress.update(self.updates, completed=written)
+        self.progress.update(self.events, completed=applied)
+        self.progress.update(self.done, completed=done)
+
+
+def _follow_until_drained(
+    watch: psycopg.Connection[Any],
+    settings: Settings,
+    job_ids: list[uuid.UUID],
+    final_step: str,
+    writers: workload.WalkWriters,
+    background: _Background,
+    seen: _Observations,
+    bars: _Bars,
+) -> workload.JobsSummary:
+    """Show the bars until the writers are done and the worker has applied everything; the jobs' summary then."""
+    deadline: float | None = None
+    while True:
+        writers_busy = writers.busy
+        # Known before the summary is read, so that the last summary follows the last batch.
+        drained = not writers_busy and store.work_pending(watch, settings.partition) == 0
+        summary = workload.jobs_summary(watch, job_ids, final_step)
+        bars.show(writers.counts["committed"], seen.applied, summary.done)
+        if drained:
+            return summary
+        if not writers_busy:
+            # The worker drains in well under a second here; give up loudly if it does not.
+            deadline = deadline or time.monotonic() + 120
+            background.check_worker(deadline)
+        time.sleep(0.1)  # screen refresh, not synchronisation
+
+
+def _follow_reactions(progress: Progress, seen: _Observations, done: int, background: _Background) -> None:
+    """Show the subscriber's reactions until one per job done (or a minute, or the subscriber stopped)."""
+    task = progress.add_task("reactions (done/failed)", total=done)
+    deadline = time.monotonic() + 60
+    while len(seen.reactions) < done and time.monotonic() < deadline and background.subscriber_thread.is_alive():
+        progress.update(task, completed=len(seen.reactions))
+        time.sleep(0.05)  # screen refresh, not synchronisation
+    progress.update(task, completed=len(seen.reactions))
 
 
 def render_report(report: DemoReport, console: Console) -> None:

@@ -6,16 +6,16 @@ and stored state, the variant's newest events with what the checkpoint says of e
 transactions that hold a variant's change (and its event) invisible, the job's dead letters and
 transitions; then folds the stored states with the product's fold (processor.fold) and says what
 it decided, and whether the job row is that decision. Every read is by a key or an index
-(processor/queries.sql, "outbox explain"), so it is as fast on a large outbox as on a small one.
+(processor/store/inspection.sql, "outbox explain"), so it is as fast on a large outbox as on a small one.
 
 The rules come from their owners, never restated here: which events are applied
-(``outbox_event_applied``) and pending (``outbox_events_pending``) is decided in SQL by the
+(``outbox_event_applied_v1``) and pending (``outbox_events_pending``) is decided in SQL by the
 product's functions, a variant's newest state by ``outbox_variant_states_newest`` (what is stored),
 the job's state by ``processor.fold.fold_job`` on the same input the worker folds
 (``store.variant_states_to_fold``).
 
-``render`` prints the report for a person; ``to_json`` gives the ``--json`` document, whose shape
-(keys and types) is stable (tests/integration/test_explain.py checks it):
+processor.render prints the report for a person (``explain_text``) and gives the ``--json`` document
+(``to_json``), whose shape (keys and types) is stable (tests/integration/test_explain.py checks it):
 
 - ``job_id`` (str), ``partition`` (int), ``job``: {``status``, ``current_step``, ``updated_at``};
 - ``hold``: null or {``status``, ``current_step``, ``reason``, ``held_at``};
@@ -45,22 +45,16 @@ Times are ISO 8601 strings, ids of jobs and variants UUID strings, event ids and
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import enum
 import uuid
 from dataclasses import dataclass
-from typing import Any
-
-from rich.console import Console
-from rich.table import Table
-from rich.text import Text
 
 from outbox.events import VariantStatus
 from outbox.subscription import Transition
 from processor import fold_config, store
-from processor.errors import OutboxError
-from processor.fold import FailurePolicy, JobState, Pipeline, UnfoldableJobError, VariantState, finished, fold_job
+from processor.errors import OutboxError, UnfoldableJobError
+from processor.fold import FailurePolicy, JobState, Pipeline, VariantState, finished, fold_job
 from processor.store import Connection
 
 NAMED_AT_MOST = 3  # deciding variants named in the fold's words; the rest are counted
@@ -183,7 +177,7 @@ class OpenTransaction:
             if self.prepared_gid is not None
             else f"backend pid {self.pid} ({self.application_name or 'no application_name'}, {self.state})"
         )
-        since = f", open since {_time(self.since)}" if self.since else ""
+        since = f", open since {describe_time(self.since)}" if self.since else ""
         what = (
             "has written to the outbox: its events stay invisible, and unapplied, until it commits"
             if self.wrote_events
@@ -313,19 +307,21 @@ def explain(conn: Connection, job_id: uuid.UUID, *, events: int = 20, transition
     variants = tuple(_variant(v, by_variant.get(v.variant_id, [])) for v in inspected)
     row_lock = row_locks[0] if row_locks else None
     lock = Backend(row_lock.pid, row_lock.application_name, row_lock.state, row_lock.since) if row_lock else None
-    decision = _decide(
-        job_id,
-        job,
-        fold_input,
-        [v for v in variants if v.stored is not None and v.stored.job_id == job_id],
-        config.pipeline,
-        config.policy,
+    seen = _Circumstances(
+        job=job,
         hold=hold,
         awaiting=awaiting,
         row_lock=lock,
         checkpoint=checkpoint,
         pending=sum(v.events_pending for v in variants),
         held_back=[v for v in variants if v.open_transaction is not None],
+    )
+    decision = _decide(
+        fold_input,
+        [v for v in variants if v.stored is not None and v.stored.job_id == job_id],
+        config.pipeline,
+        config.policy,
+        seen,
     )
     return ExplainReport(
         job_id=job_id,
@@ -451,20 +447,25 @@ def _transition(t: Transition) -> ExplainedTransition:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class _Circumstances:
+    """What, besides the fold, tells why the job row is what it is."""
+
+    job: JobRow
+    hold: store.JobHold | None
+    awaiting: AwaitingFold | None
+    row_lock: Backend | None
+    checkpoint: CheckpointView
+    pending: int  # events of its variants not in job state yet
+    held_back: list[ExplainedVariant]  # variants whose row an open transaction holds
+
+
 def _decide(
-    job_id: uuid.UUID,
-    job: JobRow,
     fold_input: list[VariantState],
     variants: list[ExplainedVariant],
     pipeline: Pipeline,
     policy: FailurePolicy,
-    *,
-    hold: store.JobHold | None,
-    awaiting: AwaitingFold | None,
-    row_lock: Backend | None,
-    checkpoint: CheckpointView,
-    pending: int,
-    held_back: list[ExplainedVariant],
+    seen: _Circumstances,
 ) -> FoldDecision:
     """What the fold (processor.fold.fold_job, on the worker's own input) decides, in words, against the job row."""
     unfoldable: str | None = None
@@ -473,60 +474,84 @@ def _decide(
     except UnfoldableJobError as exc:
         state, unfoldable = None, str(exc)
     words = f"cannot be folded: {unfoldable}" if unfoldable else _words(state, variants, pipeline, policy)
+    job = seen.job
     matches = state is not None and (job.status, job.current_step) == (state.status.value, state.current_step)
-    if hold is not None:
-        verdict = (
-            f"held by the application since {_time(hold.held_at)} ({hold.reason}): the processor leaves the row "
-            "alone until `outbox.release_job` hands it back, then folds it from its variants"
+    verdict = _verdict(state, unfoldable, matches, seen)
+    if seen.pending and seen.hold is None and unfoldable is None:
+        verdict += _pending_note(matches, seen)
+    verdict += _held_back_note(seen.held_back)
+    return FoldDecision(
+        state.status.value if state else None, state.current_step if state else None, unfoldable, words, matches,
+        verdict,
+    )  # fmt: skip
+
+
+def _verdict(state: JobState | None, unfoldable: str | None, matches: bool, seen: _Circumstances) -> str:
+    """Why the job row is what it is, first words: held, flagged, nothing to fold, the fold, or why not yet."""
+    if seen.hold is not None:
+        return (
+            f"held by the application since {describe_time(seen.hold.held_at)} ({seen.hold.reason}): the processor "
+            "leaves the row alone until `outbox.release_job` hands it back, then folds it from its variants"
         )
-    elif unfoldable is not None:
+    if unfoldable is not None:
         advice = (
             "`outbox dead-letters retry` or `discard` the dead letter"
             if "dead letter" in unfoldable
             else "`outbox pipeline set` with the step, or fix the variant"
         )
-        verdict = f"flagged: the job row is left as it was ({_job(job)}) until the cause goes ({advice})"
-    elif state is None:
-        verdict = "no live variant: the job row keeps its last state"
-    elif matches:
-        verdict = "the job row is the fold of its variants' stored states"
-    elif awaiting is not None and awaiting.retry_at is not None:
+        return f"flagged: the job row is left as it was ({_job(seen.job)}) until the cause goes ({advice})"
+    if state is None:
+        return "no live variant: the job row keeps its last state"
+    if matches:
+        return "the job row is the fold of its variants' stored states"
+    return _not_yet_verdict(state, seen)
+
+
+def _not_yet_verdict(state: JobState, seen: _Circumstances) -> str:
+    """The job row differs from the fold: in flight (and why), or drift."""
+    awaiting, row_lock = seen.awaiting, seen.row_lock
+    if awaiting is not None and awaiting.retry_at is not None:
         locker = f" (by backend pid {row_lock.pid}, {row_lock.application_name})" if row_lock else ""
-        verdict = (
-            f"the job row was locked{locker} when the worker wrote it: it tries again at {_time(awaiting.retry_at)}"
+        return (
+            f"the job row was locked{locker} when the worker wrote it: it tries again at "
+            f"{describe_time(awaiting.retry_at)}"
         )
-    elif awaiting is not None:
-        verdict = "in flight: queued in outbox_dirty_jobs, the worker folds it next (after a catch-up or a change)"
-    elif checkpoint.catching_up_to is not None:
-        verdict = "in flight: its partition is catching up; its jobs are folded when the catch-up is complete"
-    elif pending:
-        verdict = f"in flight: {pending} event(s) of its variants are not in job state yet"
-    else:
-        verdict = (
-            f"drift: the job row says {_job(job)} but the fold of its variants' stored states gives "
-            f"{_fold_state(state)}: `outbox verify --repair` rebuilds it"
-        )
-    if pending and hold is None and unfoldable is None:
-        if matches:
-            verdict += f"; {pending} newer event(s) of its variants are not in job state yet"
-        if checkpoint.worker is None:
-            verdict += f"; no worker holds partition {checkpoint.partition}: nothing applies them (`outbox run`)"
-    for v in held_back[:NAMED_AT_MOST]:  # what an open transaction holds back is not in any state yet
+    if awaiting is not None:
+        return "in flight: queued in outbox_dirty_jobs, the worker folds it next (after a catch-up or a change)"
+    if seen.checkpoint.catching_up_to is not None:
+        return "in flight: its partition is catching up; its jobs are folded when the catch-up is complete"
+    if seen.pending:
+        return f"in flight: {seen.pending} event(s) of its variants are not in job state yet"
+    return (
+        f"drift: the job row says {_job(seen.job)} but the fold of its variants' stored states gives "
+        f"{_fold_state(state)}: `outbox verify --repair` rebuilds it"
+    )
+
+
+def _pending_note(matches: bool, seen: _Circumstances) -> str:
+    """Events not applied yet: said when the row already matches, and when no worker will apply them."""
+    note = f"; {seen.pending} newer event(s) of its variants are not in job state yet" if matches else ""
+    if seen.checkpoint.worker is None:
+        note += f"; no worker holds partition {seen.checkpoint.partition}: nothing applies them (`outbox run`)"
+    return note
+
+
+def _held_back_note(held_back: list[ExplainedVariant]) -> str:
+    """What an open transaction holds back is not in any state yet: name who holds it."""
+    note = ""
+    for v in held_back[:NAMED_AT_MOST]:
         assert v.open_transaction is not None
         opened = v.open_transaction
         who = f"prepared transaction {opened.prepared_gid!r}" if opened.prepared_gid else f"backend pid {opened.pid}"
-        since = f" (open since {_time(opened.since)})" if opened.since else ""
-        verdict += (
+        since = f" (open since {describe_time(opened.since)})" if opened.since else ""
+        note += (
             f"; a change of variant {v.variant_id} waits for transaction {opened.xid} of {who}{since} to end"
             if opened.wrote_events
             else f"; variant {v.variant_id} is locked by transaction {opened.xid} of {who}{since}"
         )
     if len(held_back) > NAMED_AT_MOST:
-        verdict += f"; and {len(held_back) - NAMED_AT_MOST} more variants held by open transactions"
-    return FoldDecision(
-        state.status.value if state else None, state.current_step if state else None, unfoldable, words, matches,
-        verdict,
-    )  # fmt: skip
+        note += f"; and {len(held_back) - NAMED_AT_MOST} more variants held by open transactions"
+    return note
 
 
 def _words(state: JobState | None, variants: list[ExplainedVariant], pipeline: Pipeline, policy: FailurePolicy) -> str:
@@ -578,187 +603,17 @@ def _as_fold_state(v: ExplainedVariant) -> VariantState:
 
 
 def _job(job: JobRow) -> str:
-    return _at(job.status, job.current_step)
+    return describe_at(job.status, job.current_step)
 
 
 def _fold_state(state: JobState) -> str:
-    return _at(state.status.value, state.current_step)
+    return describe_at(state.status.value, state.current_step)
 
 
-def _at(status: str | None, step: str | None) -> str:
+def describe_at(status: str | None, step: str | None) -> str:
     """``running at segment``; a status alone where there is no step yet."""
     return f"{status} at {step}" if step is not None else f"{status}"
 
 
-def _time(value: dt.datetime | None) -> str:
+def describe_time(value: dt.datetime | None) -> str:
     return value.isoformat(timespec="seconds") if value else "-"
-
-
-# Output: one place for both forms.
-
-
-def to_json(report: ExplainReport) -> dict[str, Any]:
-    """The ``--json`` document (its shape: this module's docstring)."""
-    document = _plain(report)
-    assert isinstance(document, dict)
-    return document
-
-
-def _plain(value: Any) -> Any:
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, enum.Enum):
-        return value.value
-    if isinstance(value, uuid.UUID):
-        return str(value)
-    if isinstance(value, dt.datetime):
-        return value.isoformat()
-    if isinstance(value, tuple | list):
-        return [_plain(item) for item in value]
-    return value
-
-
-def render(report: ExplainReport, console: Console) -> None:
-    """The report for a person: the decision as lines (never wrapped, for grep), the rest as tables."""
-
-    def line(text: str) -> None:
-        console.print(text, markup=False, highlight=False)
-
-    fold, cp = report.fold, report.checkpoint
-    line(f"job {report.job_id}: {_job(report.job)} (row updated {_time(report.job.updated_at)})")
-    line(f"fold: {fold.decision}")
-    line(f"verdict: {fold.verdict}")
-    worker = (
-        f"backend pid {cp.worker.pid} ({cp.worker.application_name}) since {_time(cp.worker.since)}"
-        if cp.worker
-        else "none (no worker holds this partition)"
-    )
-    hold, flag, awaiting, lock = report.hold, report.flag, report.awaiting_fold, report.row_lock
-    summary = Table(show_header=False)
-    summary.add_column(style="bold")
-    summary.add_column()
-    for name, value in [
-        (
-            "held",
-            f"yes, at {hold.status}{f'/{hold.current_step}' if hold.current_step else ''} since "
-            f"{_time(hold.held_at)}: {hold.reason}"
-            if hold
-            else "no",
-        ),
-        ("flagged", f"yes, since {_time(flag.flagged_at)}: {flag.reason}" if flag else "no"),
-        (
-            "awaiting fold",
-            "no"
-            if awaiting is None
-            else f"since {_time(awaiting.since)}"
-            + (f", retry at {_time(awaiting.retry_at)}" if awaiting.retry_at else ""),
-        ),
-        (
-            "job row lock",
-            "none"
-            if lock is None
-            else f"backend pid {lock.pid} ({lock.application_name}, {lock.state}), open since {_time(lock.since)}",
-        ),
-        ("partition", f"{report.partition}; worker: {worker}"),
-        (
-            "checkpoint",
-            f"done snapshot {cp.done_snapshot}"
-            + (f", catching up to {cp.catching_up_to}" if cp.catching_up_to else "")
-            + f" (moved {_time(cp.updated_at)})",
-        ),
-    ]:
-        summary.add_row(name, Text(value))
-    console.print(summary)
-
-    variants = Table("variant", "row (jobs_variants)", "stored (outbox_variant_states)", "agreement", "events",
-                     title="variants", title_justify="left")  # fmt: skip
-    for v in report.variants:
-        row = "-" if v.row is None else _at(v.row.status, v.row.current_step) + _other_job(v.row.job_id, report)
-        stored = "-" if v.stored is None else _stored(v.stored, report)
-        counts = f"{v.events_total} ({v.events_pending} pending)"
-        if v.events_pruned and v.baseline is not None:
-            counts += f"; pruned up to version {v.baseline.version} (baseline: {_stored(v.baseline, report)})"
-        agreement = v.agreement.value + (f": {v.note}" if v.note else "")
-        _add_row(variants, str(v.variant_id), row, stored, agreement, counts)
-    console.print(variants)
-    for v in report.variants:
-        if v.open_transaction is not None:
-            line(f"variant {v.variant_id}: invisible change: {v.open_transaction.describe()}")
-    for v in report.variants:
-        if not v.events:
-            if v.events_pruned:
-                line(f"variant {v.variant_id}: no event left, all pruned (its baseline keeps the state)")
-            continue
-        newest = f"the {len(v.events)} newest of " if len(v.events) < v.events_total else ""
-        title = f"variant {v.variant_id}: {newest}{v.events_total} events"
-        events = Table("event", "txid", "version", "type", "status", "step", "written", "state", title=title,
-                       title_justify="left")  # fmt: skip
-        for e in v.events:
-            state = e.state.value.replace("_", " ")
-            if e.stored:
-                state += ", stored state"
-            if e.dead_letter is not None:
-                state += f", dead letter{' (discarded)' if e.dead_letter.discarded else ''}: {e.dead_letter.reason}"
-            if e.job_id != report.job_id:
-                state += f", of job {e.job_id}"
-            _add_row(
-                events,
-                str(e.event_id),
-                str(e.txid),
-                str(e.version),
-                e.event_type,
-                e.status or "-",
-                e.step or "-",
-                _time(e.created_at),
-                state,
-            )
-        console.print(events)
-    if report.dead_letters:
-        letters = Table("event", "variant", "reason", "holds job", "parked", "discarded", title="dead letters",
-                        title_justify="left")  # fmt: skip
-        for d in report.dead_letters:
-            _add_row(
-                letters,
-                str(d.event_id) + (" (event pruned)" if d.event_pruned else ""),
-                str(d.variant_id or "-"),
-                d.reason,
-                "yes" if d.holds_job else "no",
-                _time(d.parked_at),
-                _time(d.discarded_at),
-            )
-        console.print(letters)
-    else:
-        line("dead letters: none")
-    if report.transitions:
-        history = Table("transition", "from", "to", "by", "at", title="transitions (newest first)",
-                        title_justify="left")  # fmt: skip
-        for t in report.transitions:
-            _add_row(
-                history,
-                str(t.transition_id),
-                _at(t.from_status, t.from_step),
-                _at(t.to_status, t.to_step),
-                t.written_by,
-                _time(t.transitioned_at),
-            )
-        console.print(history)
-    else:
-        line("transitions: none kept")
-
-
-def _add_row(table: Table, *cells: str) -> None:
-    table.add_row(*(Text(cell) for cell in cells))  # as written: data is never read as rich markup
-
-
-def _stored(state: StoredState, report: ExplainReport) -> str:
-    if state.removed:
-        text = "removed"
-    elif state.problem is not None:
-        text = f"problem: {state.problem}"
-    else:
-        text = _at(state.status, state.step)
-    return f"{text} (version {state.version}, event {state.event_id})" + _other_job(state.job_id, report)
-
-
-def _other_job(job_id: uuid.UUID | None, report: ExplainReport) -> str:
-    return "" if job_id == report.job_id else f", in job {job_id}"

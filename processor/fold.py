@@ -3,7 +3,7 @@
 Pure functions, no I/O. The processor calls ``fold_job`` for every job a batch touches; tests call
 it directly (tests/unit/test_fold.py).
 
-Rules (README: "Job state"):
+Rules (docs/design.md: "Job state"):
 
 - ``done`` at the final step when every variant is ``done`` at the final step;
 - ``queued`` when every variant is ``queued``;
@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from outbox.events import STEP_MAX_CHARS, VariantStatus
+from processor.errors import InvalidPipelineError, UnfoldableJobError, UnknownStepError
 
 
 class FailurePolicy(StrEnum):
@@ -33,14 +34,6 @@ class FailurePolicy(StrEnum):
 
     SETTLED = "settled"
     IMMEDIATE = "immediate"
-
-
-class UnfoldableJobError(ValueError):
-    """The job's state cannot be computed from its variants; the message says why."""
-
-
-class UnknownStepError(UnfoldableJobError):
-    """A step that is not in the configured pipeline."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,20 +44,20 @@ class Pipeline:
 
     def __post_init__(self) -> None:
         if not self.steps:
-            raise ValueError("the pipeline needs at least one step")
+            raise InvalidPipelineError("the pipeline needs at least one step")
         if any(not step or any(c.isspace() for c in step) for step in self.steps):
-            raise ValueError(
+            raise InvalidPipelineError(
                 f"pipeline steps must be non-empty names without spaces, separated by commas: {','.join(self.steps)!r}"
             )
         too_long = [step for step in self.steps if len(step) > STEP_MAX_CHARS]
         if too_long:
-            raise ValueError(
+            raise InvalidPipelineError(
                 f"a pipeline step may be at most {STEP_MAX_CHARS} characters, as an event carries it "
                 f"(got one of {len(too_long[0])})"
             )
         duplicates = sorted({step for step in self.steps if self.steps.count(step) > 1})
         if duplicates:
-            raise ValueError(f"pipeline steps must be unique; repeated: {', '.join(duplicates)}")
+            raise InvalidPipelineError(f"pipeline steps must be unique; repeated: {', '.join(duplicates)}")
 
     @property
     def final(self) -> str:
@@ -99,6 +92,22 @@ class VariantState:
     problem: str | None = None
 
 
+def newest_states(candidates: Iterable[tuple[VariantState, int]]) -> dict[uuid.UUID, tuple[VariantState, int]]:
+    """Each variant's newest state among (state, event id) candidates: the highest version, then event id.
+
+    The rule's one home in Python; in SQL it is outbox_variant_states_newest (and outbox_state_newer,
+    which guards the stored state), which every merge goes through. Two events of one version exist
+    only when written by hand: the later event id wins. tests/integration/test_newest_state.py
+    checks that the two homes agree.
+    """
+    newest: dict[uuid.UUID, tuple[VariantState, int]] = {}
+    for state, event_id in candidates:
+        best = newest.get(state.variant_id)
+        if best is None or (state.version, event_id) > (best[0].version, best[1]):
+            newest[state.variant_id] = (state, event_id)
+    return newest
+
+
 @dataclass(frozen=True, slots=True)
 class JobState:
     status: VariantStatus
@@ -117,8 +126,8 @@ def fold_job(
 ) -> JobState | None:
     """Compute a job's state from the current state of each of its variants; None when none is left.
 
-    ``states`` holds one state per variant: which one is newest is decided where states are stored
-    (outbox_variant_states_newest in the schema), never here. Removed variants do not count.
+    ``states`` holds one state per variant: which one is newest is decided before (newest_states,
+    outbox_variant_states_newest where states are stored), never here. Removed variants do not count.
     """
     live = [s for s in states if not s.removed]
     if not live:

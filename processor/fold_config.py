@@ -16,7 +16,9 @@ from dataclasses import dataclass
 from processor import app_schema
 from processor.errors import ConfigurationError, SchemaError
 from processor.fold import FailurePolicy, Pipeline
-from processor.store import QUERIES, Connection
+from processor.store import Connection
+from processor.store import migrations as schema_store
+from processor.store.checkpoint import checkpoints_lock_all
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,12 +33,12 @@ class FoldConfig:
 
 def load(conn: Connection) -> FoldConfig:
     """The database's fold configuration; a one-line error when `outbox migrate` has not set it."""
-    row = conn.execute(QUERIES["fold_config_get"]).fetchone()
-    if row is None or row[0] is None:
+    row = schema_store.fold_config_get(conn)
+    if row is None or row.pipeline_steps is None:
         raise SchemaError(
             "the database has no pipeline yet: run `outbox migrate` with OUTBOX_PIPELINE_STEPS set to your steps"
         )
-    return FoldConfig(Pipeline(tuple(row[0])), FailurePolicy(row[1]), int(row[2]))
+    return FoldConfig(Pipeline(tuple(row.pipeline_steps)), FailurePolicy(row.failure_policy), row.version)
 
 
 def check_setting(config: FoldConfig, steps: tuple[str, ...] | None, policy: FailurePolicy | None) -> None:
@@ -57,7 +59,7 @@ def check_setting(config: FoldConfig, steps: tuple[str, ...] | None, policy: Fai
 
 def steps_outside(conn: Connection, pipeline: Pipeline) -> list[tuple[str, int]]:
     """The steps jobs_variants uses that ``pipeline`` lacks, with how many variants use each."""
-    return [(step, count) for step, count in conn.execute(QUERIES["variant_steps_used"]) if step not in pipeline]
+    return [(use.step, use.variants) for use in schema_store.variant_steps_used(conn) if use.step not in pipeline]
 
 
 def describe_outside(outside: list[tuple[str, int]]) -> str:
@@ -71,11 +73,8 @@ def store_config(
 
     The version is None when nothing changed. With ``refold``, every job is queued to be folded again.
     """
-    row = conn.execute(
-        QUERIES["fold_config_set"], {"steps": list(pipeline.steps), "policy": policy.value, "refold": refold}
-    ).fetchone()
-    assert row is not None
-    return row[0], int(row[1])
+    written = schema_store.fold_config_set(conn, list(pipeline.steps), policy.value, refold=refold)
+    return written.version, written.jobs_queued
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,10 +95,8 @@ def change(conn: Connection, pipeline: Pipeline | None, policy: FailurePolicy | 
     version when they lock their checkpoint next). Refused, with nothing changed, when jobs_variants
     uses a step the new pipeline lacks: their jobs could not be folded.
     """
-    from processor import store as store_module
-
     with conn.transaction():
-        store_module.checkpoints_lock_all(conn)
+        checkpoints_lock_all(conn)
         before = load(conn)
         new_pipeline = pipeline or before.pipeline
         outside = steps_outside(conn, new_pipeline)

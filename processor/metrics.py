@@ -7,9 +7,10 @@ Two kinds, by who computes them:
   check found (every standby interval), its build;
 - one worker for all of them: the gauges that scan pending work (pending events and their age, dead
   letters, flagged jobs, subscriptions, the oldest open transaction that wrote events). Every
-  worker's refresh thread tries, on a connection of its own, a session advisory lock
-  (store.METRICS_LOCK_CLASS); the one that holds it reads them every few seconds, the others export
-  none of them (no stale copy), and take over within one interval when the holder's session ends.
+  worker's refresh thread stands, on a connection of its own, for the election of that duty
+  (processor/election.py, store.ClusterDuty.METRICS_SCAN); the one elected reads them every few seconds,
+  the others export none of them (no stale copy), and take over within one interval when the
+  elected one's session ends.
   Dashboards and alerts take ``max`` over the workers.
 
 `outbox healthcheck` and a container's HEALTHCHECK ask /health through processor.probe.
@@ -31,13 +32,15 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 from prometheus_client.core import GaugeMetricFamily
 
-from processor import store
+from processor import store, testsignal
 from processor.batch import BatchResult
 from processor.database import DatabaseUrl, connect, redact
 from processor.decode import DeadLetterClass
+from processor.election import Election
 from processor.schema_check import SchemaReport
-from processor.store import Connection
-from processor.subscriptions import SubscriptionInfo, list_subscriptions
+from processor.store import ClusterDuty, Connection, SubscriptionInfo
+from processor.subscriptions import list_subscriptions
+from processor.testsignal import Signal
 
 log = logging.getLogger(__name__)
 
@@ -148,16 +151,15 @@ class WorkerMetrics:
 
     def refresh_from_database(self, db: DatabaseUrl, stop: threading.Event, every: float = 5.0) -> None:
         """Every ``every`` seconds until ``stop``: the partition count, and the scanned gauges while this
-        worker holds the metrics lock (run in a thread, on a connection of its own)."""
+        worker is elected to scan (run in a thread, on a connection of its own)."""
         conn: Connection | None = None
+        election = Election(ClusterDuty.METRICS_SCAN)
         scanning = failing = False
         while not stop.is_set():
             try:
                 if conn is None or conn.closed:
-                    scanning = False
                     conn = connect(db, application_name="outbox-metrics")
-                # A session lock: taken once, held until this connection closes (it stacks if taken twice).
-                scanning = scanning or store.metrics_lock_try(conn)
+                scanning = election.holds(conn)
                 self.partitions.set(store.partitions_get(conn))
                 self.scanned.scan = scan(conn, self._writers) if scanning else None
                 failing = False
@@ -171,10 +173,14 @@ class WorkerMetrics:
                 if conn is not None:
                     conn.close()
                 conn = None
+                election.forget()
                 scanning = False
                 self.scanned.scan = None
             self.metrics_scanner.set(1 if scanning else 0)
             self.refreshed.set()
+            if scanning and conn is not None:
+                session = conn.info.backend_pid
+                testsignal.emit(Signal.CLUSTER_DUTY_DONE, duty=ClusterDuty.METRICS_SCAN, session=session, scanner=self)
             stop.wait(every)
         if conn is not None:
             conn.close()

@@ -1,7 +1,17 @@
-"""Install and upgrade the product's schema: versioned, forward-only, idempotent."""
+"""Install and upgrade the product's schema: versioned, forward-only, idempotent.
+
+`outbox migrate` applies the numbered files of schema/migrations/ (the only install path;
+schema/schema.sql is the same schema in one readable file, kept equal by a test). A worker runs on a
+database whose schema is at least its own version (its own package's newest migration) and still
+serves it: each migration from 0014 on declares, in a header line ``-- Serves workers from: N``, the
+oldest worker version it keeps working for (decision 0013), so that a migration need not stop the
+workers already running (a rolling upgrade); no later migration re-admits a worker an earlier one
+stopped serving.
+"""
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -10,17 +20,23 @@ from pathlib import Path
 from processor import app_schema, fold_config, schema_check, store
 from processor.errors import ConfigurationError, SchemaError
 from processor.fold import FailurePolicy, Pipeline
-from processor.store import QUERIES, Connection
+from processor.store import Connection, catalog
+from processor.store import migrations as schema_store
+from processor.store.checkpoint import checkpoints_lock_all
 
 # The pipeline a new database gets when no OUTBOX_PIPELINE_STEPS is given and jobs_variants uses no
 # other step (an empty database, the demo's embedded one).
 DEFAULT_PIPELINE = Pipeline(("ingest", "preprocess", "inference", "iou_eval"))
 
 _MIGRATION_FILE = re.compile(r"^(\d{4})_(\w+)\.sql$")
+_SERVES_WORKERS_FROM = re.compile(r"^-- Serves workers from: (\d+)\s*$", re.MULTILINE)
 
 
 class LegacyTriggerPolicy(StrEnum):
-    """What migrate does with a legacy trigger that writes job state (README: "Adopting it")."""
+    """What migrate does with a legacy trigger that writes job state.
+
+    docs/operations.md, "Adopting it on an existing database".
+    """
 
     REPLACE = "replace"  # drop it and say so: the processor owns job state from the commit on
     REFUSE = "refuse"  # change nothing and say how to allow it (an unattended migrate, docker compose)
@@ -60,6 +76,12 @@ class Migration:
         summary = re.sub(r"^\d{4}:\s*", "", " ".join(lines))
         return summary or self.name
 
+    def serves_workers_from(self) -> int | None:
+        """The oldest worker version this migration still serves (its header line), None when it declares
+        none: then only workers of its own version (as every migration before 0014)."""
+        match = _SERVES_WORKERS_FROM.search(self.sql())
+        return int(match.group(1)) if match else None
+
     def creates_triggers(self) -> set[str]:
         return set(re.findall(r"^CREATE TRIGGER (\w+)", self.sql(), re.MULTILINE | re.IGNORECASE))
 
@@ -74,7 +96,8 @@ class MigrateReport:
 
 
 def schema_dir() -> Path:
-    """Where schema/ is: inside the package in a wheel, at the top of a source checkout."""
+    """Where this code's own schema/ is: inside the package in a wheel, else at the top of a source
+    checkout. Never configurable: its newest migration is the worker's version (latest_version)."""
     package_dir = Path(__file__).resolve().parent
     for candidate in (package_dir / "schema", package_dir.parent / "schema"):
         if (candidate / "migrations").is_dir():
@@ -94,7 +117,10 @@ def migrations() -> list[Migration]:
     return found
 
 
+@functools.cache
 def latest_version() -> int:
+    """This code's schema version: the worker's version, for the window of schema versions (the
+    newest migration its own package ships, so that no setting can make a worker claim another)."""
     return len(migrations())
 
 
@@ -115,15 +141,15 @@ def migrate(
     """
     report = MigrateReport()
     with conn.transaction():
-        conn.execute(QUERIES["migrations_lock"], {"lock_class": store.CONSUMER_LOCK_CLASS})
-        conn.execute(QUERIES["migrations_table_create"])
-        done = {row[0] for row in conn.execute(QUERIES["migrations_applied"]).fetchall()}
+        schema_store.migrations_lock(conn)
+        schema_store.migrations_table_create(conn)
+        done = schema_store.migrations_applied(conn)
         report.already_applied = len(done)
         for migration in migrations():
             if migration.version in done:
                 continue
-            conn.execute(migration.sql().encode())  # no parameters: several statements at once
-            conn.execute(QUERIES["migration_record"], {"version": migration.version, "name": migration.name})
+            schema_store.migration_apply(conn, migration.sql())
+            schema_store.migration_record(conn, migration.version, migration.name, migration.serves_workers_from())
             report.applied.append(migration)
         # The application's column types: the casts the product writes them through, and whether
         # every status and step fits (refused before anything is committed).
@@ -160,80 +186,103 @@ def plan(
 ) -> MigratePlan:
     """Read what `migrate` would do, in a read-only transaction: nothing is written or locked for writers."""
     result = MigratePlan()
-    with conn.transaction():
-        conn.execute(QUERIES["transaction_snapshot"])
-        exists = conn.execute(QUERIES["migrations_table_exists"]).fetchone()
+    with store.one_snapshot(conn):
         done: set[int] = set()
-        if exists and exists[0]:
-            done = {row[0] for row in conn.execute(QUERIES["migrations_applied"]).fetchall()}
+        if schema_store.migrations_table_exists(conn):
+            done = schema_store.migrations_applied(conn)
         result.migrations = [m for m in migrations() if m.version not in done]
-        tables = conn.execute(QUERIES["app_tables_present"]).fetchone()
-        assert tables is not None
+        tables = catalog.app_tables_present(conn)
         if 1 not in done:
-            for table, present in (("jobs", tables[0]), ("jobs_variants", tables[1])):
-                result.steps.append(f"{'adopt' if present else 'create'} table {table} (its columns and rows kept)")
-            index = conn.execute(QUERIES["app_job_id_index"]).fetchone() if tables[1] else None
-            result.steps.append(
-                f"use the existing index {index[0]} on jobs_variants (job_id)"
-                if index
-                else "create index outbox_jobs_variants_job_id_idx on jobs_variants (job_id) (writers of "
-                "jobs_variants wait while it is built: on a large table, create it CONCURRENTLY first)"
-            )
-            variants = conn.execute(QUERIES["app_variants_count"]).fetchone() if tables[1] else (0,)
-            result.steps.append(
-                f"append {variants[0] if variants else 0} events, one per variant with a job, so that the first "
-                "run folds every existing job (repairing the stuck ones)"
-            )
+            _plan_adoption(conn, tables, result)
         for migration in result.migrations:
             result.steps.append(f"apply migration {migration.version:04d}_{migration.name}: {migration.summary()}")
-        if tables[0] and tables[1]:
+        if tables.jobs and tables.jobs_variants:
             columns = app_schema.columns(conn)
             result.steps.append("column types: " + ", ".join(f"{c.name} {c.type}" for c in columns))
-            try:
-                current = fold_config.load(conn) if 9 in done else None
-            except SchemaError:
-                current = None
-            try:
-                if current is None:
-                    chosen = pipeline or DEFAULT_PIPELINE
-                    outside = fold_config.steps_outside(conn, chosen)
-                    if outside:
-                        raise ConfigurationError(
-                            f"jobs_variants uses steps that the pipeline {','.join(chosen.steps)} lacks: "
-                            f"{fold_config.describe_outside(outside)}; set OUTBOX_PIPELINE_STEPS to every step"
-                        )
-                    result.steps.append(
-                        f"set the pipeline to {','.join(chosen.steps)} and the failure policy to "
-                        f"{(policy or FailurePolicy.SETTLED).value}"
-                    )
-                else:
-                    fold_config.check_setting(current, pipeline.steps if pipeline else None, policy)
-                    chosen = current.pipeline
-                    result.steps.append(f"keep {current.describe()}")
-                app_schema.check_values(conn, columns, chosen)
-            except ConfigurationError as exc:
-                result.refusal = str(exc)
-        if tables[0] and tables[1]:
+            _plan_fold_config(conn, columns, done, pipeline, policy, result)
             for col in app_schema.casts_to_write(conn, columns):
                 if not col.is_string or 10 in done:  # 0010 writes those of string types
                     result.steps.append(f"write {col.cast_function}() for {col.name} ({col.type})")
-        if done:  # the product's triggers, but those a pending migration creates anyway
-            created = set().union(*(m.creates_triggers() for m in result.migrations))
-            for problem in schema_check.trigger_problems(conn):
-                if problem.trigger not in created:
-                    result.steps.append(f"restore trigger {problem.trigger} on {problem.table} (it is {problem.state})")
-        if tables[1]:
-            found = schema_check.legacy_triggers(conn)
-            for legacy in found:
-                result.steps.append(
-                    f"drop legacy trigger {legacy.trigger} on jobs_variants ({legacy.how}; its function is kept): "
-                    "two writers of job state must not coexist"
-                )
-            if found and legacy_policy is LegacyTriggerPolicy.REFUSE and result.refusal is None:
-                result.refusal = legacy_refusal(found)
+        if done:
+            _plan_trigger_restores(conn, result)
+        if tables.jobs_variants:
+            _plan_legacy_triggers(conn, legacy_policy, result)
         if not result.steps and not result.migrations:
             result.steps.append("nothing: the database is up to date")
     return result
+
+
+def _plan_adoption(conn: Connection, tables: catalog.AppTables, result: MigratePlan) -> None:
+    """A first migrate: the application's tables adopted or created, their index, the initial events."""
+    for table, present in (("jobs", tables.jobs), ("jobs_variants", tables.jobs_variants)):
+        result.steps.append(f"{'adopt' if present else 'create'} table {table} (its columns and rows kept)")
+    index = catalog.app_job_id_index(conn) if tables.jobs_variants else None
+    result.steps.append(
+        f"use the existing index {index} on jobs_variants (job_id)"
+        if index
+        else "create index outbox_jobs_variants_job_id_idx on jobs_variants (job_id) (writers of "
+        "jobs_variants wait while it is built: on a large table, create it CONCURRENTLY first)"
+    )
+    variants = catalog.app_variants_count(conn) if tables.jobs_variants else 0
+    result.steps.append(
+        f"append {variants} events, one per variant with a job, so that the first "
+        "run folds every existing job (repairing the stuck ones)"
+    )
+
+
+def _plan_fold_config(
+    conn: Connection,
+    columns: list[app_schema.Column],
+    done: set[int],
+    pipeline: Pipeline | None,
+    policy: FailurePolicy | None,
+    result: MigratePlan,
+) -> None:
+    """The fold configuration migrate would set or keep, or why it refuses (result.refusal)."""
+    try:
+        current = fold_config.load(conn) if 9 in done else None
+    except SchemaError:
+        current = None
+    try:
+        if current is None:
+            chosen = pipeline or DEFAULT_PIPELINE
+            outside = fold_config.steps_outside(conn, chosen)
+            if outside:
+                raise ConfigurationError(
+                    f"jobs_variants uses steps that the pipeline {','.join(chosen.steps)} lacks: "
+                    f"{fold_config.describe_outside(outside)}; set OUTBOX_PIPELINE_STEPS to every step"
+                )
+            result.steps.append(
+                f"set the pipeline to {','.join(chosen.steps)} and the failure policy to "
+                f"{(policy or FailurePolicy.SETTLED).value}"
+            )
+        else:
+            fold_config.check_setting(current, pipeline.steps if pipeline else None, policy)
+            chosen = current.pipeline
+            result.steps.append(f"keep {current.describe()}")
+        app_schema.check_values(conn, columns, chosen)
+    except ConfigurationError as exc:
+        result.refusal = str(exc)
+
+
+def _plan_trigger_restores(conn: Connection, result: MigratePlan) -> None:
+    """The product's triggers found missing or disabled, but those a pending migration creates anyway."""
+    created = set().union(*(m.creates_triggers() for m in result.migrations))
+    for problem in schema_check.trigger_problems(conn):
+        if problem.trigger not in created:
+            result.steps.append(f"restore trigger {problem.trigger} on {problem.table} (it is {problem.state})")
+
+
+def _plan_legacy_triggers(conn: Connection, legacy_policy: LegacyTriggerPolicy, result: MigratePlan) -> None:
+    """The legacy triggers that write job state: dropped, or (REFUSE) the reason migrate stops."""
+    found = schema_check.legacy_triggers(conn)
+    for legacy in found:
+        result.steps.append(
+            f"drop legacy trigger {legacy.trigger} on jobs_variants ({legacy.how}; its function is kept): "
+            "two writers of job state must not coexist"
+        )
+    if found and legacy_policy is LegacyTriggerPolicy.REFUSE and result.refusal is None:
+        result.refusal = legacy_refusal(found)
 
 
 def _set_fold_config(
@@ -255,28 +304,49 @@ def _set_fold_config(
             f"jobs_variants uses steps that {source} lacks: {fold_config.describe_outside(outside)}; set "
             "OUTBOX_PIPELINE_STEPS to every step, in order, the last one final; nothing was changed"
         )
-    store.checkpoints_lock_all(conn)
+    checkpoints_lock_all(conn)
     fold_config.store_config(conn, chosen, policy or FailurePolicy.SETTLED, refold=False)
     return fold_config.load(conn)
 
 
+def schema_refusal(version: int, serves_workers_from: int, worker: int) -> str | None:
+    """Why a worker of version ``worker`` cannot run on a schema at ``version`` that serves workers from
+    ``serves_workers_from`` on (one line, saying what to upgrade); None when it can.
+
+    The window: the schema must have every migration the worker knows (its SQL calls what they
+    create), and must still serve it (a newer migration keeps the versioned functions that older
+    workers call for as long as it declares it serves them). ``serves_workers_from`` is the highest
+    any applied migration declares (store.migrations.migrations_state): a later migration cannot
+    re-admit a worker an earlier one stopped serving. Checked at start-up (check_ready) and every
+    standby interval (check_window), so a worker still connected across a migration that no longer
+    serves it stops with this line rather than on a missing function.
+    """
+    if version < worker:
+        return f"the outbox schema is at version {version}, this worker needs {worker}: run `outbox migrate`"
+    if serves_workers_from > worker:
+        return (
+            f"the outbox schema is at version {version}, newer than this worker knows ({worker}), and serves "
+            f"workers of version {serves_workers_from} and newer: upgrade the worker"
+        )
+    return None
+
+
 def check_ready(conn: Connection) -> None:
-    """Refuse to process on a database that is not migrated or still has a legacy trigger."""
-    exists = conn.execute(QUERIES["migrations_table_exists"]).fetchone()
-    if not (exists and exists[0]):
+    """Refuse to process on a database that is not migrated, does not serve this worker's version, or
+    still has a legacy trigger."""
+    if not schema_store.migrations_table_exists(conn):
         raise SchemaError("the database has no outbox schema: run `outbox migrate` first")
-    row = conn.execute(QUERIES["migrations_version"]).fetchone()
-    version = int(row[0]) if row else 0
-    if version < latest_version():
-        raise SchemaError(
-            f"the outbox schema is at version {version}, this worker needs {latest_version()}: run `outbox migrate`"
-        )
-    if version > latest_version():
-        raise SchemaError(
-            f"the outbox schema is at version {version}, newer than this worker knows "
-            f"({latest_version()}): upgrade the worker"
-        )
+    check_window(conn)
     fold_config.load(conn)  # refuses a database without a pipeline
     legacy = schema_check.legacy_triggers(conn)
     if legacy:
         raise SchemaError("; ".join(trigger.describe() for trigger in legacy))
+
+
+def check_window(conn: Connection) -> None:
+    """Raise SchemaError (one line, saying what to upgrade) when the schema does not serve this worker's
+    version (schema_refusal)."""
+    state = schema_store.migrations_state(conn)
+    refusal = schema_refusal(state.version, state.serves_workers_from, latest_version())
+    if refusal is not None:
+        raise SchemaError(refusal)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from processor import store
 from processor.errors import ConfigurationError
-from processor.store import QUERIES, Connection
+from processor.store import Connection
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)\s*$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -34,10 +34,10 @@ def parse_duration(text: str) -> dt.timedelta:
     return dt.timedelta(seconds=seconds)
 
 
-@dataclass
+@dataclass(frozen=True, slots=True)
 class PruneResult:
-    events_deleted: int = 0
-    baseline_updates: int = 0
+    events_deleted: int
+    baseline_updates: int
 
 
 def prune(
@@ -53,39 +53,34 @@ def prune(
     Each round locks the partition's checkpoint (its worker waits; applied means visible in its done
     snapshot), folds the round's events into the baseline (store.prune_chunk) and deletes them.
     """
-    result = PruneResult()
-    row = conn.execute(QUERIES["clock_minus"], {"interval": older_than}).fetchone()
-    assert row is not None
-    cutoff = row[0]
+    cutoff = store.cutoff_get(conn, older_than)
+    deleted = baselines = 0
     while True:
         with conn.transaction():
             # The outbox's lock before the checkpoint's, in the order `outbox repartition` takes them
             # (it holds the writers back with a SHARE lock, then locks the checkpoints): no deadlock.
-            conn.execute(QUERIES["prune_lock_events"])
+            store.events_lock_for_prune(conn)
             locked = store.checkpoint_lock(conn, partition)  # the worker waits for us
-            deleted, baselines = store.prune_chunk(
-                conn, partition, cutoff=cutoff, done=locked.cursor.done, limit=chunk_size
-            )
-        if not deleted:
+            pruned = store.prune_chunk(conn, partition, cutoff=cutoff, done=locked.cursor.done, limit=chunk_size)
+        if not pruned.events_deleted:
             break
-        result.events_deleted += deleted
-        result.baseline_updates += baselines
+        deleted += pruned.events_deleted
+        baselines += pruned.baseline_updates
         if on_chunk is not None:
-            on_chunk(deleted)
-    conn.execute(QUERIES["throughput_prune"])
-    return result
+            on_chunk(pruned.events_deleted)
+    store.throughput_prune(conn)
+    return PruneResult(deleted, baselines)
 
 
 def prune_transitions(
     conn: Connection, older_than: dt.timedelta, *, chunk_size: int = 5000, on_chunk: Callable[[int], None] | None = None
 ) -> int:
     """Delete job transitions older than ``older_than`` that no subscription still needs, in short transactions."""
-    row = conn.execute(QUERIES["clock_minus"], {"interval": older_than}).fetchone()
-    assert row is not None
+    cutoff = store.cutoff_get(conn, older_than)
     deleted = 0
     while True:
         with conn.transaction():
-            n = conn.execute(QUERIES["transitions_prune"], {"cutoff": row[0], "limit": chunk_size}).rowcount
+            n = store.transitions_prune(conn, cutoff=cutoff, limit=chunk_size)
         if n <= 0:
             return deleted
         deleted += n

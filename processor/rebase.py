@@ -21,36 +21,50 @@ A crash between or during the two leaves ``rebase_pending`` set, and the next st
 from __future__ import annotations
 
 import logging
+from enum import Enum
 
 from processor import store
 from processor.batch import FoldContext
 from processor.replay import replay
-from processor.snapshot import Cursor, Snapshot
-from processor.store import QUERIES, Connection
+from processor.snapshot import Cursor
+from processor.store import Connection
 
 log = logging.getLogger(__name__)
 
 
-def check(conn: Connection, partition: int, cursor: Cursor) -> tuple[bool, bool]:
-    """(the checkpoint comes from another cluster, a rebuild is still pending)."""
-    row = conn.execute(QUERIES["cluster_check"], {"partition": partition}).fetchone()
-    assert row is not None
-    checkpoint_cluster, this_cluster, rebuild_pending = row
-    now = conn.execute(QUERIES["snapshot_current"]).fetchone()
-    assert now is not None
-    newest = max(cursor.done.xmax, cursor.target.xmax if cursor.target else 0)
-    from_elsewhere = checkpoint_cluster != this_cluster or newest > Snapshot.parse(now[0]).xmax
-    return from_elsewhere, bool(rebuild_pending)
+class Need(Enum):
+    """What a partition's checkpoint needs before its events can be read (``check``)."""
+
+    NOTHING = "nothing: the checkpoint is this cluster's"
+    REBASE = "a rebase: the checkpoint comes from another cluster (a restored database)"
+    REBUILD = "a rebuild: a rebase was interrupted"
+
+
+def check(conn: Connection, partition: int, cursor: Cursor) -> Need:
+    """Whether the partition's checkpoint comes from another cluster, or a rebuild is still pending."""
+    cluster = store.cluster_check(conn, partition)
+    now = store.snapshot_current(conn)
+    newest = cursor.xmax
+    if cluster.checkpoint_cluster != cluster.this_cluster or newest > now.xmax:
+        return Need.REBASE
+    return Need.REBUILD if cluster.rebase_pending else Need.NOTHING
+
+
+def run(conn: Connection, ctx: FoldContext, need: Need) -> None:
+    """Do what ``check`` found the partition needs (a rebase, or the rest of an interrupted one)."""
+    if need is Need.REBASE:
+        rebase(conn, ctx)  # restored into another cluster: transaction ids started over
+    elif need is Need.REBUILD:
+        rebuild(conn, ctx)  # an interrupted rebase
 
 
 def rebase(conn: Connection, ctx: FoldContext) -> None:
     """Anchor the checkpoint in this cluster, then rebuild every job."""
     with conn.transaction():
         # The outbox's lock first, then the checkpoint's: the order `outbox repartition` and prune take them.
-        conn.execute(QUERIES["rebase_lock_events"])
+        store.rebase_lock_events(conn)
         store.checkpoint_lock(conn, ctx.partition)
-        marked = conn.execute(QUERIES["rebase_events_from_another_cluster"]).rowcount
-        conn.execute(QUERIES["rebase_checkpoint"], {"partition": ctx.partition})
+        marked = store.rebase_anchor(conn, ctx.partition)
     log.warning("the checkpoint came from another cluster (a restored database): %s events re-marked", marked)
     rebuild(conn, ctx)
 
@@ -60,5 +74,5 @@ def rebuild(conn: Connection, ctx: FoldContext) -> None:
     jobs = store.job_ids_all(conn, ctx.partition)
     log.warning("rebuilding %s jobs after a rebase", len(jobs))
     replay(conn, jobs, dry_run=False)
-    conn.execute(QUERIES["rebase_done"], {"partition": ctx.partition})
+    store.rebase_done(conn, ctx.partition)
     log.warning("rebase done")

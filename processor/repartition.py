@@ -27,15 +27,12 @@ from dataclasses import dataclass
 
 import psycopg
 
+from outbox.limits import PARTITIONS_MAX
 from processor import store
-from processor.errors import ConfigurationError, OutboxError
-from processor.store import QUERIES, Connection
+from processor.errors import ConfigurationError, NotDrainedError
+from processor.store import Connection
 
-MAX_PARTITIONS = 1024  # as the CHECK on outbox_partitioning
-
-
-class NotDrainedError(OutboxError):
-    """The outbox did not drain in time; nothing was changed."""
+MAX_PARTITIONS = PARTITIONS_MAX  # outbox.limits, as the CHECK on outbox_partitioning
 
 
 @dataclass(frozen=True)
@@ -50,23 +47,23 @@ class RepartitionReport:
 class Pending:
     events: int
     catch_ups: int
-    jobs_to_fold: int
+    jobs_awaiting_fold: int
 
     @property
     def drained(self) -> bool:
-        return self.events == 0 and self.catch_ups == 0 and self.jobs_to_fold == 0
+        return self.events == 0 and self.catch_ups == 0 and self.jobs_awaiting_fold == 0
 
     def __str__(self) -> str:
         return (
-            f"{self.events} events to apply, {self.catch_ups} catch-ups in progress, {self.jobs_to_fold} jobs to fold"
+            f"{self.events} events to apply, {self.catch_ups} catch-ups in progress,"
+            f" {self.jobs_awaiting_fold} jobs to fold"
         )
 
 
 def pending(conn: Connection) -> Pending:
     """Every partition's pending work (store.events_pending_summary) and the catch-ups still open."""
     summary = store.events_pending_summary(conn, None, top=0)
-    catch_ups = sum(bool(row[1]) for row in conn.execute(QUERIES["repartition_pending"]).fetchall())
-    return Pending(summary.count, catch_ups, summary.jobs_waiting)
+    return Pending(summary.count, store.repartition_catch_ups_count(conn), summary.jobs_awaiting_fold)
 
 
 def repartition(
@@ -83,42 +80,14 @@ def repartition(
     if before == partitions:
         return RepartitionReport(before, partitions)
     held = time.monotonic()  # writers queue behind the lock from its request on
-    deadline = held + timeout
-
-    def remaining_ms() -> str:
-        return f"{max(1, int((deadline - time.monotonic()) * 1000))}ms"
-
+    deadline = _Deadline(held + timeout, timeout)
     try:
         with conn.transaction():
-            conn.execute(QUERIES["transaction_lock_timeout"], {"lock_timeout": remaining_ms()})
-            try:
-                conn.execute(QUERIES["repartition_serialise"], {"lock_class": store.CONSUMER_LOCK_CLASS})
-                conn.execute(QUERIES["transaction_lock_timeout"], {"lock_timeout": remaining_ms()})
-                conn.execute(QUERIES["repartition_hold_writers"])
-            except psycopg.errors.LockNotAvailable:
-                raise NotDrainedError(
-                    f"could not hold the writers back within {timeout:g} s (a long transaction wrote events, or "
-                    "another repartition runs?); nothing was changed"
-                ) from None
-            while True:
-                state = pending(conn)
-                if state.drained and _lock_checkpoints_if_drained(conn, remaining_ms()):
-                    break
-                if on_wait is not None:
-                    on_wait(state)
-                if time.monotonic() >= deadline:
-                    raise NotDrainedError(
-                        f"the outbox did not drain within {timeout:g} s ({state}); are the workers running? "
-                        "Nothing was changed"
-                    )
-                time.sleep(0.05)  # polling the workers' progress, not synchronisation
+            _hold_writers(conn, deadline)
+            _wait_until_drained(conn, deadline, on_wait)
             # The switch is bounded too: writers wait for it.
-            conn.execute(QUERIES["transaction_statement_timeout"], {"statement_timeout": remaining_ms()})
-            conn.execute(QUERIES["repartition_set"], {"partitions": partitions})
-            moved = conn.execute(QUERIES["repartition_relabel_events"]).rowcount
-            conn.execute(QUERIES["repartition_relabel_dead_letters"])
-            conn.execute(QUERIES["repartition_relabel_dirty_jobs"])
-            conn.execute(QUERIES["repartition_checkpoints"], {"partitions": partitions})
+            store.transaction_statement_timeout(conn, deadline.remaining_ms())
+            moved = store.repartition_switch(conn, partitions)
     except psycopg.errors.QueryCanceled:
         raise NotDrainedError(
             f"the switch did not finish within {timeout:g} s (relabelling the applied events; `outbox prune` "
@@ -133,11 +102,50 @@ def repartition(
     return RepartitionReport(before, partitions, moved, time.monotonic() - held)
 
 
+@dataclass(frozen=True)
+class _Deadline:
+    at: float  # monotonic
+    timeout: float  # as given, for the messages
+
+    def remaining_ms(self) -> str:
+        return f"{max(1, int((self.at - time.monotonic()) * 1000))}ms"
+
+
+def _hold_writers(conn: Connection, deadline: _Deadline) -> None:
+    """One repartition at a time, then the writers held back (SHARE on outbox_events), both within the deadline."""
+    store.transaction_lock_timeout(conn, deadline.remaining_ms())
+    try:
+        store.repartition_serialise(conn)
+        store.transaction_lock_timeout(conn, deadline.remaining_ms())
+        store.repartition_hold_writers(conn)
+    except psycopg.errors.LockNotAvailable:
+        raise NotDrainedError(
+            f"could not hold the writers back within {deadline.timeout:g} s (a long transaction wrote events, or "
+            "another repartition runs?); nothing was changed"
+        ) from None
+
+
+def _wait_until_drained(conn: Connection, deadline: _Deadline, on_wait: Callable[[Pending], None] | None) -> None:
+    """Until the workers applied and folded everything and every checkpoint is locked (else NotDrainedError)."""
+    while True:
+        state = pending(conn)
+        if state.drained and _lock_checkpoints_if_drained(conn, deadline.remaining_ms()):
+            return
+        if on_wait is not None:
+            on_wait(state)
+        if time.monotonic() >= deadline.at:
+            raise NotDrainedError(
+                f"the outbox did not drain within {deadline.timeout:g} s ({state}); are the workers running? "
+                "Nothing was changed"
+            )
+        time.sleep(0.05)  # polling the workers' progress, not synchronisation
+
+
 def _lock_checkpoints_if_drained(conn: Connection, lock_timeout: str) -> bool:
     """Lock every checkpoint row and confirm nothing is pending; else let go of them (a savepoint)."""
     try:
         with conn.transaction():
-            conn.execute(QUERIES["transaction_lock_timeout"], {"lock_timeout": lock_timeout})
+            store.transaction_lock_timeout(conn, lock_timeout)
             store.checkpoints_lock_all(conn)
             if pending(conn).drained:
                 return True

@@ -25,18 +25,27 @@ from processor import fold_config, store
 from processor.batch import fold_jobs, write_jobs
 from processor.store import Connection
 
-JobRow = tuple[str | None, str | None]
+
+@dataclass(frozen=True, slots=True)
+class JobStatus:
+    """A job row's state: its status at its step."""
+
+    status: str | None
+    current_step: str | None
+
+    def describe(self) -> str:
+        return f"{self.status}/{self.current_step}"
 
 
 @dataclass(frozen=True, slots=True)
 class JobChange:
     job_id: uuid.UUID
-    before: JobRow | None
-    after: JobRow | None
+    before: JobStatus | None
+    after: JobStatus | None
 
     def describe(self) -> str:
-        def show(row: JobRow | None) -> str:
-            return "-" if row is None else f"{row[0]}/{row[1]}"
+        def show(state: JobStatus | None) -> str:
+            return "-" if state is None else state.describe()
 
         return f"{self.job_id}: {show(self.before)} -> {show(self.after)}"
 
@@ -69,15 +78,19 @@ def rebuild_jobs(
         before = store.jobs_get(conn, affected)
         held = store.job_holds(conn, affected)  # their rows are the application's: not written
         for job_id, job_state in folded.states.items():
-            after = (job_state.status.value, job_state.current_step)
-            if job_id in before and before[job_id] != after and job_id not in held:
-                changes.append(JobChange(job_id, before[job_id], after))
+            after = JobStatus(job_state.status.value, job_state.current_step)
+            stored = before.get(job_id)
+            if stored is None or job_id in held:
+                continue
+            was = JobStatus(stored.status, stored.current_step)
+            if was != after:
+                changes.append(JobChange(job_id, was, after))
         if dry_run:
             raise psycopg.Rollback(tx)
         if before_write is not None:
             before_write()  # test hook
         catching_up = [p for p, locked in checkpoints.items() if locked.cursor.target is not None]
-        write_jobs(conn, folded, deferred_partitions=catching_up)
+        write_jobs(conn, folded, catching_up_partitions=catching_up)
     return changes
 
 

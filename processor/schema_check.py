@@ -20,10 +20,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from psycopg import sql
-
 from processor import app_schema, sql_scan
-from processor.store import QUERIES, Connection
+from processor.store import Connection, catalog
 
 # The product's triggers: (table, trigger). The NOTIFY wake-up trigger is optional (migrate --wakeup).
 PRODUCT_TRIGGERS = (
@@ -65,7 +63,7 @@ class LegacyTrigger:
 
 def trigger_problems(conn: Connection) -> list[TriggerProblem]:
     """The product's triggers that are missing or do not fire (disabled, or only in replica mode)."""
-    found = {(row[0], row[1]): row[2] for row in conn.execute(QUERIES["product_triggers_get"])}
+    found = {(row.table_name, row.trigger): row.enabled for row in catalog.product_triggers_get(conn)}
     problems = []
     for table, trigger in PRODUCT_TRIGGERS:
         enabled = found.get((table, trigger))
@@ -85,15 +83,15 @@ def legacy_triggers(conn: Connection) -> list[LegacyTrigger]:
     (a placeholder target counts as jobs when the function or the trigger's arguments name jobs).
     """
     found = []
-    for trigger, function, source, arguments in conn.execute(QUERIES["app_triggers_get"]).fetchall():
-        how = _writes_job_state(conn, function, source, arguments=list(arguments or []), depth=0, seen=set())
+    for app in catalog.app_triggers_get(conn):
+        how = _writes_job_state(conn, app.function, app.source, arguments=list(app.arguments), depth=0, seen=set())
         if how is not None:
-            found.append(LegacyTrigger(trigger, function, how))
+            found.append(LegacyTrigger(app.trigger, app.function, how))
     return found
 
 
 def _writes_job_state(
-    conn: Connection, function: str, source: str, *, arguments: list[str], depth: int, seen: set[str]
+    conn: Connection, function: str, source: str | None, *, arguments: list[str], depth: int, seen: set[str]
 ) -> str | None:
     """How ``function`` (or one it calls) writes job state, or None."""
     seen.add(function)
@@ -112,10 +110,10 @@ def _writes_job_state(
     if depth >= _DEPTH:
         return None
     for name in sorted(found.calls):
-        for callee, callee_source in conn.execute(QUERIES["app_functions_get"], {"parts": list(name)}).fetchall():
-            if callee in seen:
+        for callee in catalog.app_functions_get(conn, list(name)):
+            if callee.function in seen:
                 continue
-            how = _writes_job_state(conn, callee, callee_source, arguments=[], depth=depth + 1, seen=seen)
+            how = _writes_job_state(conn, callee.function, callee.source, arguments=[], depth=depth + 1, seen=seen)
             if how is not None:
                 return f"{function} calls {how}"
     return None
@@ -123,8 +121,7 @@ def _writes_job_state(
 
 def _is_job_state(conn: Connection, target: tuple[str, ...]) -> bool:
     """Whether ``target`` names the jobs table, or a view over it."""
-    row = conn.execute(QUERIES["relation_is_jobs"], {"parts": list(target)}).fetchone()
-    return bool(row and row[0])
+    return catalog.relation_is_jobs(conn, list(target))
 
 
 @dataclass(frozen=True)
@@ -160,16 +157,12 @@ def restore_triggers(conn: Connection) -> list[TriggerProblem]:
     fixed = trigger_problems(conn)
     for problem in fixed:
         if problem.state == "missing":
-            conn.execute(QUERIES[f"trigger_create_{problem.trigger}"])
+            catalog.product_trigger_create(conn, problem.trigger)
         else:
-            conn.execute(
-                sql.SQL("ALTER TABLE {} ENABLE TRIGGER {}").format(
-                    sql.Identifier(problem.table), sql.Identifier(problem.trigger)
-                )
-            )
+            catalog.trigger_enable(conn, problem.table, problem.trigger)
     return fixed
 
 
 def drop_legacy(conn: Connection, legacy: list[LegacyTrigger]) -> None:
     for trigger in legacy:
-        conn.execute(sql.SQL("DROP TRIGGER {} ON jobs_variants").format(sql.Identifier(trigger.trigger)))
+        catalog.trigger_drop(conn, "jobs_variants", trigger.trigger)

@@ -6,7 +6,7 @@
 >>> await service.run_async()        # asyncio: the same thread, awaited; cancel the task to stop it
 
 It runs the same ``processor.worker.Worker`` as `outbox run`, so standby, partition sharing and
-takeover work alike in any mix of services and `outbox run` processes (README: "Scaling out").
+takeover work alike in any mix of services and `outbox run` processes (docs/design.md: "Scaling out").
 Stopping it (leaving the block, ``stop()``, cancelling the task) finishes the batch in hand, which
 commits or rolls back as a whole, releases its partitions and closes its connection.
 
@@ -29,6 +29,9 @@ from types import TracebackType
 from typing import Any
 from wsgiref.simple_server import WSGIServer
 
+import psycopg
+
+from outbox.errors import ArgumentTypeError, LifecycleError
 from processor.background import Background, StartsInBackground
 from processor.database import DatabaseUrl, redact
 from processor.errors import ConfigurationError, OutboxError
@@ -100,7 +103,9 @@ class WorkerService(StartsInBackground):
         """
         unknown = sorted(set(settings) - (set(Settings.model_fields) - _NOT_FOR_A_SERVICE))
         if unknown:
-            raise TypeError(f"WorkerService() got unknown settings: {', '.join(unknown)} (see processor.settings)")
+            raise ArgumentTypeError(
+                f"WorkerService() got unknown settings: {', '.join(unknown)} (see processor.settings)"
+            )
         loaded = load_settings(as_keywords=True, **settings)
         if loaded.database_url is None:
             raise ConfigurationError(NO_DATABASE)
@@ -160,7 +165,7 @@ class WorkerService(StartsInBackground):
         TimeoutError if it still runs after ``timeout`` seconds (then it goes on running).
         """
         if self._background is None:
-            raise RuntimeError("this WorkerService was not started in the background (start, with, run_async)")
+            raise LifecycleError("this WorkerService was not started in the background (start, with, run_async)")
         self._background.join(timeout)
         return self._worker.stats
 
@@ -201,7 +206,7 @@ class WorkerService(StartsInBackground):
     def _begin(self) -> None:
         with self._lock:
             if self._started:
-                raise RuntimeError("this WorkerService has already been started; create another")
+                raise LifecycleError("this WorkerService has already been started; create another")
             self._open_metrics()
             self._started = True
 
@@ -218,7 +223,10 @@ class WorkerService(StartsInBackground):
     def _describe(self, exc: BaseException) -> str:
         text = str(exc).strip()
         line = text.splitlines()[0] if text else ""
-        if not isinstance(exc, OutboxError):  # the product's errors are written to be read alone
+        if isinstance(exc, psycopg.Error):  # named as the driver's (DatabaseUnavailableError: OperationalError)
+            name = next(c for c in type(exc).__mro__ if c.__module__.startswith("psycopg")).__name__
+            line = f"{name}: {line}" if line else name
+        elif not isinstance(exc, OutboxError):  # the product's errors are written to be read alone
             line = f"{type(exc).__name__}: {line}" if line else type(exc).__name__
         return redact(line, self._db)
 

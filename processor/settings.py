@@ -9,6 +9,7 @@ from typing import Annotated, Any
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from outbox.limits import PARTITIONS_MAX, PARTITIONS_MIN
 from processor.database import DatabaseUrl
 from processor.errors import ConfigurationError
 from processor.fold import FailurePolicy, Pipeline
@@ -17,7 +18,7 @@ DEFAULT_PIPELINE_STEPS = ("ingest", "preprocess", "inference", "iou_eval")
 
 
 class Wakeup(StrEnum):
-    """How the worker learns that events were written (README: "Waking up")."""
+    """How the worker learns that events were written (docs/design.md: "Waking up")."""
 
     POLL = "poll"  # it polls at its (adaptive) poll interval; writers pay nothing
     NOTIFY = "notify"  # it also LISTENs; writers NOTIFY once `outbox migrate --wakeup notify` ran
@@ -37,7 +38,7 @@ class Settings(BaseSettings):
     pipeline_steps: Annotated[tuple[str, ...] | None, NoDecode] = None
     failure_policy: FailurePolicy | None = None
     # Events per batch transaction: larger batches spread its fixed cost (about 3 ms: planning, the
-    # round trips, the commit) over more events (bench/README.md: drain rate by batch size).
+    # round trips, the commit) over more events (bench/HISTORY.md, "Where the time goes").
     batch_size: int = Field(default=5000, ge=1, le=100_000)
     # Adaptive polling: the worker polls at the minimum while events flow and doubles the wait up to
     # the maximum while idle.
@@ -47,19 +48,19 @@ class Settings(BaseSettings):
     wakeup: Wakeup = Wakeup.POLL
     # How often a standby tries to take over the consumer lock.
     standby_interval: float = Field(default=1.0, gt=0, le=600)
-    # The partition count the workers expect (README: "Scaling out"); None: whatever the database
+    # The partition count the workers expect (docs/design.md: "Scaling out"); None: whatever the database
     # has (1 unless `outbox repartition` changed it). A worker whose count differs stops.
-    partitions: int | None = Field(default=None, ge=1, le=1024)
+    partitions: int | None = Field(default=None, ge=PARTITIONS_MIN, le=PARTITIONS_MAX)
     # One partition only (the worker consumes just this one; operations act on just this one);
     # None: all of them (a worker takes its fair share).
-    partition: int | None = Field(default=None, ge=0, le=1023)
+    partition: int | None = Field(default=None, ge=0, le=PARTITIONS_MAX - 1)
     # Server-side limits on the worker's session: a statement running longer, or a session idle
     # (or idle in a transaction) longer, is ended by PostgreSQL. The idle limit is what lets a
     # standby take over from a worker that is stopped but whose connection stays up (a zombie).
     statement_timeout: float = Field(default=60, gt=0, le=86400)
     session_timeout: float = Field(default=30, gt=0, le=86400)
     # Set only behind a session-pooling proxy (PgBouncer pool_mode=session): the worker otherwise
-    # refuses connections that do not reach the server directly (README: "Connections").
+    # refuses connections that do not reach the server directly (docs/design.md: "Connections and faults").
     allow_session_proxy: bool = False
     embedded_data_dir: Path | None = None
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from processor.decode import EventRow
 
@@ -56,8 +57,51 @@ class Cursor:
     target: Snapshot | None = None
     after: Position = START
 
+    @classmethod
+    def from_row(cls, done: str, target: str | None, after_txid: str, after_event_id: int) -> Cursor:
+        """The cursor a checkpoint row stores (snapshots and the transaction id as text)."""
+        return cls(
+            Snapshot.parse(done), Snapshot.parse(target) if target else None, Position(int(after_txid), after_event_id)
+        )
+
     def caught_up_to(self, target: Snapshot) -> Cursor:
         return Cursor(done=target)
 
     def partway_to(self, target: Snapshot, last: Position) -> Cursor:
         return Cursor(done=self.done, target=target, after=last)
+
+    def closing(self, new_done: Snapshot) -> Cursor:
+        """The whole catch-up from this cursor's done snapshot to ``new_done``, read from its start.
+
+        What a completed catch-up applied, over all its batches: the events the range read of this
+        cursor finds (store.jobs_awaiting_fold_add_applied queues their jobs).
+        """
+        return Cursor(done=self.done, target=new_done)
+
+    @property
+    def xmax(self) -> int:
+        """The highest xmax among its snapshots: every transaction id this cursor can have seen is below it."""
+        return max(self.done.xmax, self.target.xmax if self.target else 0)
+
+    @property
+    def range_start(self) -> Position:
+        """Where the range read of events not visible in ``done`` starts, in (txid, event_id) order.
+
+        At the done snapshot's xmax (event ids start at 1: (xmax, 0) is before its first event), or
+        further on within a catch-up, after the last event applied. Transactions below xmax that
+        ``done`` did not see are its xip list, read by a branch of their own.
+        """
+        return max(self.after, Position(self.done.xmax, 0))
+
+    def params(self) -> dict[str, Any]:
+        """The cursor as the store's statements take it (store/events.sql: the range read)."""
+        range_start = self.range_start
+        return {
+            "range_txid": str(range_start.txid),
+            "range_event_id": range_start.event_id,
+            "done": str(self.done),
+            "done_xip": [str(x) for x in sorted(self.done.xip)],
+            "target": str(self.target) if self.target else None,
+            "after_txid": str(self.after.txid),
+            "after_event_id": self.after.event_id,
+        }

@@ -25,13 +25,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from outbox.subscription import Transition
-from processor.errors import ConfigurationError
+from processor.errors import ConfigurationError, WebhookError
 
 _SECRET_PREFIX = "whsec_"
-
-
-class WebhookError(RuntimeError):
-    """The receiver did not acknowledge (a non-2xx answer, a timeout, no connection)."""
 
 
 @dataclass(frozen=True)

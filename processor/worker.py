@@ -2,8 +2,13 @@
 
 One active worker per partition, by a session advisory lock held on the connection that writes:
 if the worker dies, its connection closes, its locks go, and the other workers take its partitions
-within their standby interval. Any number of workers share the partitions (README: "Scaling out").
+within their standby interval. Any number of workers share the partitions (docs/design.md: "Scaling out").
 The checkpoint row lock (processor.batch) fences anything the advisory lock cannot see.
+
+Each turn (every standby interval) rebalances, then takes each partition claimed through its life
+(processor/partition.py: claimed, checking, rebasing if it must, ready; releasing when it goes), then does
+the cluster's periodic upkeep if this worker is elected for it (processor/election.py). Each step emits a
+test signal (processor/testsignal.py): in-process tests wait on those rather than poll.
 """
 
 from __future__ import annotations
@@ -21,45 +26,40 @@ from enum import Enum
 import psycopg
 import tenacity
 
-from processor import fold_config, rebase, schema_check, store
+from processor import fold_config, schema_check, store, testsignal
 from processor.batch import (
     BatchResult,
-    FencedError,
-    FoldConfigChangedError,
     FoldContext,
     apply_batch,
-    refold_dirty_jobs,
+    fold_awaiting_jobs,
 )
 from processor.database import DatabaseUrl, check_direct_session, connect, redact, session_lost
-from processor.errors import ConfigurationError, ConsumerBusyError, PartitionMissingError
+from processor.election import PeriodicDuty, throughput_pruning
+from processor.errors import (
+    ConsumerBusyError,
+    FencedError,
+    FoldConfigChangedError,
+    PartitionCountError,
+    PartitionMissingError,
+)
 from processor.fold_config import FoldConfig
 from processor.metrics import WorkerMetrics
-from processor.migrate import check_ready
+from processor.migrate import check_ready, check_window
+from processor.partition import Partition, Progress
+from processor.rebase import Need
 from processor.settings import Settings, Wakeup
-from processor.snapshot import Cursor
 from processor.store import Connection
+from processor.testsignal import Signal
 from processor.wakeup import Waiter
 from processor.watchdog import CallWatchdog
 
 log = logging.getLogger(__name__)
 
 
-class PartitionCountError(ConfigurationError):
-    """OUTBOX_PARTITIONS differs from the database's partition count."""
-
-
 class _Outcome(Enum):
     IDLE = "nothing to apply right now"
     CAUGHT_UP = "applied everything that was committed"
     MORE = "more work may be waiting"
-
-
-@dataclass
-class _LoopState:
-    cursor: Cursor
-    dirty: bool = False  # jobs wait in outbox_dirty_jobs to be folded
-    probe: bool = True  # check for events before opening a batch transaction
-    retry_at: float | None = None  # monotonic time when a job whose row was locked is due again
 
 
 @dataclass
@@ -96,7 +96,8 @@ class Worker:
         self.connected = threading.Event()  # set while a session is up (the health endpoint)
         self.metrics = metrics
         self.waiter = Waiter(self._stopping)  # the wait between polls (processor/wakeup.py)
-        self._owned: dict[int, _LoopState] = {}  # the partitions this worker holds, and where each is
+        self._owned: dict[int, Partition] = {}  # the partitions this worker holds, ready (processor/partition.py)
+        self._duties: list[PeriodicDuty] = [throughput_pruning()]  # cluster-wide, when elected (processor/election.py)
         self._claim_offset = random.randrange(1 << 16)
         self._announced = False  # the standby message was logged
         self._config: FoldConfig | None = None  # the database's, loaded with each session
@@ -195,6 +196,8 @@ class Worker:
                 finally:
                     for partition in list(self._owned):
                         self._forget(partition)
+                    for duty in self._duties:
+                        duty.election.forget()  # its lock goes with the session
         finally:
             self.connected.clear()
             self.ready.clear()
@@ -230,11 +233,8 @@ class Worker:
         interval = settings.poll_interval_min
         while not self._stopping.is_set():
             if time.monotonic() >= next_rebalance:
-                self._rebalance(conn, until_idle, watchdog)
+                self._turn(conn, until_idle, watchdog)
                 next_rebalance = time.monotonic() + settings.standby_interval
-                if not self.ready.is_set():
-                    self.sessions += 1
-                    self.ready.set()
             outcomes = {self._step_partition(conn, watchdog, p) for p in sorted(self._owned) if not self.stopping}
             if _Outcome.MORE in outcomes:
                 interval = settings.poll_interval_min
@@ -249,60 +249,105 @@ class Worker:
             wait = interval if outcomes else settings.standby_interval
             self.waiter.wait(max(0.0, min(wait, next_rebalance - time.monotonic())))
 
-    def _rebalance(self, conn: Connection, until_idle: bool, watchdog: CallWatchdog) -> None:
-        """Claim this worker's fair share of the partitions, or release what is beyond it.
+    def _turn(self, conn: Connection, until_idle: bool, watchdog: CallWatchdog) -> None:
+        """Every standby interval: rebalance, make what was claimed ready, do the cluster's duties if elected."""
+        claimed = self._rebalance(conn, until_idle, watchdog)
+        for partition in claimed:
+            self._take(conn, partition, watchdog)
+        if not self._owned:
+            self._announce_standby(conn, until_idle, watchdog)
+        # A one-off run (until_idle) leaves the cluster's upkeep to the workers that stay.
+        if not until_idle:
+            with watchdog.guard(conn):
+                for duty in self._duties:
+                    duty.run_if_due(conn)
+        if not self.ready.is_set():
+            self.sessions += 1
+            self.ready.set()
+            testsignal.emit(Signal.SESSION_READY, worker=self, partitions=self.partitions)
+
+    def _rebalance(self, conn: Connection, until_idle: bool, watchdog: CallWatchdog) -> list[Partition]:
+        """Claim this worker's fair share of the partitions, or release what is beyond it; the ones claimed.
 
         The share is ceil(partitions / live workers), the workers being the sessions that hold the
         membership lock: a worker that joins makes the others release partitions, one that dies
         (its session ends) leaves its partitions to be claimed, each within a standby interval.
         With ``until_idle`` (a one-off run) it claims every partition free now.
         """
-        settings = self.settings
         with watchdog.guard(conn):
             self._check_schema(conn)
             count = self._partition_count(conn)
             for partition in [p for p in self._owned if p >= count]:
                 log.info("partition %s no longer exists (repartitioned); released", partition)
                 self._release(conn, partition)
-            if settings.partition is not None:
-                candidates, share = [settings.partition], 1
-            else:
-                candidates = list(range(count))
-                share = count if until_idle else -(-count // max(1, store.members_count(conn)))
+            candidates, share = self._fair_share(conn, count, until_idle)
             for partition in sorted(self._owned)[share:]:
                 log.info("releasing partition %s to a worker that joined (share: %s)", partition, share)
                 self._release(conn, partition)
-            claimed: list[int] = []
-            # Each worker tries the partitions from its own starting point, so that workers starting
-            # together do not all race for the same ones.
-            start = self._claim_offset % len(candidates)
-            for partition in candidates[start:] + candidates[:start]:
-                if len(self._owned) + len(claimed) >= share:
-                    break
-                if partition not in self._owned and store.consumer_lock_try(conn, partition):
-                    claimed.append(partition)
-            # Jobs queued by an operation (a replay during a catch-up, a job row it found locked).
-            for partition, state in self._owned.items():
-                if not state.dirty and state.retry_at is None and store.dirty_jobs_exist(conn, partition):
-                    state.dirty = True
-        for partition in claimed:
-            try:
-                self._owned[partition] = self._prepare(conn, partition, watchdog)
-            except PartitionMissingError:  # removed by a repartition since the count was read
-                with watchdog.guard(conn):
-                    store.consumer_lock_release(conn, partition)
-                continue
-            self.partitions = tuple(sorted(self._owned))
-            log.info("active consumer of partition %s (pid %s)", partition, os.getpid())
-            self._failures = 0
-            self.active.set()
-            if self.metrics is not None:
-                self.metrics.set_active(partition, True)
-        if not self._owned:
-            self._announce_standby(conn, until_idle, watchdog)
+            claimed = self._claim(conn, candidates, share)
+            self._notice_queued_jobs(conn)
+        return claimed
+
+    def _fair_share(self, conn: Connection, count: int, until_idle: bool) -> tuple[list[int], int]:
+        """The partitions this worker may claim, and how many it should hold."""
+        if self.settings.partition is not None:
+            return [self.settings.partition], 1
+        share = count if until_idle else -(-count // max(1, store.members_count(conn)))
+        return list(range(count)), share
+
+    def _claim(self, conn: Connection, candidates: list[int], share: int) -> list[Partition]:
+        """Take free partitions among ``candidates`` until this worker holds ``share`` of them."""
+        claimed: list[Partition] = []
+        # Each worker tries the partitions from its own starting point, so that workers starting
+        # together do not all race for the same ones.
+        start = self._claim_offset % len(candidates)
+        for number in candidates[start:] + candidates[:start]:
+            if len(self._owned) + len(claimed) >= share:
+                break
+            if number not in self._owned and (partition := Partition.claim(conn, number, owner=self)):
+                claimed.append(partition)
+        return claimed
+
+    def _notice_queued_jobs(self, conn: Connection) -> None:
+        """Jobs queued by an operation (a replay during a catch-up, a job row it found locked)."""
+        for partition in self._owned.values():
+            progress = partition.progress
+            if (
+                not progress.awaiting_fold
+                and progress.retry_at is None
+                and store.jobs_awaiting_fold_exist(conn, partition.number)
+            ):
+                progress.awaiting_fold = True
+
+    def _take(self, conn: Connection, partition: Partition, watchdog: CallWatchdog) -> None:
+        """A partition just claimed: check it, rebase it if it must, make it ready (or let it go if removed)."""
+        try:
+            with watchdog.guard(conn):
+                need = partition.check(conn)
+            if need is not Need.NOTHING:
+                # Not under the watchdog: rebuilding every job may take longer than one call's deadline
+                # (each statement still has its statement_timeout).
+                partition.rebase(conn, self._context(partition.number))
+            with watchdog.guard(conn):
+                partition.make_ready(conn)
+        except PartitionMissingError:  # removed by a repartition since the count was read
+            with watchdog.guard(conn):
+                partition.release(conn)
+            return
+        self._owned[partition.number] = partition
+        self.partitions = tuple(sorted(self._owned))
+        log.info("active consumer of partition %s (pid %s)", partition.number, os.getpid())
+        self._failures = 0
+        self.active.set()
+        if self.metrics is not None:
+            self.metrics.set_active(partition.number, True)
+        testsignal.emit(Signal.PARTITION_READY, worker=self, partition=partition.number)
 
     def _check_schema(self, conn: Connection) -> None:
-        """Log each problem of the schema once, when it appears and when it is gone (every standby interval)."""
+        """Every standby interval: stop (SchemaError, one line, as at start-up) when a migration applied
+        since no longer serves this worker's version; log each problem of the schema once, when it
+        appears and when it is gone."""
+        check_window(conn)
         report = schema_check.report(conn)
         found = report.problems()
         for problem in found:
@@ -313,6 +358,11 @@ class Worker:
         self.schema_problems = found
         if self.metrics is not None:
             self.metrics.on_schema_check(report)
+
+    @property
+    def elected_duties(self) -> list[store.ClusterDuty]:
+        """The cluster-wide duties this worker's session is elected for (processor/election.py)."""
+        return [duty.election.duty for duty in self._duties if duty.election.elected]
 
     def health_problems(self) -> list[str]:
         """What is wrong, for /health (empty: healthy): no connection, or the schema's problems."""
@@ -333,40 +383,20 @@ class Worker:
             log.info("standby: no partition free (held: %s)", held or "none")
             self._announced = True
 
-    def _prepare(self, conn: Connection, partition: int, watchdog: CallWatchdog) -> _LoopState:
-        """A partition just claimed: resume from its checkpoint (rebasing it after a restore)."""
-        ctx = self._context(partition)
-        with watchdog.guard(conn):
-            cursor = store.checkpoint_get(conn, partition).cursor
-            from_elsewhere, rebuild_pending = rebase.check(conn, partition, cursor)
-        # Not under the watchdog: rebuilding every job may take longer than one call's deadline
-        # (each statement still has its statement_timeout).
-        if from_elsewhere:
-            rebase.rebase(conn, ctx)  # restored into another cluster: transaction ids started over
-        elif rebuild_pending:
-            rebase.rebuild(conn, ctx)  # an interrupted rebase
-        with watchdog.guard(conn):
-            # Flagged jobs are folded again when a partition is taken (the pipeline may have been fixed).
-            store.dirty_jobs_add_flagged(conn, partition)
-            return self._load_state(conn, partition)
-
-    def _load_state(self, conn: Connection, partition: int) -> _LoopState:
-        state = _LoopState(store.checkpoint_get(conn, partition).cursor)
-        state.dirty = store.dirty_jobs_exist(conn, partition)
-        return state
-
     def _release(self, conn: Connection, partition: int) -> None:
-        store.consumer_lock_release(conn, partition)
+        self._owned[partition].release(conn)
         self._forget(partition)
 
     def _forget(self, partition: int) -> None:
-        self._owned.pop(partition, None)
+        held = self._owned.pop(partition, None)
         self.partitions = tuple(sorted(self._owned))
         if self.metrics is not None:
             self.metrics.set_active(partition, False)
         if not self._owned:
             self.active.clear()
             self._announced = False
+        if held is not None:
+            held.forget()  # released, or gone with the session (signalled once the health shows it)
 
     def _context(self, partition: int) -> FoldContext:
         assert self._config is not None
@@ -376,14 +406,14 @@ class Worker:
         """One step for one partition, each watched for a dead connection."""
         try:
             with watchdog.guard(conn):
-                return self._step(conn, self._context(partition), self._owned[partition])
+                return self._step(conn, self._context(partition), self._owned[partition].progress)
         except FoldConfigChangedError as exc:
             # `outbox pipeline set`: fold with the new configuration (it queued every job to be
             # folded again), unless this process was told another one.
             log.info("%s; reloading it", exc)
             with watchdog.guard(conn):
                 self._load_config(conn)
-                self._owned[partition] = self._load_state(conn, partition)
+                self._owned[partition].reload(conn)
             return _Outcome.MORE
         except FencedError as exc:
             # Another consumer got past the advisory lock (a pooler?), or `outbox repartition`
@@ -391,7 +421,7 @@ class Worker:
             log.warning("%s; reloading it", exc)
             self._stopping.wait(self.settings.poll_interval_max)
             with watchdog.guard(conn):
-                self._owned[partition] = self._load_state(conn, partition)
+                self._owned[partition].reload(conn)
             return _Outcome.MORE
         except (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure) as exc:
             # A deadlock PostgreSQL broke by rolling this batch back (an application transaction
@@ -399,7 +429,7 @@ class Worker:
             log.warning("batch of partition %s rolled back (%s); trying it again", partition, exc.sqlstate)
             self._stopping.wait(self.settings.poll_interval_max)
             with watchdog.guard(conn):
-                self._owned[partition] = self._load_state(conn, partition)
+                self._owned[partition].reload(conn)
             return _Outcome.MORE
         except PartitionMissingError:
             log.info("partition %s no longer exists (repartitioned); released", partition)
@@ -407,20 +437,22 @@ class Worker:
                 self._release(conn, partition)
             return _Outcome.MORE
 
-    def _step(self, conn: Connection, ctx: FoldContext, state: _LoopState) -> _Outcome:
-        """Fold dirty jobs when caught up, else apply the next batch."""
+    def _step(self, conn: Connection, ctx: FoldContext, state: Progress) -> _Outcome:
+        """Fold the jobs awaiting fold when caught up, else apply the next batch."""
         batch_size = self.settings.batch_size
         cursor = state.cursor
         if state.retry_at is not None and time.monotonic() >= state.retry_at:
-            state.dirty, state.retry_at = True, None  # a job whose row was locked is due again
-        if state.dirty and cursor.target is None:
-            refolded = refold_dirty_jobs(conn, ctx, cursor=cursor, limit=batch_size)
+            state.awaiting_fold, state.retry_at = True, None  # a job whose row was locked is due again
+        if state.awaiting_fold and cursor.target is None:
+            refolded = fold_awaiting_jobs(conn, ctx, cursor=cursor, limit=batch_size)
             self.stats.jobs_changed += refolded.jobs_changed
             if self.metrics is not None:
                 self.metrics.on_jobs_changed(ctx.partition, refolded.job_statuses)
-            state.dirty = refolded.taken == batch_size
+            state.awaiting_fold = refolded.taken == batch_size
             if refolded.next_retry_in is not None:
                 state.retry_at = time.monotonic() + max(0.0, refolded.next_retry_in)
+            # A signal means "done and visible": emitted after the state and stats are recorded.
+            testsignal.emit(Signal.JOBS_REFOLDED, worker=self, partition=ctx.partition, jobs=refolded.taken)
             if refolded.taken:
                 return _Outcome.MORE
             # None was ready (the rest wait for a locked row): on to the events.
@@ -432,14 +464,21 @@ class Worker:
             return _Outcome.IDLE
         started = time.monotonic()
         result = apply_batch(
-            conn, ctx, expected=cursor, limit=batch_size, dirty=state.dirty, before_commit=self.before_commit
+            conn,
+            ctx,
+            expected=cursor,
+            limit=batch_size,
+            awaiting_fold=state.awaiting_fold,
+            before_commit=self.before_commit,
         )
         state.cursor = result.cursor
-        state.dirty = result.deferred
+        state.awaiting_fold = result.awaiting_fold
         state.probe = result.complete  # after a full batch, more is surely waiting
         if result.events:
             self._record(result, time.monotonic() - started)
-        if not result.complete or result.deferred:
+        # After the cursor and stats are recorded, so a waiter sees them (health().events).
+        testsignal.emit(Signal.BATCH_COMMITTED, worker=self, partition=ctx.partition, events=result.events)
+        if not result.complete or result.awaiting_fold:
             return _Outcome.MORE
         return _Outcome.CAUGHT_UP if result.events else _Outcome.IDLE
 

@@ -65,7 +65,7 @@
 --   outbox_subscriptions, outbox_subscription_failures
 --                               -                                       SELECT, INSERT, UPDATE, DELETE
 --                                                                       (`outbox subscriptions ...`)
---   outbox_transitions_lock, outbox_transitions_publish
+--   outbox_transitions_lock, outbox_transitions_publish_v1
 --                               -                                      EXECUTE
 --
 --   outbox_subscriber (a subscription's consumer): SELECT on outbox_job_transitions; SELECT and
@@ -85,9 +85,9 @@
 --                               EXECUTE (they run with the owner's      -
 --                               rights: holds, 0010)
 --   outbox_guard_job_state      nobody (a trigger function)
---   outbox_event_applied, outbox_variant_states_merge, outbox_event_payload, outbox_payload_fits,
+--   outbox_event_applied_v1, outbox_variant_states_merge_v1, outbox_event_payload, outbox_payload_fits,
 --   outbox_state_newer, outbox_variant_states_newest, outbox_variant_baseline_merge,
---   outbox_event_decode, outbox_versions_issued, outbox_unreadable_problem, outbox_events_pending
+--   outbox_event_decode_v1, outbox_versions_issued_v1, outbox_unreadable_problem_v1, outbox_events_pending
 --                               -                                       EXECUTE
 --   outbox_capture_variant_change, outbox_capture_variant_update, outbox_wakeup_notify
 --                               nobody (a trigger function's EXECUTE is checked when the
@@ -140,8 +140,8 @@ REVOKE ALL ON FUNCTION
     outbox_refuse_variant(text, text),
     outbox_event_payload(jsonb),
     outbox_payload_fits(jsonb),
-    outbox_event_applied(xid8, bigint, pg_snapshot, pg_snapshot, xid8, bigint),
-    outbox_variant_states_merge(outbox_variant_states[]),
+    outbox_event_applied_v1(xid8, bigint, pg_snapshot, pg_snapshot, xid8, bigint),
+    outbox_variant_states_merge_v1(outbox_variant_states[]),
     outbox_partition_hash(uuid, integer),
     outbox_partitions_set(integer),
     outbox_wakeup_notify(),
@@ -151,9 +151,9 @@ REVOKE ALL ON FUNCTION
     outbox_state_newer(bigint, bigint, bigint, bigint),
     outbox_variant_states_newest(outbox_variant_states[]),
     outbox_variant_baseline_merge(outbox_variant_states[]),
-    outbox_event_decode(text, integer, uuid, uuid, bigint, jsonb, bigint),
-    outbox_versions_issued(),
-    outbox_unreadable_problem(bigint, text),
+    outbox_event_decode_v1(text, integer, uuid, uuid, bigint, jsonb, bigint),
+    outbox_versions_issued_v1(),
+    outbox_unreadable_problem_v1(bigint, text),
     outbox_events_pending(integer),
     outbox_guard_job_state(),
     outbox_hold_job(uuid, text, text, text),
@@ -163,7 +163,7 @@ REVOKE ALL ON FUNCTION
     outbox_variant_status(text),
     outbox_variant_step(text),
     outbox_transitions_lock(),
-    outbox_transitions_publish()
+    outbox_transitions_publish_v1()
     FROM PUBLIC, outbox_writer, outbox_processor, outbox_subscriber;
 
 -- Connecting to this database and resolving the names in its schema (PUBLIC usually has both;
@@ -241,21 +241,21 @@ GRANT EXECUTE ON FUNCTION
     outbox_partition_of(uuid),
     outbox_partition_hash(uuid, integer),
     outbox_append_variant_event(text, uuid, uuid, text, text),
-    outbox_event_applied(xid8, bigint, pg_snapshot, pg_snapshot, xid8, bigint),
-    outbox_variant_states_merge(outbox_variant_states[]),
+    outbox_event_applied_v1(xid8, bigint, pg_snapshot, pg_snapshot, xid8, bigint),
+    outbox_variant_states_merge_v1(outbox_variant_states[]),
     outbox_event_payload(jsonb),
     outbox_payload_fits(jsonb),
     outbox_state_newer(bigint, bigint, bigint, bigint),
     outbox_variant_states_newest(outbox_variant_states[]),
     outbox_variant_baseline_merge(outbox_variant_states[]),
-    outbox_event_decode(text, integer, uuid, uuid, bigint, jsonb, bigint),
-    outbox_versions_issued(),
-    outbox_unreadable_problem(bigint, text),
+    outbox_event_decode_v1(text, integer, uuid, uuid, bigint, jsonb, bigint),
+    outbox_versions_issued_v1(),
+    outbox_unreadable_problem_v1(bigint, text),
     outbox_events_pending(integer),
     outbox_job_status(text),
     outbox_job_step(text),
     outbox_transitions_lock(),
-    outbox_transitions_publish()
+    outbox_transitions_publish_v1()
     TO outbox_processor;
 
 -- The subscriber: reads transitions, moves its subscription's position, records its failures.

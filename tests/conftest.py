@@ -1,1 +1,1 @@
-pytest_plugins = ["tests.fix_database", "tests.reliability.fix_server"]
+pytest_plugins = ["tests.fix_database", "tests.fix_signals", "tests.reliability.fix_server"]

@@ -169,14 +169,10 @@ def assert_only_worker_applies(
 
 def make_jobs(engine: Any, count: int, rng: Any) -> dict[Any, list[Any]]:
     """Create ``count`` queued jobs of 2 to 6 variants (``rng``: a random.Random); their variant ids by job."""
-    import outbox
+    from processor import workload
 
-    jobs = {}
     with engine.begin() as conn:
-        for _ in range(count):
-            job_id, variants = outbox.create_job(conn, variants=rng.randint(2, 6))
-            jobs[job_id] = variants
-    return jobs
+        return workload.create_jobs(conn, count, rng, variants=(2, 6))
 
 
 def fold_context(settings: Settings, partition: int = 0) -> Any:

@@ -1,10 +1,8 @@
--- 0001: the application's tables (created when missing, adopted when present), the outbox,
--- the capture trigger, and the processor's own state.
+-- 0001: the application's tables (created when missing, adopted when present), the outbox, the
+-- capture trigger, the adoption backfill, and the processor's own state.
 --
--- Runs inside one transaction (processor/migrate.py). CREATE TRIGGER on jobs_variants takes a
--- SHARE ROW EXCLUSIVE lock until commit, so no writer can change a variant between the creation of
--- the capture trigger and the backfill below: no change is missed during adoption, and none is
--- captured twice. Nothing is added to the application's tables but an index and the triggers.
+-- Why: docs/decisions/0001-snapshot-ordered-reading.md. Runs in one transaction: CREATE TRIGGER on
+-- jobs_variants holds its lock until commit, so no change is missed or captured twice by the backfill.
 
 -- The application's tables. Existing ones keep their names, columns and data.
 CREATE TABLE IF NOT EXISTS jobs (
@@ -40,7 +38,7 @@ $$;
 
 -- The outbox. Append-only on the hot path.
 -- txid is the writing transaction's id: the processor applies the events of the transactions that
--- committed between two snapshots (README: "Ordering"), so an event whose transaction commits late
+-- committed between two snapshots (docs/design.md: "Ordering"), so an event whose transaction commits late
 -- is applied with the snapshot that first sees it, never skipped.
 CREATE TABLE outbox_events (
     event_id        bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
@@ -86,14 +84,8 @@ AS $$
     )
 $$;
 
--- Capture, for every writer (plain SQL and outbox.update_variant alike): each INSERT, DELETE and
--- each UPDATE that changes a variant's status, step, job or id appends an event in the writer's own
--- transaction. It never reads other variants and never writes jobs: the processor alone computes
--- job state, so concurrent commits cannot hide each other's changes.
---
--- An AFTER ROW trigger sees the row as finally written (after every BEFORE trigger, including
--- ones that change or cancel it) and fires only for rows really written (not for an INSERT that
--- ON CONFLICT turned into nothing).
+-- Capture: each INSERT, DELETE and UPDATE of a variant's status, step, job or id appends an event
+-- in the writer's transaction (AFTER ROW: the row as finally written).
 CREATE FUNCTION outbox_capture_variant_change() RETURNS trigger
 LANGUAGE plpgsql
 AS $$
@@ -145,12 +137,7 @@ FROM jobs_variants
 WHERE job_id IS NOT NULL
 ORDER BY job_id, job_variants_id;
 
--- The processor's position, one row per partition, written in the same transaction as the job
--- state it covers: that is what makes each event take effect exactly once.
---   done_snapshot: every event of a transaction visible in this snapshot has been applied.
---   target_snapshot: while the events that committed between done_snapshot and this snapshot are
---     applied in several batches, the snapshot being caught up to; NULL otherwise.
---   last_txid, last_event_id: within that catch-up, the last event applied, in (txid, event_id) order.
+-- The processor's position, one row per partition, written with the job state it covers.
 CREATE TABLE outbox_checkpoints (
     partition       integer PRIMARY KEY,
     done_snapshot   pg_snapshot NOT NULL DEFAULT '1:1:',
@@ -180,11 +167,7 @@ CREATE TABLE outbox_job_flags (
     flagged_at timestamptz NOT NULL DEFAULT now()
 );
 
--- The latest state of each variant, as folded from events (latest by version, so a duplicate or a
--- stale event changes nothing). removed marks a deleted variant: kept as a tombstone so that an
--- older change processed after the delete cannot bring it back. problem holds why the variant's
--- last event could not be used (its job is flagged rather than folded without it).
--- Updates rarely touch the one indexed column (job_id), so with free space they stay HOT.
+-- The newest state of each variant, as folded from events; removed is a tombstone.
 CREATE TABLE outbox_variant_states (
     variant_id uuid PRIMARY KEY,
     job_id     uuid NOT NULL,

@@ -1,5 +1,6 @@
 -- 0002: what operating the processor needs: throughput history for `backlog`, the last event
--- applied, the replay baseline kept by `prune`, and discarded dead letters.
+-- applied, the replay baseline kept by `prune`, discarded dead letters, the variant_id index, the
+-- applied-event test and a payload-size CHECK (dropped by 0007).
 
 -- Events applied per partition in 10-second buckets (one small upsert per batch), for the recent
 -- throughput that `outbox backlog` shows. `outbox prune` drops buckets older than a day.

@@ -1,9 +1,7 @@
--- 0003: an optional NOTIFY wake-up for the worker (OUTBOX_WAKEUP=notify; README: "Waking up").
+-- 0003: an optional NOTIFY wake-up for the worker (OUTBOX_WAKEUP=notify): functions only; the
+-- trigger exists once an operator runs `outbox migrate --wakeup notify`.
 --
--- Installs functions only: writers pay nothing until an operator runs `outbox migrate --wakeup
--- notify` (or `SELECT outbox_wakeup_enable()`), which creates the trigger below. A NOTIFY costs
--- the writer a cluster-wide lock at commit (notifying transactions commit one at a time), which
--- is why polling stays the default.
+-- Why: docs/decisions/0011-notify-wakeup-is-optional.md.
 
 -- One notification per writing transaction: the channel and the (empty) payload never change, and
 -- PostgreSQL folds identical notifications of one transaction into one. It is delivered when the

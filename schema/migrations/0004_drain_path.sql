@@ -1,4 +1,7 @@
--- The drain path (bench/README.md has the measurements behind each change).
+-- 0004: the drain path: the variant-state upsert records the job a variant moved from, free space
+-- on the pages of variant states and checkpoints, and outbox_variant_states_merge.
+--
+-- Why and the figures: docs/decisions/0002-one-statement-drain.md.
 
 -- The variant-state upsert records the job a variant moved from, read from the row it replaces
 -- (ON CONFLICT DO UPDATE sees it), so finding the jobs to refold takes no second index lookup per

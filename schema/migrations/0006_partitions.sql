@@ -1,5 +1,7 @@
--- Partitioned scale-out (README: "Scaling out"): a job's events share one partition, chosen by a
--- stable hash of its id; each partition has its own checkpoint and one worker at a time.
+-- 0006: partitioned scale-out: the partition count, the md5 partition hash written into
+-- outbox_partition_of, and capture of a variant moved to another job in the partition it left.
+--
+-- Why: docs/decisions/0010-partition-by-md5.md.
 
 -- The partition count. Changed only by `outbox repartition`, which waits for a drained outbox
 -- while writers are held back (processor/repartition.py): events are never routed by a count

@@ -1,26 +1,7 @@
--- 0008: one test on the writers' common path. What capture adds to a single-variant update
--- transaction went from about 131,000 to about 116,000 server instructions
--- (bench/capture_instructions.sh). What is captured, and what is refused, is unchanged.
+-- 0008: the writers' common update is captured by one expression; every other update takes 0007's
+-- rules, in their order. What is captured, and what is refused, is unchanged.
 --
--- Why: PL/pgSQL builds the executable state of each expression it evaluates again in every
--- transaction (its expression states live in a per-transaction context), at a cost of a few
--- thousand instructions each whatever the expression's size. The 0007 function evaluated four
--- IF expressions on every captured update (nothing changed? valid? leaving its job? has a job?).
--- Nearly every update a pipeline writes is the same shape: a variant that stays in its job gets a
--- valid new status or step. One expression recognises that shape and appends its event; every
--- other update (nothing the processor folds changed, a bad status or step, a variant given another
--- id, moved or detached, or without a job) takes the 0007 path, written out again below, whose
--- rarer branches append through outbox_append_variant_event (the same row, checked by
--- tests/integration/test_capture.py).
---
--- The trade-off: the rarer shapes pay a little more than under 0007. An update that changes
--- nothing captured (updated_at only) evaluates two expressions instead of one, a few thousand
--- instructions more; a move, an attach or a new id appends its variant_changed through
--- outbox_append_variant_event, a nested PL/pgSQL call (about 19,000 more, 0007).
---
--- Measured and not done (bench/README.md, "Writer path"): dropping the variant_id index (about
--- 15,000 instructions; `outbox replay` reads by it) and the event_id primary key (about 11,000
--- more; dead letters, `events` and `prune` look events up by it).
+-- Why and the figures (131,000 to 116,000 instructions): docs/decisions/0005-one-expression-capture.md.
 
 CREATE OR REPLACE FUNCTION outbox_capture_variant_update() RETURNS trigger
 LANGUAGE plpgsql

@@ -1,7 +1,8 @@
--- 0009: no wrong state, whatever runs at the same time. Each rule below has one home, which
--- every statement that needs it calls: the newest state of a variant, reading an event, the fold
--- configuration, what "pending" means. (Writing job state has one too: the query jobs_write in
--- processor/queries.sql.) docs: README "Design" and "Operating it".
+-- 0009: no wrong state, whatever runs at the same time: the newest state of a variant, reading an
+-- event, the fold configuration and "pending" each get one SQL home; a transaction's later captures
+-- append the row as it is; jobs waiting to be folded record since when and when to retry.
+--
+-- Why: docs/decisions/0006-one-home-per-rule-under-concurrency.md.
 
 -- 1. The newest state of a variant: the highest version, then the highest event id (two events of
 -- one version exist only when written by hand). The merge into outbox_variant_states, the baseline
@@ -69,15 +70,7 @@ AS $$
     SELECT count(*) FROM merged
 $$;
 
--- 2. Reading an event. What the drain, replay's rebuild and prune's baseline make of one event,
--- decided once (processor.decode makes the same decision in Python, with the reason, for the
--- events this leaves unreadable; tests/integration/test_drain_path.py checks the two agree).
--- Readable: the common valid shapes of outbox.events, with a job, a variant and a version that
--- capture issued (at least 1, at most the sequence's last value, which the caller reads once per
--- statement and passes in). A version beyond what capture ever issued can only be written by hand;
--- such an event has no place in its variant's order, so it is never applied (a dead letter that
--- holds its job) rather than freezing the variant at a version nothing can pass.
--- A set-returning SQL function, so the planner inlines it into the caller's statement.
+-- 2. Reading an event, decided once for the drain, replay's rebuild and prune's baseline.
 CREATE FUNCTION outbox_event_decode(
     p_event_type text, p_schema_version integer, p_job_id uuid, p_variant_id uuid, p_version bigint,
     p_payload jsonb, p_versions_issued bigint
@@ -120,10 +113,7 @@ CREATE FUNCTION outbox_unreadable_problem(p_event_id bigint, p_reason text) RETU
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 AS $$ SELECT format('event %s is a dead letter: %s', p_event_id, coalesce(p_reason, 'it cannot be read')) $$;
 
--- A dead letter that names a job but has no trustworthy place in its variant's order (no variant,
--- no version, or a version capture never issued) holds its job: the job is flagged, its state left
--- as it was, until the dead letter is retried or discarded. (A dead letter with a place in the
--- order is a problem state of its variant instead, until a newer change of the variant.)
+-- A dead letter with no trustworthy place in its variant's order holds its job.
 ALTER TABLE outbox_dead_letters ADD COLUMN holds_job boolean NOT NULL DEFAULT false;
 CREATE INDEX outbox_dead_letters_holding_idx ON outbox_dead_letters (job_id) WHERE holds_job AND discarded_at IS NULL;
 
@@ -134,11 +124,7 @@ ALTER TABLE outbox_dirty_jobs
     ADD COLUMN queued_at timestamptz NOT NULL DEFAULT clock_timestamp(),
     ADD COLUMN retry_at timestamptz;
 
--- 4. The fold configuration lives in the database, so that every worker and operation folds with
--- the same one: set by `outbox migrate`, changed by `outbox pipeline set` (which folds every job
--- again). version counts the changes; each checkpoint records the version its partition folds
--- with, so that a worker holding an older one notices when it locks the checkpoint (the change
--- updates every checkpoint row, under their locks).
+-- 4. The fold configuration, in the database; each checkpoint records the version it folds with.
 CREATE TABLE outbox_fold_config (
     only_row       boolean PRIMARY KEY DEFAULT true CHECK (only_row),
     pipeline_steps text[] CHECK (cardinality(pipeline_steps) >= 1),  -- NULL until `outbox migrate` sets it
@@ -151,21 +137,8 @@ INSERT INTO outbox_fold_config DEFAULT VALUES;
 
 ALTER TABLE outbox_checkpoints ADD COLUMN fold_config_version integer NOT NULL DEFAULT 0;
 
--- 5. Capture keeps a variant's newest version carrying the state its row has at commit, whatever
--- runs inside the writer's transaction. A change's capture fires after the change, but not always
--- before a later change of the same row is made and captured: an AFTER trigger of the application
--- that changes the row again (an "auto-advance" that re-queues a finished step onto the next) and
--- whose name sorts first, a function called from the statement (in RETURNING, in a SET expression
--- of a later row, in the outer query of a data-modifying CTE), a cascade. The earlier change would
--- then get the newer version.
--- The rule that holds whatever the order: the first capture of a transaction appends the change as
--- the statement wrote it (NEW); every later capture of the transaction appends the row as it is at
--- that moment, read from the table. The last capture of a row fires after every change of it, so
--- if it is not the transaction's first capture it reads the row's final state; if it is the first,
--- it is the row's only captured change. outbox.captured (a setting local to the transaction, and
--- to a savepoint that rolls back) marks that a capture happened. A transaction that changes one
--- variant (the common writer) stays on the one-expression path of 0008; each further change of a
--- transaction pays a read of its row.
+-- 5. The first capture of a transaction appends the change as written; every later capture
+-- appends the row as it is now (outbox.captured marks that a capture happened).
 CREATE FUNCTION outbox_capture_change(
     p_old_id uuid, p_old_job uuid, p_new_id uuid, p_new_job uuid, p_new_status text, p_new_step text
 ) RETURNS void
@@ -263,13 +236,7 @@ BEGIN
 END
 $$;
 
--- 6. What "pending" means, once: an event is pending until its effect is in job state, that is
--- until its transaction is visible in its partition's done snapshot (not applied yet, or applied by
--- a catch-up still open, whose jobs are folded when it closes). With the jobs waiting in
--- outbox_dirty_jobs, that is all the work left. `outbox backlog`, `verify` (pending work is in
--- flight, not drift), `repartition` (it waits for none), the metrics and the tests read it here.
--- NULL: every partition. Inlined into the caller (a set-returning SQL function), so each
--- partition's part is one range read of the position index.
+-- 6. What "pending" means, once: not yet visible in its partition's done snapshot.
 CREATE FUNCTION outbox_events_pending(p_partition integer) RETURNS SETOF outbox_events
 LANGUAGE sql STABLE
 AS $$

@@ -1,7 +1,8 @@
--- 0010: safe to adopt on a real team's database. Job state has one writer, and every other write
--- of it is refused at once, whatever makes it; an explicit hold is how the application sets a
--- job's state itself. (The column types of the application's tables are followed by functions
--- that `outbox migrate` writes for them: processor/migrate.py, column_casts.)
+-- 0010: job state has one writer: a guard refuses any other write of jobs.status and
+-- jobs.current_step, holds let the application set a job's state itself, and cast functions follow
+-- the application's column types.
+--
+-- Why: docs/decisions/0008-job-state-has-one-writer.md.
 
 -- 1. Job state belongs to the processor. A change of jobs.status or jobs.current_step by anything
 -- else (the legacy aggregation trigger in any form, a helper it calls, a support tool's UPDATE,

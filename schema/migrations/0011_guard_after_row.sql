@@ -1,12 +1,7 @@
--- 0011: the guard of job state sees the row as it is written, and leaves the columns' types alone.
+-- 0011: the guard of job state becomes an AFTER ROW trigger with no column list, so that it sees the
+-- row as written and leaves the columns' types free to change.
 --
--- 0010's guard was a BEFORE trigger with a column list and a WHEN clause on the two columns. An
--- application's own BEFORE trigger on jobs that fires after it (triggers fire in name order) could
--- still change jobs.status, unseen; and the column list and WHEN clause made the two columns
--- depend on the trigger, so that `ALTER TABLE jobs ALTER current_step TYPE ...` (widening a
--- varchar) was refused. As an AFTER ROW trigger it sees the row every BEFORE trigger has made; with
--- no column list and a WHEN clause that reads only the writer's setting, nothing depends on the
--- columns, and the processor's own writes are not even queued.
+-- Why: docs/decisions/0008-job-state-has-one-writer.md.
 DROP TRIGGER IF EXISTS outbox_guard_job_state ON jobs;
 
 CREATE OR REPLACE FUNCTION outbox_guard_job_state() RETURNS trigger

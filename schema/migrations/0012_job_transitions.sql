@@ -1,20 +1,8 @@
--- 0012: job transitions, written with the job state, and durable subscriptions that follow them.
+-- 0012: job transitions, appended with the job state under one ordering lock, and durable
+-- subscriptions that follow them; holds stage their transition; the guard's token is processor:12.
 --
--- Every change of a job's (status, current_step) appends one row to outbox_job_transitions in the
--- transaction that writes it: the processor's (processor/queries.sql, jobs_write); a hold's
--- (outbox_hold_job below) is staged with it and published by the processor. Subscribers (outbox.Subscriber, `outbox deliver`) read the rows after
--- their position and move it when they acknowledge.
---
--- The order. Transition ids come from an identity column, and every transaction that appends
--- transitions (the processor's only) first takes one transaction-scoped lock
--- (outbox_transitions_lock), held until it ends: transactions that append transitions commit one after the other, in the order of their
--- ids. So a reader that sees a transition sees every transition with a lower id (the one before it
--- committed before the later one took the lock), and "the transitions after my position" never
--- misses one committed late: one number is a complete position, for every partition at once, and
--- it survives `outbox repartition`. Folding batches of different partitions serialise only from
--- their transition write (their last statement) to their commit (README, "Reacting to job
--- transitions"). Written so that it can run again on a database that has it (IF NOT EXISTS, OR
--- REPLACE): nothing is lost.
+-- Why: docs/decisions/0007-transitions-ordered-by-one-lock.md. Safe to run again (IF NOT EXISTS,
+-- OR REPLACE).
 
 CREATE TABLE IF NOT EXISTS outbox_job_transitions (
     transition_id   bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
@@ -59,12 +47,7 @@ CREATE TABLE IF NOT EXISTS outbox_subscription_failures (
     PRIMARY KEY (subscription, transition_id)
 );
 
--- A hold's transition (outbox_hold_job, below) is written by the application's transaction, which
--- must never take the lock above: an open application transaction would stall every worker. It
--- is staged here, in that transaction, and published (given its id, under the lock) by the
--- processor: first thing in every statement that writes job state (so before the transition that
--- follows it: the processor writes a held job only once it sees the hold's commit, and with it
--- the staged row), and by an idle worker.
+-- A hold's transition, staged by the application's transaction, published by the processor.
 CREATE TABLE IF NOT EXISTS outbox_job_transitions_staged (
     staged_id       bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     job_id          uuid NOT NULL,
@@ -133,10 +116,7 @@ BEGIN
 END
 $$;
 
--- The processor's writes now carry their transitions: the guard lets through only the processor
--- that writes them (the token jobs_write sets), so that a worker older than this migration, still
--- running during a rolling upgrade, is refused at its next write of job state (it stops with the
--- guard's error) instead of writing job states without transitions. Otherwise as in 0011.
+-- The guard lets through only the processor that writes transitions (token processor:12).
 CREATE OR REPLACE FUNCTION outbox_guard_job_state() RETURNS trigger
 LANGUAGE plpgsql
 AS $$

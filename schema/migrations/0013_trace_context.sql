@@ -1,18 +1,8 @@
--- 0013: trace context: an event carries its writer's OpenTelemetry trace context, and a job
--- transition the trace context of the event that caused it (README, "Tracing").
+-- 0013: trace context: an event carries its writer's trace context (outbox.traceparent), a job
+-- transition that of the event that caused it; the guard's token is processor:13.
 --
--- The write API (outbox.writer) sets the W3C traceparent of the caller's span, when there is one,
--- in a setting local to the writer's transaction (outbox.traceparent: update_variant's UPDATE
--- itself, create_job a statement before its INSERT); capture copies it into the events it appends.
--- Nobody else sets it: a plain SQL writer's event gets NULL. What capture pays for it is the
--- column (about 2% of a single-variant update transaction's server instructions) and one read of
--- an unset setting per event (bench/README.md, "Tracing"). The processor copies an
--- event's trace_parent to the transitions its batch writes (processor/queries.sql, events_apply
--- and transitions_append), and a subscriber's handler span is a child of it.
---
--- The columns are nullable without a default: adding them rewrites nothing. The setting is read
--- as nullif(..., ''): a custom setting once set in a session reads '' after its transaction ends.
--- Written so that it can run again on a database that has it (IF NOT EXISTS, OR REPLACE).
+-- Why and the figures (+2.2% of a writer transaction): docs/decisions/0009-trace-context-in-events.md.
+-- Safe to run again (IF NOT EXISTS, OR REPLACE).
 
 ALTER TABLE outbox_events ADD COLUMN IF NOT EXISTS trace_parent text;
 ALTER TABLE outbox_job_transitions ADD COLUMN IF NOT EXISTS trace_parent text;
@@ -75,10 +65,7 @@ BEGIN
 END
 $$;
 
--- The processor's token is now processor:13 (processor/queries.sql, jobs_write): a worker of
--- 0012, still running during a rolling upgrade, is refused at its next write of job state (it
--- would write transitions without their trace context), as 0012 refused the workers before it.
--- Otherwise as in 0012.
+-- The processor's token is now processor:13; an older worker is refused at its next write.
 CREATE OR REPLACE FUNCTION outbox_guard_job_state() RETURNS trigger
 LANGUAGE plpgsql
 AS $$

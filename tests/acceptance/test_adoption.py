@@ -10,13 +10,13 @@ migrate`; afterwards every job equals the reference computed from jobs_variants.
 from __future__ import annotations
 
 import random
-import threading
 import uuid
 
 import psycopg
 import pytest
 
-from processor.database import DatabaseUrl, connect
+from processor import workload
+from processor.database import connect
 from tests.acceptance.test_cli import outbox_cli
 from tests.fix_database import subprocess_env
 from tests.helpers import AUTO_ADVANCE
@@ -133,40 +133,6 @@ def fill(conn: psycopg.Connection, rng: random.Random, jobs: int) -> list[uuid.U
     return variants
 
 
-class Writers:
-    """Plain-SQL writers of jobs_variants (the team's own code), until stopped."""
-
-    def __init__(self, db: DatabaseUrl, variants: list[uuid.UUID], count: int = 4) -> None:
-        self.stop_requested = threading.Event()
-        self.errors: list[BaseException] = []
-        self.committed = 0
-        self._threads = [threading.Thread(target=self._write, args=(db, variants[i::count], i)) for i in range(count)]
-
-    def __enter__(self) -> Writers:
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop_requested.set()
-        for thread in self._threads:
-            thread.join(timeout=60)
-
-    def _write(self, db: DatabaseUrl, mine: list[uuid.UUID], seed: int) -> None:
-        rng = random.Random(seed)
-        try:
-            with connect(db, application_name=f"team-writer-{seed}") as conn:
-                while not self.stop_requested.is_set():
-                    status, step = rng.choice(STATUSES), rng.choice(STEPS)
-                    conn.execute(
-                        "UPDATE jobs_variants SET status = %s, current_step = %s WHERE job_variants_id = %s",
-                        [status, step, rng.choice(mine)],
-                    )
-                    self.committed += 1
-        except BaseException as exc:
-            self.errors.append(exc)
-
-
 def outbox_tables(conn: psycopg.Connection) -> int:
     return conn.execute("SELECT count(*) FROM pg_class WHERE relname LIKE 'outbox\\_%%' AND relkind = 'r'").fetchone()[
         0
@@ -181,7 +147,8 @@ def test_adoption_on_the_team_schema_under_writers_ends_equal_to_the_reference(k
         conn.execute(team_schema(kind).encode())
         variants = fill(conn, rng, 40)
         legacy_before = conn.execute("SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'legacy\\_%%'").fetchone()[0]
-        with Writers(empty_db, variants) as writers:
+        # The team's own code: plain-SQL updates of jobs_variants, until stopped (processor.workload).
+        with workload.UpdateWriters(empty_db, variants, writers=4, seed=13, statuses=STATUSES) as writers:
             dry = outbox_cli("migrate", "--dry-run", env=env)
             assert dry.returncode == 0, dry.stdout + dry.stderr
             assert "nothing was changed" in dry.stdout
@@ -197,9 +164,9 @@ def test_adoption_on_the_team_schema_under_writers_ends_equal_to_the_reference(k
             assert migrated.returncode == 0, migrated.stdout + migrated.stderr
             for i in range(len(LEGACY_FORMS)):
                 assert f"removed legacy trigger legacy_{i}" in migrated.stdout, migrated.stdout
-            writers.stop_requested.set()
+            writers.stop()
         assert not writers.errors, repr(writers.errors[0])
-        assert writers.committed > 0
+        assert writers.written > 0
         assert conn.execute("SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'legacy\\_%%'").fetchone()[0] == 0
         # The application's index is used, not doubled.
         assert conn.execute("SELECT to_regclass('outbox_jobs_variants_job_id_idx')").fetchone()[0] is None

@@ -171,6 +171,7 @@ def test_each_connection_checks_what_the_sync_api_checks(
                 with pytest.raises((ValueError, LookupError, pydantic.ValidationError)) as caught:
                     async with transaction() as c:
                         await attempt(c)
+                assert isinstance(caught.value, outbox.OutboxError)  # and still the builtin it was (outbox.errors)
                 messages.append(f"{type(caught.value).__name__}: {str(caught.value).splitlines()[0]}")
             # What the database refuses (a column the table lacks, a value too long for its column,
             # a variant row that violates NOT NULL) comes from the driver as for the application's
@@ -189,8 +190,8 @@ def test_each_connection_checks_what_the_sync_api_checks(
 
     messages = asyncio.run(refused())
     assert [m.split(":")[0] for m in messages] == [
-        "ValidationError", "UnknownStepError", "VariantNotFoundError", "ValueError", "ValueError",
-        "UnknownStepError", "ValueError", "ValueError", "database", "database", "database",
+        "InvalidEventError", "UnknownStepError", "VariantNotFoundError", "InvalidArgumentError", "InvalidArgumentError",
+        "UnknownStepError", "InvalidArgumentError", "InvalidArgumentError", "database", "database", "database",
     ], messages  # fmt: skip
     assert 'column "no_such_column" of relation "jobs" does not exist' in messages[8]
     assert "value too long for type character(5)" in messages[9]  # refused, not cut short

@@ -230,8 +230,8 @@ def test_held_jobs_are_listed_by_verify_and_left_out_of_drift_and_replay(conn, e
         outbox.hold_job(sa, job, status="failed", reason="cancelled by support")
     report = verify(conn)
     assert report.ok and not report.stuck_jobs and not report.job_drift  # all variants done, yet not "stuck"
-    held = [(h["job_id"], h["status"], h["reason"]) for h in report.held]
-    assert held == [(str(job), "failed", "cancelled by support")]
+    held = [(h.job_id, h.status, h.reason) for h in report.held]
+    assert held == [(job, "failed", "cancelled by support")]
     assert rebuild_jobs(conn, [job], dry_run=True) == []
     assert rebuild_jobs(conn, [job], dry_run=False) == []
     assert job_state(conn, job) == ("failed", None)

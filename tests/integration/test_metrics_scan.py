@@ -7,12 +7,15 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 import outbox
 from processor import schema_check
 from processor.database import DatabaseUrl, connect
 from processor.decode import DeadLetterClass
 from processor.metrics import WorkerMetrics, product_version
+from processor.store import ClusterDuty
+from processor.testsignal import Signal, Signals
 from processor.worker import Worker
 from tests.fix_database import make_settings
 from tests.helpers import drain, finish_jobs, wait_for
@@ -38,6 +41,11 @@ def refreshing(metrics: WorkerMetrics, db: DatabaseUrl, every: float = 0.05) -> 
         thread.join(30)
 
 
+def scans(signals: Signals, metrics: WorkerMetrics, count: int = 1) -> Any:
+    """Expect ``count`` passes of ``metrics``' refresh that scanned (it holds the election)."""
+    return signals.expect(Signal.CLUSTER_DUTY_DONE, duty=ClusterDuty.METRICS_SCAN, scanner=metrics, count=count)
+
+
 def value(metrics: WorkerMetrics, name: str, **labels: str) -> float | None:
     return metrics.registry.get_sample_value(name, labels)
 
@@ -49,11 +57,12 @@ def fresh(metrics: WorkerMetrics) -> None:
         assert metrics.refreshed.wait(30), "no refresh pass"
 
 
-def test_one_worker_scans_the_others_export_none_and_one_takes_over(db, engine):
+def test_one_worker_scans_the_others_export_none_and_one_takes_over(db, engine, signals):
     finish_jobs(engine, 2)  # pending events to count
     first, second = WorkerMetrics(), WorkerMetrics()
-    with refreshing(first, db) as stop_first:
-        wait_for(lambda: value(first, "outbox_metrics_scanner") == 1, what="the first to scan")
+    with scans(signals, first) as first_scanned, refreshing(first, db) as stop_first:
+        first_scanned.wait()
+        assert value(first, "outbox_metrics_scanner") == 1
         with refreshing(second, db):
             fresh(second)
             assert value(second, "outbox_metrics_scanner") == 0
@@ -66,14 +75,16 @@ def test_one_worker_scans_the_others_export_none_and_one_takes_over(db, engine):
             assert value(second, "outbox_dead_letters", reason="other") is None
             assert value(second, "outbox_partitions") == 1  # not a scan: every worker tells it
 
-            stop_first.set()  # its connection closes, and the lock with it
-            wait_for(lambda: value(second, "outbox_metrics_scanner") == 1, what="the second to take over")
+            with scans(signals, second) as second_scanned:
+                stop_first.set()  # its connection closes, and the lock with it
+            second_scanned.wait()  # the second took over
+            assert value(second, "outbox_metrics_scanner") == 1
             assert value(second, "outbox_pending_events", partition="0") == 8
             wait_for(lambda: value(first, "outbox_metrics_scanner") == 0, what="the first to stop")
             assert value(first, "outbox_pending_events", partition="0") is None  # no stale copy
 
 
-def test_dead_letters_by_reason_class_and_flagged_jobs(db, conn, engine, settings):
+def test_dead_letters_by_reason_class_and_flagged_jobs(db, conn, engine, settings, signals):
     with engine.begin() as sa:
         job, (variant, other) = outbox.create_job(sa, variants=2)
         step_job, (stepped,) = outbox.create_job(sa, variants=1)
@@ -86,8 +97,8 @@ def test_dead_letters_by_reason_class_and_flagged_jobs(db, conn, engine, setting
                  [stepped])  # fmt: skip
     drain(settings)
     metrics = WorkerMetrics()
-    with refreshing(metrics, db):
-        wait_for(lambda: value(metrics, "outbox_metrics_scanner") == 1, what="a scan")
+    with scans(signals, metrics) as scanned, refreshing(metrics, db):
+        scanned.wait()
         by_class = {kind: value(metrics, "outbox_dead_letters", reason=str(kind)) for kind in DeadLetterClass}
         flagged = value(metrics, "outbox_flagged_jobs")
     assert by_class == {
@@ -106,7 +117,7 @@ def test_dead_letters_by_reason_class_and_flagged_jobs(db, conn, engine, setting
     )
 
 
-def test_the_oldest_open_transaction_that_wrote_events(db, conn, engine):
+def test_the_oldest_open_transaction_that_wrote_events(db, conn, engine, signals):
     with engine.begin() as sa:
         _, (variant,) = outbox.create_job(sa, variants=1)
     metrics = WorkerMetrics()
@@ -117,17 +128,18 @@ def test_the_oldest_open_transaction_that_wrote_events(db, conn, engine):
         # An open transaction with an id that wrote no event holds nothing back.
         other.execute("CREATE TEMP TABLE t (x int)")
         other.execute("INSERT INTO t VALUES (1)")
-        with refreshing(metrics, db):
-            wait_for(lambda: value(metrics, "outbox_metrics_scanner") == 1, what="a scan")
+        with scans(signals, metrics) as scanned, refreshing(metrics, db):
+            scanned.wait()
             assert value(metrics, "outbox_oldest_open_transaction_age_seconds") == 0
             writer.execute("SELECT pg_sleep(0.3)")  # its transaction begins here
-            writer.execute("UPDATE jobs_variants SET status = 'running' WHERE job_variants_id = %s", [variant])
-            wait_for(
-                lambda: (value(metrics, "outbox_oldest_open_transaction_age_seconds") or 0) >= 0.3,
-                what="the open writer's age",
-            )
-            writer.commit()
-            wait_for(lambda: value(metrics, "outbox_oldest_open_transaction_age_seconds") == 0, what="none open")
+            with scans(signals, metrics, count=2) as scanned:  # the second began after the write
+                writer.execute("UPDATE jobs_variants SET status = 'running' WHERE job_variants_id = %s", [variant])
+            scanned.wait()
+            assert (value(metrics, "outbox_oldest_open_transaction_age_seconds") or 0) >= 0.3  # the open writer
+            with scans(signals, metrics, count=2) as scanned:
+                writer.commit()
+            scanned.wait()
+            assert value(metrics, "outbox_oldest_open_transaction_age_seconds") == 0  # none open
         other.rollback()
 
 

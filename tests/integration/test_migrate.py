@@ -11,7 +11,8 @@ from processor import fold_config
 from processor.database import connect
 from processor.errors import SchemaError
 from processor.fold import Pipeline
-from processor.migrate import check_ready, migrate, migrations
+from processor.migrate import check_ready, latest_version, migrate, migrations
+from processor.store import migrations as schema_store
 from processor.worker import Worker
 from tests.fix_database import TEST_STEPS, make_settings
 from tests.helpers import drain, job_state
@@ -123,3 +124,26 @@ def test_a_fresh_install_has_every_object_under_the_product_prefix(db, conn):
     ).fetchall()
     application = {"jobs", "jobs_pkey", "jobs_variants", "jobs_variants_pkey"}
     assert all(name.startswith("outbox_") or name in application for (name,) in objects), objects
+
+
+def test_a_later_migration_cannot_readmit_a_worker_an_earlier_one_stopped_serving(empty_db):
+    """Migrations 14 (serving 14), 15 (serving 15), 16 (serving 14): 15 may have dropped what a version-14
+    worker calls, so the schema serves workers from 15 on, whatever 16 declares (decision 0013)."""
+    worker = latest_version()
+    with connect(empty_db, application_name="t") as conn:
+        migrate(conn, pipeline=Pipeline(TEST_STEPS))
+        conn.execute(
+            "INSERT INTO outbox_schema_migrations (version, name, serves_workers_from) "
+            "VALUES (%s, 'stops_serving', %s), (%s, 'serves_again', %s)",
+            [worker + 1, worker + 1, worker + 2, worker],
+        )
+        state = schema_store.migrations_state(conn)
+        assert (state.version, state.serves_workers_from) == (worker + 2, worker + 1)
+        with pytest.raises(SchemaError) as refused:
+            check_ready(conn)
+        assert str(refused.value) == (
+            f"the outbox schema is at version {worker + 2}, newer than this worker knows ({worker}), and serves "
+            f"workers of version {worker + 1} and newer: upgrade the worker"
+        )
+        conn.execute("DELETE FROM outbox_schema_migrations WHERE version = %s", [worker + 1])
+        check_ready(conn)  # without 15, 16 serving 14 serves this worker

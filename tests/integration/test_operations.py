@@ -6,7 +6,8 @@ import random
 import threading
 
 import outbox
-from processor.backlog import collect_backlog
+from processor import workload
+from processor.backlog import TopJob, collect_backlog
 from processor.database import connect
 from processor.dead_letters import discard, list_dead_letters, retry
 from processor.prune import parse_duration, prune
@@ -18,20 +19,15 @@ from tests.helpers import drain, job_state, make_jobs, write_jobs_behind_the_pro
 from tests.reference import actual_job_states, reference_job_states
 
 STEPS = ("ingest", "detect", "segment", "iou_eval")
-MOVE = "UPDATE jobs_variants SET status = %s, current_step = %s WHERE job_variants_id = %s"
 
 
 def random_moves(conn, jobs, rng: random.Random, count: int) -> int:
-    variants = [v for vs in jobs.values() for v in vs]
-    for _ in range(count):
-        conn.execute(MOVE, [rng.choice(["running", "done", "failed"]), rng.choice(STEPS), rng.choice(variants)])
-    return count
+    """``count`` random plain-SQL updates of the variants of ``jobs``."""
+    return workload.random_updates(conn, [v for vs in jobs.values() for v in vs], rng, count)
 
 
-def finish_all(conn, jobs) -> None:
-    conn.execute(
-        "UPDATE jobs_variants SET status = 'done', current_step = 'iou_eval' WHERE job_id = ANY(%s)", [list(jobs)]
-    )
+def move(conn, variant, status: str, step: str) -> None:
+    workload.write_variant(conn, variant, status, step, plain_sql=True)
 
 
 def test_backlog_counts_exactly_what_was_written_and_drops_to_zero(conn, engine, settings):
@@ -43,25 +39,25 @@ def test_backlog_counts_exactly_what_was_written_and_drops_to_zero(conn, engine,
     conn.execute("UPDATE jobs_variants SET current_step = 'detect' WHERE job_id = %s", [top_job])
 
     report = collect_backlog(conn, 0)
-    assert report["pending_events"] == created + started + len(jobs[top_job])
-    assert report["pending_top_jobs"][0] == {"job_id": str(top_job), "pending_events": 3 * len(jobs[top_job])}
-    assert report["pending_by_event_type"] == {"variant_changed": report["pending_events"]}
-    assert report["oldest_pending_age_seconds"] >= 0
-    assert report["consumer"] is None and report["standbys"] == 0
-    assert report["blocking_transactions"] == []
+    assert report.pending_events == created + started + len(jobs[top_job])
+    assert report.pending_top_jobs[0] == TopJob(top_job, pending_events=3 * len(jobs[top_job]))
+    assert report.pending_by_event_type == {"variant_changed": report.pending_events}
+    assert report.oldest_pending_age_seconds is not None and report.oldest_pending_age_seconds >= 0
+    assert report.consumer is None and report.standbys == 0
+    assert report.blocking_transactions == ()
 
     # An open transaction's events are not pending (not committed) and hold nothing back.
     with connect(settings.database(), application_name="open", autocommit=False) as open_tx:
-        open_tx.execute(MOVE, ["running", "segment", jobs[top_job][0]])
+        move(open_tx, jobs[top_job][0], "running", "segment")
         drain(settings)
         after = collect_backlog(conn, 0)
-        assert after["pending_events"] == 0
-        assert after["checkpoint"]["events_applied"] == report["pending_events"]
-        assert after["checkpoint"]["last_event_id"] is not None
+        assert after.pending_events == 0
+        assert after.checkpoint.events_applied == report.pending_events
+        assert after.checkpoint.last_event_id is not None
         open_tx.commit()
-    assert collect_backlog(conn, 0)["pending_events"] == 1
+    assert collect_backlog(conn, 0).pending_events == 1
     drain(settings)
-    assert collect_backlog(conn, 0)["pending_events"] == 0
+    assert collect_backlog(conn, 0).pending_events == 0
 
 
 def test_replay_restores_corrupted_jobs_and_dry_run_changes_nothing(conn, engine, settings):
@@ -98,14 +94,6 @@ def test_replay_during_live_processing_under_concurrent_writers_equals_the_refer
     stop = threading.Event()
     errors: list[BaseException] = []
 
-    def writer(seed: float) -> None:
-        wrng = random.Random(seed)
-        try:
-            with connect(db, application_name="writer") as wconn:
-                random_moves(wconn, jobs, wrng, 400)
-        except BaseException as exc:
-            errors.append(exc)
-
     def replayer() -> None:
         try:
             with connect(db, application_name="replayer") as rconn:
@@ -114,14 +102,13 @@ def test_replay_during_live_processing_under_concurrent_writers_equals_the_refer
         except BaseException as exc:
             errors.append(exc)
 
-    writers = [threading.Thread(target=writer, args=(rng.random(),)) for _ in range(4)]
+    variants = [v for vs in jobs.values() for v in vs]
     replay_thread = threading.Thread(target=replayer)
     replay_thread.start()
-    for thread in writers:
-        thread.start()
-    for thread in writers:
-        thread.join()
-    finish_all(conn, list(jobs)[:20])
+    with workload.UpdateWriters(db, variants, writers=4, seed=rng.random(), updates=400) as writers:
+        writers.join()
+    errors.extend(writers.errors)
+    workload.finish_jobs(conn, list(jobs)[:20])
     stop.set()
     replay_thread.join()
     worker.stop()
@@ -139,7 +126,7 @@ def test_replay_during_live_processing_under_concurrent_writers_equals_the_refer
 def test_verify_reports_drift_and_repair_restores_through_the_processor(conn, engine, settings):
     rng = random.Random(4)
     jobs = make_jobs(engine, 10, rng)
-    finish_all(conn, list(jobs)[:5])
+    workload.finish_jobs(conn, list(jobs)[:5])
     random_moves(conn, {j: v for j, v in list(jobs.items())[5:]}, rng, 20)
     drain(settings)
     assert not verify(conn).drift
@@ -148,14 +135,14 @@ def test_verify_reports_drift_and_repair_restores_through_the_processor(conn, en
     write_jobs_behind_the_processor(conn, "UPDATE jobs SET status = 'running' WHERE job_id = %s", [stuck_job])
     hidden_variant = jobs[list(jobs)[6]][0]
     conn.execute("ALTER TABLE jobs_variants DISABLE TRIGGER USER")  # a write the outbox never saw
-    conn.execute(MOVE, ["done", "iou_eval", hidden_variant])
+    move(conn, hidden_variant, "done", "iou_eval")
     conn.execute("ALTER TABLE jobs_variants ENABLE TRIGGER USER")
 
     report = verify(conn)
     assert report.drift
-    assert [d["job_id"] for d in report.stuck_jobs] == [str(stuck_job)]
-    assert str(stuck_job) in {d["job_id"] for d in report.job_drift}
-    assert [d["variant_id"] for d in report.variant_drift] == [str(hidden_variant)]
+    assert [d.job_id for d in report.stuck_jobs] == [stuck_job]
+    assert stuck_job in {d.job_id for d in report.job_drift}
+    assert [d.variant_id for d in report.variant_drift] == [hidden_variant]
 
     repaired = repair(conn, report, wait=0)  # the worker is not running: the resync event waits for it
     assert repaired.resync_events == 1 and repaired.jobs_rebuilt >= 1 and repaired.not_applied == 1
@@ -175,20 +162,20 @@ def test_dead_letters_do_not_stop_later_events_and_retry_applies_them_once_fixed
         "VALUES ('variant_changed', 1, %s, %s, nextval('outbox_variant_versions'), %s)",
         [bad_job, bad_variant, '{"status": "exploded", "step": "ingest"}'],
     )
-    finish_all(conn, [other_job])
+    workload.finish_jobs(conn, [other_job])
     drain(settings)
     assert job_state(conn, other_job) == ("done", "iou_eval")  # later events kept flowing
     (letter,) = list_dead_letters(conn)
-    assert letter["job_id"] == str(bad_job) and "status" in letter["reason"]
+    assert letter.job_id == bad_job and "status" in letter.reason
     flagged = conn.execute("SELECT job_id FROM outbox_job_flags").fetchall()
     assert flagged == [(bad_job,)]  # the job is visibly flagged, its state left alone
 
-    assert retry(conn, [letter["event_id"]])[letter["event_id"]].startswith("still failing")
+    assert retry(conn, [letter.event_id])[letter.event_id].startswith("still failing")
     conn.execute(
         'UPDATE outbox_events SET payload = \'{"status": "running", "step": "detect"}\' WHERE event_id = %s',
-        [letter["event_id"]],
+        [letter.event_id],
     )  # the operator fixes the payload
-    assert retry(conn, [letter["event_id"]]) == {letter["event_id"]: "applied"}
+    assert retry(conn, [letter.event_id]) == {letter.event_id: "applied"}
     assert list_dead_letters(conn) == []
     assert job_state(conn, bad_job) == ("running", "ingest")
     assert conn.execute("SELECT count(*) FROM outbox_job_flags").fetchone()[0] == 0
@@ -202,7 +189,7 @@ def test_dead_letters_do_not_stop_later_events_and_retry_applies_them_once_fixed
     drain(settings)
     (letter,) = list_dead_letters(conn)
     assert conn.execute("SELECT job_id FROM outbox_job_flags").fetchall() == [(third_job,)]
-    assert discard(conn, [letter["event_id"]]) == {letter["event_id"]: "discarded"}
+    assert discard(conn, [letter.event_id]) == {letter.event_id: "discarded"}
     assert conn.execute("SELECT count(*) FROM outbox_job_flags").fetchone()[0] == 0
     # (The bad job's events were edited by hand above, so only the others can match jobs_variants.)
     assert actual_job_states(conn)[third_job] == reference_job_states(conn, STEPS)[third_job]
@@ -220,7 +207,7 @@ def test_prune_then_replay_gives_the_same_state_as_replay_without_prune(conn, en
 
     # An unapplied event (its transaction still open) must survive any prune.
     with connect(settings.database(), application_name="open", autocommit=False) as open_tx:
-        open_tx.execute(MOVE, ["running", "segment", jobs[all_jobs[0]][0]])
+        move(open_tx, jobs[all_jobs[0]][0], "running", "segment")
         result = prune(conn, 0, parse_duration("0s"), chunk_size=33)
         open_tx.commit()
     assert result.events_deleted > 0
@@ -238,8 +225,8 @@ def test_replay_of_one_job_never_writes_another_job_from_part_of_its_variants(co
     with engine.begin() as sa:
         job_a, (moving,) = outbox.create_job(sa, variants=1)
         job_b, (b_running,) = outbox.create_job(sa, variants=1)
-    conn.execute(MOVE, ["done", "iou_eval", moving])
-    conn.execute(MOVE, ["running", "segment", b_running])
+    move(conn, moving, "done", "iou_eval")
+    move(conn, b_running, "running", "segment")
     drain(settings)
     prune(conn, 0, parse_duration("0s"))  # the baseline now says `moving` is in job A
     conn.execute("UPDATE jobs_variants SET job_id = %s WHERE job_variants_id = %s", [job_b, moving])
@@ -253,8 +240,8 @@ def test_replay_of_one_job_never_writes_another_job_from_part_of_its_variants(co
 def test_an_event_that_could_never_apply_holds_its_job_until_discarded(conn, engine, settings):
     with engine.begin() as sa:
         job, (v1, v2) = outbox.create_job(sa, variants=2)
-    conn.execute(MOVE, ["done", "iou_eval", v1])
-    conn.execute(MOVE, ["running", "detect", v2])
+    move(conn, v1, "done", "iou_eval")
+    move(conn, v2, "running", "detect")
     (event_id,) = conn.execute(
         "INSERT INTO outbox_events (event_type, schema_version, job_id, variant_id, variant_version, payload) "
         'VALUES (\'variant_changed\', 1, %s, %s, NULL, \'{"status": "done", "step": "iou_eval"}\') RETURNING event_id',
@@ -275,15 +262,15 @@ def test_an_event_that_could_never_apply_holds_its_job_until_discarded(conn, eng
 def test_repair_of_a_variant_detached_behind_the_outbox_removes_it_from_its_job(conn, engine, settings):
     with engine.begin() as sa:
         job, (v1, v2) = outbox.create_job(sa, variants=2)
-    conn.execute(MOVE, ["done", "iou_eval", v1])
-    conn.execute(MOVE, ["failed", "detect", v2])
+    move(conn, v1, "done", "iou_eval")
+    move(conn, v2, "failed", "detect")
     drain(settings)
     assert job_state(conn, job) == ("failed", "detect")
     conn.execute("ALTER TABLE jobs_variants DISABLE TRIGGER USER")
     conn.execute("UPDATE jobs_variants SET job_id = NULL WHERE job_variants_id = %s", [v2])
     conn.execute("ALTER TABLE jobs_variants ENABLE TRIGGER USER")
     report = verify(conn)
-    assert [d["variant_id"] for d in report.variant_drift] == [str(v2)]
+    assert [d.variant_id for d in report.variant_drift] == [v2]
     repair(conn, report, wait=0)
     drain(settings)
     assert job_state(conn, job) == ("done", "iou_eval")

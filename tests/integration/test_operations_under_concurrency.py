@@ -10,7 +10,7 @@ import random
 import uuid
 
 import outbox
-from processor import store
+from processor import store, workload
 from processor.backlog import collect_backlog
 from processor.batch import apply_batch
 from processor.database import connect
@@ -52,10 +52,7 @@ def set_each_variant(conn, jobs, rng: random.Random, choices: list[tuple[str, st
     for variants in jobs.values():
         for variant in variants:
             status, step = rng.choice(choices)
-            conn.execute(
-                "UPDATE jobs_variants SET status = %s, current_step = %s WHERE job_variants_id = %s",
-                [status, step, variant],
-            )
+            workload.write_variant(conn, variant, status, step, plain_sql=True)
 
 
 def test_replay_while_a_repartition_commits_keeps_every_variant_state(db, conn, engine, settings):
@@ -163,7 +160,7 @@ def test_verify_during_a_catch_up_in_several_batches_reports_no_drift(db, conn, 
     made, result, _ = _partial_catch_up(db, conn, engine, jobs=100, batches=3, batch_size=20)
     assert not result.complete  # the catch-up is still open: its jobs are folded once it closes
     report = verify(conn)
-    assert report.job_drift == [] and report.stuck_jobs == [] and report.variant_drift == []
+    assert report.job_drift == () and report.stuck_jobs == () and report.variant_drift == ()
     assert not report.drift
     assert report.jobs_in_flight == len(made)
     drain_all(db)
@@ -175,14 +172,14 @@ def test_backlog_counts_the_jobs_of_a_catch_up_left_open_by_an_exactly_full_batc
     made, result, _ = _partial_catch_up(db, conn, engine, jobs=50, batches=1, batch_size=100)
     assert result.events == 100 and not result.complete  # every event applied, none folded yet
     report = collect_backlog(conn)
-    assert report["pending_events"] + report["jobs_awaiting_fold"] > 0
-    assert report["oldest_pending_age_seconds"] is not None and report["oldest_pending_age_seconds"] > 0
+    assert report.pending_events + report.jobs_awaiting_fold > 0
+    assert report.oldest_pending_age_seconds is not None and report.oldest_pending_age_seconds > 0
     assert store.work_pending(conn) > 0
     assert all(job_state(conn, job)[0] != "done" for job in made)
     drain_all(db)
     report = collect_backlog(conn)
-    assert report["pending_events"] == 0 and report["jobs_awaiting_fold"] == 0
-    assert report["oldest_pending_age_seconds"] is None
+    assert report.pending_events == 0 and report.jobs_awaiting_fold == 0
+    assert report.oldest_pending_age_seconds is None
     assert all(job_state(conn, job) == ("done", "iou_eval") for job in made)
 
 
@@ -253,15 +250,11 @@ def test_a_pipeline_change_refolds_every_job_it_affects(db, conn, engine, settin
 
 
 def _repartition_held_open(db, partitions: int):
-    """`outbox repartition N`, statement by statement, left open at the end of its switch."""
-    from processor.store import QUERIES
-
+    """`outbox repartition N`, step by step (processor/repartition.py), left open at the end of its switch."""
     held = connect(db, application_name=application_name("repartition"), autocommit=False)
-    held.execute(QUERIES["repartition_hold_writers"])
+    store.repartition_hold_writers(held)
     store.checkpoints_lock_all(held)
-    held.execute(QUERIES["repartition_set"], {"partitions": partitions})
-    held.execute(QUERIES["repartition_relabel_events"])
-    held.execute(QUERIES["repartition_checkpoints"], {"partitions": partitions})
+    store.repartition_switch(held, partitions)
     return held
 
 

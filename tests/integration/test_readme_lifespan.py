@@ -1,4 +1,4 @@
-"""The README's lifespan example ("Running it inside your application"), run as written.
+"""The README's lifespan example ("Embedding the worker"), run as written.
 
 The block is taken from README.md by its marker comment and run against a real database; the
 lifespan is driven as an ASGI server drives it (enter at start-up, exit at shutdown), with no web

@@ -7,157 +7,137 @@ import threading
 import time
 import uuid
 from collections import deque
+from dataclasses import dataclass
 
 import pytest
 
-import outbox
+from processor import workload
 from processor.batch import BatchResult
-from processor.database import connect
+from processor.database import DatabaseUrl, connect
 from processor.worker import Worker
 from tests.fix_database import make_settings
 from tests.helpers import pending_work, wait_for
 from tests.reference import actual_job_states, reference_job_states
 
-STEPS = ("ingest", "detect", "segment", "iou_eval")
-STATUSES = ("queued", "running", "done", "failed")
-PLAIN_SQL = (
-    "UPDATE jobs_variants SET status = %(status)s, current_step = %(step)s, updated_at = now() "
-    "WHERE job_variants_id = %(variant_id)s"
-)
+STEPS = workload.STEPS
+JOBS, WRITERS = 300, 8
 
 
-def random_walk(rng: random.Random, completing: bool) -> deque[tuple[str, str]]:
-    """Random moves in random order (backwards too); a completing variant ends done at the final step."""
-    moves = deque((rng.choice(STATUSES), rng.choice(STEPS)) for _ in range(rng.randint(1, 7)))
-    if completing or rng.random() < 0.6:
-        moves.append(("done", STEPS[-1]))
-    return moves
+class RecordingWorker:
+    """The worker, in a thread for the whole test; every event id it applies is recorded, to prove
+    that each event took effect exactly once."""
+
+    def __init__(self, db: DatabaseUrl, batch_size: int) -> None:
+        self.applied_ids: list[int] = []
+        self.errors: list[BaseException] = []
+        self.worker = Worker(make_settings(db, batch_size=batch_size), db, on_batch=self._on_batch)
+        self.thread = threading.Thread(target=self._run)
+
+    def _on_batch(self, result: BatchResult) -> None:
+        self.applied_ids.extend(result.event_ids)
+
+    def _run(self) -> None:
+        try:
+            self.worker.run()
+        except BaseException as exc:
+            self.errors.append(exc)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.worker.stop()
+        self.thread.join(timeout=30)
+
+
+@dataclass
+class Outcome:
+    """What the database holds once the worker has drained."""
+
+    expected: dict[uuid.UUID, tuple[str, str | None]]
+    actual: dict[uuid.UUID, tuple[str, str | None]]
+    all_ids: list[int]
+    applied: int  # events_applied of the checkpoint
+    dirty: int  # jobs left awaiting their fold
+    applied_while_writing: int
+    writing: float
+    drained: float
+
+
+def plan_walks(engine, rng: random.Random) -> dict[uuid.UUID, deque[workload.Move]]:
+    """Every variant's moves; a third of the jobs must end done: none may stay stuck."""
+    walks: dict[uuid.UUID, deque[workload.Move]] = {}
+    with engine.begin() as conn:
+        jobs = workload.create_jobs(conn, JOBS, rng, variants=(3, 20))
+    for index, variants in enumerate(jobs.values()):
+        walks.update((v, workload.random_walk(rng, completing=index % 3 == 0)) for v in variants)
+    return walks
+
+
+def write_every_walk_then_drain(db, writers: workload.WalkWriters, worker: RecordingWorker) -> Outcome:
+    started = time.monotonic()
+    writers.start().join()
+    assert not writers.errors, writers.errors[0]
+    writing = time.monotonic() - started
+    with connect(db, application_name="checker") as conn:
+        applied_while_writing = len(worker.applied_ids)
+        wait_for(lambda: pending_work(conn) == 0, timeout=120, what="the worker to drain")
+        drained = time.monotonic() - started
+        worker.stop()
+        assert not worker.errors, worker.errors[0]
+        return Outcome(
+            expected=reference_job_states(conn, STEPS),
+            actual=actual_job_states(conn),
+            all_ids=[row[0] for row in conn.execute("SELECT event_id FROM outbox_events").fetchall()],
+            applied=conn.execute("SELECT events_applied FROM outbox_checkpoints").fetchone()[0],
+            dirty=conn.execute("SELECT count(*) FROM outbox_dirty_jobs").fetchone()[0],
+            applied_while_writing=applied_while_writing,
+            writing=writing,
+            drained=drained,
+        )
+
+
+def check_job_states_equal_the_reference_and_none_is_stuck(outcome: Outcome) -> None:
+    expected, actual = outcome.expected, outcome.actual
+    assert actual == expected
+    stuck = [j for j, (status, _) in expected.items() if status == "done" and actual[j][0] != "done"]
+    assert not stuck
+    assert sum(1 for status, _ in expected.values() if status == "done") >= JOBS // 3
+
+
+def check_every_event_applied_and_counted_exactly_once(outcome: Outcome, applied_ids: list[int]) -> None:
+    assert sorted(applied_ids) == sorted(outcome.all_ids)  # every event applied, none twice
+    assert len(set(applied_ids)) == len(applied_ids)
+    assert outcome.applied == len(outcome.all_ids)  # and counted exactly once by the checkpoint
+    assert outcome.dirty == 0
+    assert outcome.applied_while_writing > 0  # the worker was applying while the writers wrote
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("batch_size", [1000, 37], ids=["whole-catch-ups", "multi-batch-catch-ups"])
 def test_concurrent_writers_with_the_worker_running_end_equal_to_the_reference(db, engine, batch_size):
     rng = random.Random(20261126 + batch_size)
-    jobs, writers = 300, 8
-
-    walks: dict[uuid.UUID, deque[tuple[str, str]]] = {}
-    with engine.begin() as conn:
-        for index in range(jobs):
-            _, variants = outbox.create_job(conn, variants=rng.randint(3, 20))
-            completing = index % 3 == 0  # a third of the jobs must end done: none may stay stuck
-            walks.update((v, random_walk(rng, completing)) for v in variants)
+    walks = plan_walks(engine, rng)
     total_moves = sum(len(m) for m in walks.values())
-
-    # The worker runs throughout, on its own connection; every event id it applies is recorded,
-    # to prove that each event took effect exactly once.
-    applied_ids: list[int] = []
-
-    def on_batch(result: BatchResult) -> None:
-        applied_ids.extend(result.event_ids)
-
-    worker = Worker(make_settings(db, batch_size=batch_size), db, on_batch=on_batch)
-    worker_errors: list[BaseException] = []
-
-    def run_worker() -> None:
-        try:
-            worker.run()
-        except BaseException as exc:
-            worker_errors.append(exc)
-
-    worker_thread = threading.Thread(target=run_worker)
-    worker_thread.start()
-    ready: deque[uuid.UUID] = deque(rng.sample(list(walks), len(walks)))
-    lock = threading.Lock()
-    counts = {"committed": 0, "rolled_back": 0, "multi": 0}
-    errors: list[BaseException] = []
-
-    def take(n: int) -> list[uuid.UUID]:
-        with lock:
-            return [ready.popleft() for _ in range(min(n, len(ready)))]
-
-    def give_back(variants: list[uuid.UUID]) -> None:
-        with lock:
-            ready.extend(v for v in variants if walks[v])
-
-    def writer(index: int, seed: int) -> None:
-        wrng = random.Random(seed)
-        kind = ("sqlalchemy-api", "psycopg-api", "plain-sql")[index % 3]
-        try:
-            with engine.connect() as sa, connect(db, application_name=f"writer-{index}", autocommit=False) as pg:
-                while True:
-                    batch = take(wrng.choice((1, 1, 1, 1, 2, 3)))  # sometimes several variants in one tx
-                    if not batch:
-                        with lock:
-                            if not ready and not any(walks.values()):
-                                return
-                        time.sleep(0.001)  # another writer holds the last variants; not a race guard
-                        continue
-                    rollback = wrng.random() < 0.03
-                    moves = [(v, walks[v][0]) for v in batch]
-                    if kind == "sqlalchemy-api":
-                        tx = sa.begin()
-                        for variant, (status, step) in moves:
-                            outbox.update_variant(sa, variant, status=status, step=step)
-                        tx.rollback() if rollback else tx.commit()
-                    else:
-                        for variant, (status, step) in moves:
-                            if kind == "psycopg-api":
-                                outbox.update_variant(pg, variant, status=status, step=step)
-                            else:
-                                pg.execute(PLAIN_SQL, {"status": status, "step": step, "variant_id": variant})
-                        pg.rollback() if rollback else pg.commit()
-                    with lock:
-                        if rollback:
-                            counts["rolled_back"] += 1
-                        else:
-                            counts["committed"] += len(batch)
-                            counts["multi"] += len(batch) > 1
-                            for variant in batch:
-                                walks[variant].popleft()
-                    give_back(batch)
-        except BaseException as exc:
-            errors.append(exc)
-
-    started = time.monotonic()
-    threads = [threading.Thread(target=writer, args=(i, rng.random())) for i in range(writers)]
+    worker = RecordingWorker(db, batch_size)
+    worker.start()
+    # Sometimes several variants in one transaction; some transactions roll back (written again later).
+    writers = workload.WalkWriters(
+        db, engine, walks, writers=WRITERS, seed=rng.random(), batch_sizes=(1, 1, 1, 1, 2, 3), rollback_rate=0.03
+    )
     try:
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        assert not errors, errors[0]
-        writing = time.monotonic() - started
-        with connect(db, application_name="checker") as conn:
-            applied_while_writing = len(applied_ids)
-            wait_for(lambda: pending_work(conn) == 0, timeout=120, what="the worker to drain")
-            drained = time.monotonic() - started
-            worker.stop()
-            worker_thread.join(timeout=30)
-            assert not worker_errors, worker_errors[0]
-
-            expected = reference_job_states(conn, STEPS)
-            actual = actual_job_states(conn)
-            all_ids = [row[0] for row in conn.execute("SELECT event_id FROM outbox_events").fetchall()]
-            (applied,) = conn.execute("SELECT events_applied FROM outbox_checkpoints").fetchone()
-            dirty = conn.execute("SELECT count(*) FROM outbox_dirty_jobs").fetchone()[0]
+        outcome = write_every_walk_then_drain(db, writers, worker)
     finally:
         worker.stop()
-        worker_thread.join(timeout=30)
 
-    assert counts["committed"] == total_moves
-    assert actual == expected
-    stuck = [j for j, (status, _) in expected.items() if status == "done" and actual[j][0] != "done"]
-    assert not stuck
-    assert sum(1 for status, _ in expected.values() if status == "done") >= jobs // 3
-    assert sorted(applied_ids) == sorted(all_ids)  # every event applied, none twice
-    assert len(set(applied_ids)) == len(applied_ids)
-    assert applied == len(all_ids)  # and counted exactly once by the checkpoint
-    assert dirty == 0
-    assert applied_while_writing > 0  # the worker was applying while the writers wrote
+    assert writers.counts["committed"] == total_moves
+    check_job_states_equal_the_reference_and_none_is_stuck(outcome)
+    check_every_event_applied_and_counted_exactly_once(outcome, worker.applied_ids)
+    counts = writers.counts
     print(
-        f"\nstress: {jobs} jobs, {len(walks)} variants, {counts['committed']} variant updates "
-        f"({counts['multi']} multi-variant transactions, {counts['rolled_back']} rolled back) from {writers} "
-        f"writers in {writing:.1f} s; batch size {batch_size}; {applied_while_writing} of {len(all_ids)} events "
-        f"applied while writing; "
-        f"drained {drained - writing:.2f} s after the last write"
+        f"\nstress: {JOBS} jobs, {len(walks)} variants, {counts['committed']} variant updates "
+        f"({counts['multi']} multi-variant transactions, {counts['rolled_back']} rolled back) from {WRITERS} "
+        f"writers in {outcome.writing:.1f} s; batch size {batch_size}; {outcome.applied_while_writing} of "
+        f"{len(outcome.all_ids)} events applied while writing; "
+        f"drained {outcome.drained - outcome.writing:.2f} s after the last write"
     )

@@ -289,7 +289,7 @@ def test_a_worker_of_migration_0012_is_refused_after_0013(conn, engine):
 def test_upgrading_from_0012_keeps_pending_events_and_their_transitions(empty_db, monkeypatch):
     """Events written under 0012 (no trace_parent) are applied by the new worker after `migrate`."""
     every = migrate.migrations()
-    assert every[-1].version == 13 and every[-1].name == "trace_context"
+    assert every[12].version == 13 and every[12].name == "trace_context"
     with connect(empty_db, application_name="outbox-tests", autocommit=True) as conn:
         monkeypatch.setattr(migrate, "migrations", lambda: every[:12])
         migrate.migrate(conn, pipeline=make_settings(empty_db).pipeline)

@@ -190,16 +190,12 @@ def test_a_failing_handler_is_retried_then_parked_and_the_rest_go_on(db, engine,
     # The failed attempts' effects rolled back with them.
     assert {row[0] for row in conn.execute("SELECT job_id FROM effects")} == {in_order[0], in_order[2]}
     (failure,) = subscriptions.failures(conn, "flaky")
-    assert (
-        failure["attempts"] == 3
-        and failure["parked_at"]
-        and "ValueError: cannot bill this job" in failure["last_error"]
-    )
+    assert failure.attempts == 3 and failure.parked_at and "ValueError: cannot bill this job" in failure.last_error
     assert subscriptions.list_subscriptions(conn, "flaky")[0].parked == 1
 
     # Retried by an operator, once the cause is fixed: delivered, then no longer listed.
     poison = uuid.uuid4()
-    assert subscriptions.retry(conn, "flaky", None) == [failure["transition_id"]]
+    assert subscriptions.retry(conn, "flaky", None) == [failure.transition_id]
     assert subscriber.run_until_idle() == 1
     assert subscriptions.failures(conn, "flaky") == []
     assert conn.execute("SELECT count(*) FROM effects").fetchone()[0] == 3
@@ -411,6 +407,14 @@ def test_a_parked_transition_given_back_is_delivered_by_one_consumer_only(db, en
         with pytest.raises(FencedError, match="delivered again by another consumer"):
             second._deliver(_Session(b), pages[1].transitions[0], pages[1].position)
     assert conn.execute("SELECT count(*) FROM effects").fetchone()[0] == 1
+
+
+def test_a_page_row_names_the_columns_the_page_statement_returns(conn):
+    from outbox.subscription import QUERIES, PageRow
+
+    with conn.cursor() as cur:
+        cur.execute(QUERIES["transitions_page"], {"name": "nobody", "limit": 1})
+        assert tuple(column.name for column in cur.description or ()) == PageRow._fields
 
 
 def test_a_connection_that_cannot_hold_the_handlers_transaction_is_refused(db, engine, conn):

@@ -18,6 +18,7 @@ import pytest
 from processor import store
 from processor.database import DatabaseUrl, connect
 from processor.settings import Settings
+from processor.testsignal import Signal
 from processor.wakeup import Waiter, Wake
 from processor.worker import Worker
 from tests.fix_database import make_settings, subprocess_env
@@ -69,15 +70,19 @@ class WorkerThread:
             raise self.error
 
 
-def test_a_notification_wakes_the_worker_long_before_its_poll_interval(db, conn):
+def test_a_notification_wakes_the_worker_long_before_its_poll_interval(db, conn, signals):
     conn.execute("SELECT outbox_wakeup_enable()")
     job, variant = new_job(conn)
-    running = WorkerThread(make_settings(db, wakeup="notify", **SLOW_POLL), db)
+    with signals.expect(Signal.BATCH_COMMITTED, partition=0) as first_batch:
+        running = WorkerThread(make_settings(db, wakeup="notify", **SLOW_POLL), db)
     try:
-        wait_for(lambda: job_state(conn, job) == ("queued", "ingest"), what="the first batch")
+        first_batch.wait_total("events", 1)
+        assert job_state(conn, job) == ("queued", "ingest")
         for step in ("ingest", "detect", "segment"):
-            move(conn, variant, step)
-            wait_for(lambda step=step: job_state(conn, job) == ("running", step), what=f"the move to {step}")
+            with signals.expect(Signal.BATCH_COMMITTED, worker=running.worker) as applied:
+                move(conn, variant, step)
+            applied.wait_total("events", 1)  # long before the minute's poll interval
+            assert job_state(conn, job) == ("running", step)
         wakes = running.worker.waiter.wakes
         # Each move was applied after a wait that a notification ended; no wait ran to its end.
         assert wakes[Wake.NOTIFY] >= 3, wakes
@@ -87,14 +92,18 @@ def test_a_notification_wakes_the_worker_long_before_its_poll_interval(db, conn)
     assert running.worker.waiter.wakes[Wake.STOP] == 1
 
 
-def test_without_the_trigger_a_notify_worker_polls_and_a_poll_worker_ignores_the_trigger(db, conn, caplog):
+def test_without_the_trigger_a_notify_worker_polls_and_a_poll_worker_ignores_the_trigger(db, conn, caplog, signals):
     conn.execute("SELECT outbox_wakeup_disable()")  # not installed by migrate; idempotent
     job, variant = new_job(conn)
-    running = WorkerThread(make_settings(db, wakeup="notify"), db)  # short poll intervals
+    with signals.expect(Signal.BATCH_COMMITTED, partition=0) as first_batch:
+        running = WorkerThread(make_settings(db, wakeup="notify"), db)  # short poll intervals
     try:
-        wait_for(lambda: job_state(conn, job) == ("queued", "ingest"), what="the first batch")
-        move(conn, variant, "detect")
-        wait_for(lambda: job_state(conn, job) == ("running", "detect"), what="the move, by polling")
+        first_batch.wait_total("events", 1)
+        assert job_state(conn, job) == ("queued", "ingest")
+        with signals.expect(Signal.BATCH_COMMITTED, worker=running.worker) as applied:
+            move(conn, variant, "detect")
+        applied.wait_total("events", 1)  # by polling
+        assert job_state(conn, job) == ("running", "detect")
     finally:
         running.stop()
     wakes = running.worker.waiter.wakes

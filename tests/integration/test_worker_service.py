@@ -29,6 +29,7 @@ from processor import store, subscriptions
 from processor.database import DatabaseUrl, connect
 from processor.errors import ConfigurationError
 from processor.service import WorkerState
+from processor.testsignal import Signal
 from processor.worker import PartitionCountError, application_name
 from tests.fix_database import subprocess_env
 from tests.helpers import BACKLOG, WorkerProcess, finish_jobs, make_jobs, pending_work, wait_for, wait_for_async
@@ -92,18 +93,20 @@ def in_state(service: Any, state: Any) -> Callable[[], bool]:
 # --- The sync forms ------------------------------------------------------------------------------
 
 
-def test_the_with_form_runs_the_worker_in_a_thread_and_leaving_it_stops_the_worker(db, conn, engine):
+def test_the_with_form_runs_the_worker_in_a_thread_and_leaving_it_stops_the_worker(db, conn, engine, signals):
     service = service_for(db)
     assert service.health().state is WorkerState.NEW and not service.health().ok
-    with service:
-        wait_for(in_state(service, WorkerState.ACTIVE), what="the service to be active")
+    with signals.expect(Signal.SESSION_READY, worker=service.worker) as ready, service:
+        ready.wait()
         health = service.health()
+        assert health.state is WorkerState.ACTIVE
         assert health.ok and health.connected and health.partitions == (0,) and health.problems == ()
         (backend,) = worker_backends(conn)
         assert consumer_locks(conn, backend) == [0]
-        finish_jobs(engine, 10)  # 10 jobs x 2 variants x 2 events
-        wait_for(lambda: pending_work(conn) == 0, what="the service to apply")
-        wait_for(lambda: service.health().events == 40, what="the counts to move")
+        with signals.expect(Signal.BATCH_COMMITTED, worker=service.worker) as batches:
+            finish_jobs(engine, 10)  # 10 jobs x 2 variants x 2 events
+        batches.wait_total("events", 40)
+        assert pending_work(conn) == 0 and service.health().events == 40
     # Left: the batch in hand finished, the partition released, the thread joined.
     health = service.health()
     assert health.state is WorkerState.STOPPED and not health.ok and not health.connected
@@ -131,17 +134,25 @@ def test_run_blocks_until_stop_is_called_from_another_thread(db, conn, engine):
     assert actual_job_states(conn) == reference_job_states(conn, STEPS)
 
 
-def test_health_is_standby_while_another_worker_holds_the_partition_and_active_once_it_takes_over(db, conn):
+def test_health_is_standby_while_another_worker_holds_the_partition_and_active_once_it_takes_over(db, conn, signals):
     first, second = service_for(db), service_for(db)
-    with first:
-        wait_for(in_state(first, WorkerState.ACTIVE), what="the first service to be active")
-        second.start()
-        wait_for(in_state(second, WorkerState.STANDBY), what="the second service to stand by")
+    with (
+        signals.expect(Signal.SESSION_READY, worker=first.worker) as active,
+        signals.expect(Signal.PARTITION_READY, worker=second.worker, partition=0) as taking_over,
+        first,
+    ):
+        active.wait()
+        assert first.health().state is WorkerState.ACTIVE
+        with signals.expect(Signal.SESSION_READY, worker=second.worker) as standing_by:
+            second.start()
+        standing_by.wait()
         standby = second.health()
+        assert standby.state is WorkerState.STANDBY
         assert standby.ok and standby.connected and standby.partitions == ()  # a standby is healthy
         assert first.health().partitions == (0,)
     left = time.monotonic()
-    wait_for(in_state(second, WorkerState.ACTIVE), timeout=10, what="the standby to take over")
+    taking_over.wait(10)
+    assert second.health().state is WorkerState.ACTIVE
     took_over = time.monotonic() - left
     assert second.health().partitions == (0,)
     second.stop()
@@ -151,20 +162,25 @@ def test_health_is_standby_while_another_worker_holds_the_partition_and_active_o
 
 
 def test_a_service_shares_the_partitions_with_an_outbox_run_process_and_takes_them_all_when_it_stops(
-    db, conn, tmp_path
+    db, conn, tmp_path, signals
 ):
     repartition_now(db, 4)
     me = os.getpid()
-    with service_for(db) as service:
-        wait_for(lambda: service.health().partitions == (0, 1, 2, 3), what="the service to take all 4")
+    service = service_for(db)
+    with signals.expect(Signal.SESSION_READY, worker=service.worker) as ready, service:
+        ready.wait()
+        assert service.health().partitions == (0, 1, 2, 3)  # the service took all 4
         run = WorkerProcess(subprocess_env(db, OUTBOX_STANDBY_INTERVAL="0.1"), tmp_path / "run.log")
         try:
+            # The subprocess's share is seen in the database; the service's in its signals.
             wait_for(lambda: shares(conn, {me, run.pid}, 4) == [2, 2], timeout=60, what="2 partitions each")
             assert len(service.health().partitions) == 2 and service.health().state is WorkerState.ACTIVE
-            stop_cleanly(run)
+            with signals.expect(Signal.PARTITION_READY, worker=service.worker, count=2) as retaken:
+                stop_cleanly(run)
+            retaken.wait(10)
         finally:
             run.kill()
-        wait_for(lambda: service.health().partitions == (0, 1, 2, 3), timeout=10, what="the service to take all")
+        assert service.health().partitions == (0, 1, 2, 3)  # the service took them all again
 
 
 # --- Settings and errors -------------------------------------------------------------------------
@@ -242,7 +258,7 @@ def test_an_error_the_worker_dies_of_is_visible_in_health_and_raised_by_each_for
         service_for(db, partitions=3).run()
 
 
-def test_metrics_and_health_are_served_on_a_port_with_the_same_rule_as_health(db):
+def test_metrics_and_health_are_served_on_a_port_with_the_same_rule_as_health(db, signals):
     def get(port: int, path: str) -> tuple[int, str]:
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as answer:
@@ -250,12 +266,14 @@ def test_metrics_and_health_are_served_on_a_port_with_the_same_rule_as_health(db
         except urllib.error.HTTPError as exc:
             return exc.code, exc.read().decode()
 
-    with service_for(db, metrics_port=0) as service:
+    service = service_for(db, metrics_port=0)
+    with signals.expect(Signal.SESSION_READY, worker=service.worker) as ready, service:
         port = service.metrics_port
         assert port
-        wait_for(in_state(service, WorkerState.ACTIVE), what="the service to be active")
+        ready.wait()
+        assert service.health().state is WorkerState.ACTIVE
         assert service.health().ok and get(port, "/health") == (200, "ok\n")
-        wait_for(lambda: 'outbox_active_consumer{partition="0"} 1.0' in get(port, "/metrics")[1], what="gauge")
+        assert 'outbox_active_consumer{partition="0"} 1.0' in get(port, "/metrics")[1]
     with pytest.raises(OSError):  # the port is closed with the run
         get(port, "/health")
 
@@ -263,7 +281,9 @@ def test_metrics_and_health_are_served_on_a_port_with_the_same_rule_as_health(db
 # --- asyncio -------------------------------------------------------------------------------------
 
 
-def test_cancelling_the_task_while_events_flow_stops_the_worker_cleanly_and_loses_nothing(db, conn, engine, capsys):
+def test_cancelling_the_task_while_events_flow_stops_the_worker_cleanly_and_loses_nothing(
+    db, conn, engine, capsys, signals
+):
     install_audits(conn)
     # The audit counts from a repartition (tests/reliability/fleet.py); back to one partition: one
     # worker holds it, the other stands by.
@@ -276,13 +296,19 @@ def test_cancelling_the_task_while_events_flow_stops_the_worker_cleanly_and_lose
 
     async def main() -> None:
         service = service_for(db, batch_size=20000)
-        task = asyncio.create_task(service.run_async())
-        await wait_for_async(in_state(service, WorkerState.ACTIVE), what="the service to be active")
+        with signals.expect(Signal.SESSION_READY, worker=service.worker) as ready:
+            task = asyncio.create_task(service.run_async())
+            await asyncio.to_thread(ready.wait)
+        assert service.health().state is WorkerState.ACTIVE
         (backend,) = await asyncio.to_thread(worker_backends, conn)
-        standby.start()
-        await wait_for_async(in_state(standby, WorkerState.STANDBY), what="the standby")
-        with Writers(db, engine, jobs, seed=5) as writers:
-            await wait_for_async(lambda: service.health().events > 0, what="a first batch")
+        with signals.expect(Signal.SESSION_READY, worker=standby.worker) as standing_by:
+            standby.start()
+            await asyncio.to_thread(standing_by.wait)
+        assert standby.health().state is WorkerState.STANDBY
+        taking_over = signals.expect(Signal.PARTITION_READY, worker=standby.worker, partition=0)
+        first_batch = signals.expect(Signal.BATCH_COMMITTED, worker=service.worker)
+        with Writers(db, engine, jobs, seed=5) as writers, first_batch as batches, taking_over as took_over:
+            await asyncio.to_thread(batches.wait_total, "events", 1)
             await wait_for_async(lambda: in_a_batch(conn, backend), what="the worker to be inside a batch")
             cancelled = time.monotonic()
             task.cancel()
@@ -293,11 +319,12 @@ def test_cancelling_the_task_while_events_flow_stops_the_worker_cleanly_and_lose
             assert service.health().state is WorkerState.STOPPED
             service.join(timeout=0)  # ended: no TimeoutError, no error
             assert consumer_locks(conn, backend) == []
-            await wait_for_async(in_state(standby, WorkerState.ACTIVE), timeout=10, what="the standby to take over")
+            await asyncio.to_thread(took_over.wait, 10)
+            assert standby.health().state is WorkerState.ACTIVE
             figures["takeover"] = time.monotonic() - cancelled
             figures["applied"] = service.health().events
-            mark = standby.health().events
-            await wait_for_async(lambda: standby.health().events > mark + 200, what="the standby to apply")
+            with signals.expect(Signal.BATCH_COMMITTED, worker=standby.worker) as applied:
+                await asyncio.to_thread(applied.wait_total, "events", 201)  # the standby applies
             writers.stop()
         writers.check()
         await wait_for_async(lambda: pending_work(conn) == 0, timeout=120, what="the standby to drain")
@@ -316,14 +343,17 @@ def test_cancelling_the_task_while_events_flow_stops_the_worker_cleanly_and_lose
         )
 
 
-def test_the_async_with_form_stops_the_worker_when_the_block_ends(db, conn, engine):
+def test_the_async_with_form_stops_the_worker_when_the_block_ends(db, conn, engine, signals):
     finish_jobs(engine, 5)
 
     async def main() -> tuple[processor.WorkerHealth, int]:
-        async with service_for(db) as service:
-            await wait_for_async(lambda: service.health().events == 20, what="the service to apply")
-            assert service.health().state is WorkerState.ACTIVE
-            (backend,) = await asyncio.to_thread(worker_backends, conn)
+        service = service_for(db)
+        with signals.expect(Signal.BATCH_COMMITTED, worker=service.worker) as batches:
+            async with service:
+                await asyncio.to_thread(batches.wait_total, "events", 20)
+                assert service.health().events == 20
+                assert service.health().state is WorkerState.ACTIVE
+                (backend,) = await asyncio.to_thread(worker_backends, conn)
         return service.health(), backend
 
     health, backend = asyncio.run(main())
@@ -384,14 +414,16 @@ def test_the_sync_subscriber_runs_in_a_with_block_and_shows_its_health(db, conn,
 
 
 def test_the_asyncio_subscriber_cancelled_inside_a_handler_rolls_it_back_and_releases_the_subscription(
-    db, conn, engine
+    db, conn, engine, signals
 ):
     conn.execute(EFFECTS)
     with connect(db, application_name="outbox-tests") as op:
         subscriptions.create(op, "aio-cancel", from_start=True, to_statuses=None)
     finish_jobs(engine, 6)
-    with service_for(db) as worker:
-        wait_for(lambda: worker.health().events == 24, what="the worker to apply")
+    worker = service_for(db)
+    with signals.expect(Signal.BATCH_COMMITTED, worker=worker.worker) as batches, worker:
+        batches.wait_total("events", 24)  # the worker applied them
+        assert worker.health().events == 24
     total = conn.execute("SELECT count(*) FROM outbox_job_transitions").fetchone()[0]
     in_handler: list[int] = []
 

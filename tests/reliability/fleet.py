@@ -10,13 +10,9 @@ prune`. Job state ends equal to the independent reference (tests/reference.py).
 
 from __future__ import annotations
 
-import random
 import signal
 import subprocess
 import sys
-import threading
-import time
-import uuid
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -28,18 +24,16 @@ import pytest
 from psycopg import sql
 from psycopg.rows import namedtuple_row
 
-import outbox
 from processor import store
 from processor.backlog import parse_worker_name
 from processor.database import DatabaseUrl, connect
 from processor.repartition import repartition
 from processor.worker import application_name
+from processor.workload import STEPS, ChurnWriters
 from tests.fix_database import subprocess_env
 from tests.helpers import WorkerProcess
 from tests.reference import actual_job_states, partition_of, reference_job_states
 
-STEPS = ("ingest", "detect", "segment", "iou_eval")
-STATUSES = ("queued", "running", "done", "failed")
 ROOT = Path(__file__).parents[2]
 Conn = psycopg.Connection[Any]
 
@@ -201,162 +195,8 @@ def stop_cleanly(worker: WorkerProcess) -> None:
     assert code == 0, worker.output()[-3000:]
 
 
-# --- Writers -----------------------------------------------------------------------------------
-
-
-class Writers:
-    """Writer threads until stopped, each on its own jobs (so they never deadlock on variant rows).
-
-    One uses the outbox API through SQLAlchemy, one through psycopg, one plain SQL (which also moves
-    variants between its jobs, inserts and deletes variants); transactions touch 1 to 3 variants,
-    of jobs in different partitions, and some roll back.
-    """
-
-    KINDS = ("sqlalchemy-api", "psycopg-api", "plain-sql")
-
-    def __init__(
-        self, db: DatabaseUrl, engine: Any, jobs: dict[uuid.UUID, list[uuid.UUID]], *, threads: int = 3, seed: int = 0
-    ) -> None:
-        self.db = db
-        self.engine = engine
-        self.errors: list[BaseException] = []
-        self.counts: Counter[str] = Counter()
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        rng = random.Random(seed)
-        own: list[dict[uuid.UUID, list[uuid.UUID]]] = [{} for _ in range(threads)]
-        for index, (job_id, variants) in enumerate(jobs.items()):
-            own[index % threads][job_id] = list(variants)
-        self._threads = [
-            threading.Thread(target=self._write, args=(self.KINDS[i % 3], own[i], rng.random()), name=f"writer-{i}")
-            for i in range(threads)
-        ]
-        self.started = self.stopped = 0.0
-
-    def __enter__(self) -> Writers:
-        self.started = time.monotonic()
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def stop(self) -> None:
-        if self._stop.is_set():
-            return
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(timeout=60)
-            assert not thread.is_alive(), f"{thread.name} did not stop"
-        self.stopped = time.monotonic()
-
-    def check(self) -> None:
-        assert not self.errors, repr(self.errors[0])
-        assert self.counts["committed"] > 0
-
-    def summary(self) -> str:
-        c = self.counts
-        return (
-            f"{c['committed']} transactions committed ({c['multi']} multi-variant, {c['rolled_back']} rolled back) "
-            f"by {len(self._threads)} writers in {self.stopped - self.started:.1f} s: {c['update']} updates, "
-            f"{c['move']} moves between jobs, {c['insert']} variant inserts, {c['delete']} deletes, "
-            f"{c['create']} jobs created"
-        )
-
-    def _plan(self, rng: random.Random, kind: str, own: dict[uuid.UUID, list[uuid.UUID]]) -> list[tuple[Any, ...]]:
-        jobs = list(own)
-        ops: list[tuple[Any, ...]] = []
-        touched: set[uuid.UUID] = set()
-        for _ in range(rng.choice((1, 1, 1, 2, 3))):
-            job = rng.choice(jobs)
-            if not own[job]:
-                continue
-            variant = rng.choice(own[job])
-            if variant in touched:
-                continue
-            touched.add(variant)
-            roll = rng.random()
-            if kind == "plain-sql" and roll < 0.06:
-                target = rng.choice(jobs)
-                if target != job:
-                    ops.append(("move", variant, job, target))
-                    continue
-            if kind == "plain-sql" and roll < 0.08 and len(own[job]) > 1:
-                ops.append(("delete", variant, job))
-                continue
-            status, step = ("done", STEPS[-1]) if rng.random() < 0.3 else (rng.choice(STATUSES), rng.choice(STEPS))
-            ops.append(("update", variant, status, step))
-        if kind == "plain-sql" and rng.random() < 0.04:
-            ops.append(("insert", uuid.uuid4(), rng.choice(jobs), rng.choice(STATUSES), rng.choice(STEPS)))
-        if kind != "plain-sql" and rng.random() < 0.03:
-            ops.append(("create", uuid.uuid4(), [uuid.uuid4() for _ in range(rng.randint(1, 4))]))
-        return ops
-
-    @staticmethod
-    def _run(conn: Any, kind: str, ops: list[tuple[Any, ...]]) -> None:
-        for op in ops:
-            if op[0] == "update":
-                if kind == "plain-sql":
-                    conn.execute(
-                        "UPDATE jobs_variants SET status = %s, current_step = %s, updated_at = now() "
-                        "WHERE job_variants_id = %s",
-                        [op[2], op[3], op[1]],
-                    )
-                else:
-                    outbox.update_variant(conn, op[1], status=op[2], step=op[3])
-            elif op[0] == "create":
-                outbox.create_job(conn, job_id=op[1], variants=op[2])
-            elif op[0] == "move":
-                conn.execute("UPDATE jobs_variants SET job_id = %s WHERE job_variants_id = %s", [op[3], op[1]])
-            elif op[0] == "delete":
-                conn.execute("DELETE FROM jobs_variants WHERE job_variants_id = %s", [op[1]])
-            elif op[0] == "insert":
-                conn.execute(
-                    "INSERT INTO jobs_variants (job_variants_id, job_id, status, current_step, updated_at) "
-                    "VALUES (%s, %s, %s, %s, now())",
-                    [op[1], op[2], op[3], op[4]],
-                )
-
-    @staticmethod
-    def _committed(own: dict[uuid.UUID, list[uuid.UUID]], ops: list[tuple[Any, ...]]) -> None:
-        for op in ops:
-            if op[0] == "create":
-                own[op[1]] = list(op[2])
-            elif op[0] == "move":
-                own[op[2]].remove(op[1])
-                own[op[3]].append(op[1])
-            elif op[0] == "delete":
-                own[op[2]].remove(op[1])
-            elif op[0] == "insert":
-                own[op[2]].append(op[1])
-
-    def _write(self, kind: str, own: dict[uuid.UUID, list[uuid.UUID]], seed: float) -> None:
-        rng = random.Random(seed)
-        try:
-            with self.engine.connect() as sa, connect(self.db, application_name=f"writer-{kind}") as pg:
-                while not self._stop.is_set():
-                    ops = self._plan(rng, kind, own)
-                    if not ops:
-                        continue
-                    rollback = rng.random() < 0.04
-                    if kind == "sqlalchemy-api":
-                        tx = sa.begin()
-                        self._run(sa, kind, ops)
-                        tx.rollback() if rollback else tx.commit()
-                    else:
-                        self._run(pg, kind, ops)
-                        pg.rollback() if rollback else pg.commit()
-                    with self._lock:
-                        if rollback:
-                            self.counts["rolled_back"] += 1
-                            continue
-                        self._committed(own, ops)
-                        self.counts["committed"] += 1
-                        self.counts["multi"] += len(ops) > 1
-                        self.counts.update(op[0] for op in ops)
-        except BaseException as exc:
-            self.errors.append(exc)
+# The writers the fleet tests run (test_scale_out, test_subscriptions): processor/workload.py.
+Writers = ChurnWriters
 
 
 # --- The checkpoint audit, replayed ------------------------------------------------------------
@@ -426,8 +266,16 @@ def check_audit(conn: Conn) -> AuditReport:
     with conn.cursor(row_factory=namedtuple_row) as cur:
         moves = cur.execute("SELECT * FROM checkpoint_moves ORDER BY id").fetchall()
     assert moves, "no checkpoint moved"
+    check_only_lock_holders_moved_checkpoints(moves)
+    epochs, chains = check_each_move_starts_where_the_last_ended(conn, moves)
+    events, by_worker, worker_moves = check_each_event_applied_exactly_once(conn, epochs, chains)
+    writes = check_job_state_written_under_the_partitions_lock(conn)
+    partway = sum(1 for m in moves if m.app.startswith("outbox-worker:") and m.new_target is not None)
+    return AuditReport(len(moves), worker_moves, len(epochs), events, by_worker, writes, partway)
 
-    # 1. Only workers and `outbox repartition` move checkpoints; a worker only under the partition's lock.
+
+def check_only_lock_holders_moved_checkpoints(moves: list[Any]) -> None:
+    """Only workers and `outbox repartition` move checkpoints; a worker only under the partition's lock."""
     for m in moves:
         role = m.app.split(":", 1)[0]
         assert role in ("outbox-worker", "outbox-repartition"), f"checkpoint moved by {m.app!r}: {m}"
@@ -438,12 +286,21 @@ def check_audit(conn: Conn) -> AuditReport:
                 f"holding its consumer lock: {m}"
             )
 
-    # 2. Per partition, each move starts where the previous one ended (inserts and deletes included:
-    # `outbox repartition` adds and removes partitions). Each repartition starts an epoch: its
-    # snapshot and partition count; the chain of each (epoch, partition) follows.
-    epochs: dict[str, tuple[int, Snap, int]] = {}  # repartition xact -> (epoch, snapshot, count)
+
+Epochs = dict[str, tuple[int, Snap, int]]  # repartition xact -> (epoch, snapshot, partition count)
+Chains = dict[tuple[int, int], list[tuple[Any, Position]]]  # (epoch, partition) -> its moves, in order
+
+
+def check_each_move_starts_where_the_last_ended(conn: Conn, moves: list[Any]) -> tuple[Epochs, Chains]:
+    """Per partition, each move starts where the previous one ended (inserts and deletes included:
+    `outbox repartition` adds and removes partitions), and the last ends where the checkpoint is.
+
+    Each repartition starts an epoch: its snapshot and partition count; the chain of each (epoch,
+    partition) follows.
+    """
+    epochs: Epochs = {}
     ends: dict[int, tuple[Any, ...] | None] = {}
-    chains: dict[tuple[int, int], list[tuple[Any, Position]]] = {}
+    chains: Chains = {}
     epoch_of: dict[int, int] = {}
     for m in moves:
         old = (m.old_done, m.old_target, m.old_txid, m.old_event_id)
@@ -456,16 +313,7 @@ def check_audit(conn: Conn) -> AuditReport:
             assert m.app.startswith("outbox-repartition:"), f"a worker moved a checkpoint before any repartition: {m}"
         ends[m.partition] = None if m.op == "DELETE" else new
         if m.app.startswith("outbox-repartition:"):
-            if m.xact not in epochs:
-                epochs[m.xact] = (len(epochs), Snap.parse(m.new_done or m.old_done), m.partitions)
-            epoch = epochs[m.xact][0]
-            if m.op == "DELETE":
-                epoch_of.pop(m.partition, None)
-            else:
-                assert m.new_target is None and m.events in (None, 0), m
-                assert Snap.parse(m.new_done) == epochs[m.xact][1], m
-                epoch_of[m.partition] = epoch
-                chains[(epoch, m.partition)] = [(m, Position.of(*new))]
+            _start_epoch(m, new, epochs, epoch_of, chains)
         else:
             assert m.partition in epoch_of, f"a worker moved the checkpoint of a removed partition: {m}"
             chains[(epoch_of[m.partition], m.partition)].append((m, Position.of(*new)))
@@ -478,11 +326,31 @@ def check_audit(conn: Conn) -> AuditReport:
             )
         }
     assert current == {p: end for p, end in ends.items() if end is not None}, "a checkpoint moved unaudited"
+    return epochs, chains
 
-    # 3. Exactly once: an event belongs to the epoch of the last repartition that did not see it, and
-    # to its job's partition under that epoch's count. It must be covered by the last checkpoint of
-    # its chain (the repartition that ended the epoch waited for it) and by no earlier position than
-    # the move that counted it: each move's count equals the events it newly covers.
+
+def _start_epoch(m: Any, new: tuple[Any, ...], epochs: Epochs, epoch_of: dict[int, int], chains: Chains) -> None:
+    """A repartition's move: the partition leaves (DELETE) or starts a chain in the repartition's epoch."""
+    if m.xact not in epochs:
+        epochs[m.xact] = (len(epochs), Snap.parse(m.new_done or m.old_done), m.partitions)
+    epoch = epochs[m.xact][0]
+    if m.op == "DELETE":
+        epoch_of.pop(m.partition, None)
+    else:
+        assert m.new_target is None and m.events in (None, 0), m
+        assert Snap.parse(m.new_done) == epochs[m.xact][1], m
+        epoch_of[m.partition] = epoch
+        chains[(epoch, m.partition)] = [(m, Position.of(*new))]
+
+
+def check_each_event_applied_exactly_once(
+    conn: Conn, epochs: Epochs, chains: Chains
+) -> tuple[int, dict[str, int], int]:
+    """An event belongs to the epoch of the last repartition that did not see it, and to its job's
+    partition under that epoch's count. It must be covered by the last checkpoint of its chain (the
+    repartition that ended the epoch waited for it) and by no earlier position than the move that
+    counted it: each move's count equals the events it newly covers. Returns (events, events applied
+    by each worker, worker moves)."""
     snapshots = sorted(epochs.values(), key=lambda e: e[0])
     applied_by: dict[tuple[int, int], Counter[int]] = defaultdict(Counter)
     events = conn.execute("SELECT event_id, txid::text, job_id FROM audit_events").fetchall()
@@ -495,11 +363,7 @@ def check_audit(conn: Conn) -> AuditReport:
         chain = chains[key]
         assert not chain[0][1].covers(txid, event_id)
         assert chain[-1][1].covers(txid, event_id), f"event {event_id} of {key} (epoch, partition) never applied"
-        low, high = 0, len(chain) - 1  # the first position that covers it: positions only grow
-        while high - low > 1:
-            middle = (low + high) // 2
-            low, high = (low, middle) if chain[middle][1].covers(txid, event_id) else (middle, high)
-        applied_by[key][high] += 1
+        applied_by[key][_first_covering(chain, txid, event_id)] += 1
     by_worker: Counter[str] = Counter()
     worker_moves = 0
     for key, chain in chains.items():
@@ -511,17 +375,29 @@ def check_audit(conn: Conn) -> AuditReport:
             )
             by_worker[m.app] += m.events
     assert sum(by_worker.values()) == len(events)
+    return len(events), dict(by_worker), worker_moves
 
-    # 4. Job state is written only by workers, each holding the lock of the job's partition, and by
-    # the operations that rebuild jobs (each holding every checkpoint row, which the workers wait for).
+
+def _first_covering(chain: list[tuple[Any, Position]], txid: int, event_id: int) -> int:
+    """The index of the first position of ``chain`` that covers the event (positions only grow)."""
+    low, high = 0, len(chain) - 1
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (low, middle) if chain[middle][1].covers(txid, event_id) else (middle, high)
+    return high
+
+
+def check_job_state_written_under_the_partitions_lock(conn: Conn) -> int:
+    """Job state is written only by workers, each holding the lock of the job's partition, and by the
+    operations that rebuild jobs (each holding every checkpoint row, which the workers wait for).
+    Returns the writes."""
     with conn.cursor(row_factory=namedtuple_row) as cur:
         writes = cur.execute("SELECT * FROM job_state_writes ORDER BY id").fetchall()
     for w in writes:
         if w.app.split(":", 1)[0] in OPERATIONS_WRITING_JOBS:
             continue
         assert w.app.startswith("outbox-worker:") and w.holds_lock, f"job state written without its lock: {w}"
-    partway = sum(1 for m in moves if m.app.startswith("outbox-worker:") and m.new_target is not None)
-    return AuditReport(len(moves), worker_moves, len(epochs), len(events), dict(by_worker), len(writes), partway)
+    return len(writes)
 
 
 def check_final_state(conn: Conn, partitions: int) -> tuple[int, int]:

@@ -130,7 +130,7 @@ class Operations:
         with self._conn("verify") as conn:
             report = verify(conn)
             # Work in flight is skipped, not reported: under load nothing may look drifted.
-            assert report.ok, f"verify under load: {report.as_dict()}"
+            assert report.ok, f"verify under load: {report}"
             repair(conn, report, wait=0)
         self.done["verify --repair"] += 1
 

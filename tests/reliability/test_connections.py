@@ -116,12 +116,13 @@ def test_a_stopped_worker_is_replaced_and_applies_nothing_after_it_resumes(db, e
                 worker.wait(timeout=30)
 
 
-def test_a_worker_frozen_inside_its_batch_past_the_session_timeout_becomes_a_standby(db, conn, engine):
+def test_a_worker_frozen_inside_its_batch_past_the_session_timeout_becomes_a_standby(db, conn, engine, signals):
     """The server ends the frozen worker's session (idle_in_transaction_session_timeout, SQLSTATE 25P03):
     its batch rolls back, a standby takes over, and the resumed worker reconnects as a standby instead
     of exiting."""
     import threading
 
+    from processor.testsignal import Signal
     from processor.worker import Worker
     from tests.fix_database import make_settings
 
@@ -145,17 +146,22 @@ def test_a_worker_frozen_inside_its_batch_past_the_session_timeout_becomes_a_sta
             errors.append(exc)
 
     threads = [threading.Thread(target=run, args=(w,)) for w in (first, second)]
-    threads[0].start()
-    wait_for(first.active.is_set, what="the first worker to take the lock")
-    threads[1].start()
-    finish_jobs(engine, 3)
-    wait_for(frozen.is_set, what="the first worker to freeze inside a batch")
-    wait_for(second.active.is_set, timeout=30, what="the standby to take over from the frozen worker")
+    with (
+        signals.expect(Signal.PARTITION_READY, worker=first) as first_active,
+        signals.expect(Signal.PARTITION_READY, worker=second) as second_active,
+        signals.expect(Signal.SESSION_READY, worker=first, count=2) as first_sessions,
+    ):
+        threads[0].start()
+        first_active.wait()  # the first worker took the lock
+        threads[1].start()
+        finish_jobs(engine, 3)
+        assert frozen.wait(30), "the first worker did not freeze inside a batch"
+        second_active.wait(30)  # the standby took over from the frozen worker
     standby_active.set()
     try:
         wait_for(lambda: pending_work(conn) == 0, what="the new active worker to apply")
         time_to_apply(conn, engine)
-        wait_for(lambda: first.connected.is_set(), timeout=30, what="the frozen worker to reconnect")
+        first_sessions.wait(30)  # the frozen worker reconnected (a standby)
         assert not errors, repr(errors[0])
         assert threads[0].is_alive(), "the frozen worker exited instead of becoming a standby"
         assert not first.active.is_set()

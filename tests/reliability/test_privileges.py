@@ -121,16 +121,16 @@ FUNCTIONS: dict[str, dict[str, bool]] = {
     "outbox_partition_of(uuid)": {WRITER: True, PROCESSOR: True},
     "outbox_partition_hash(uuid,integer)": {WRITER: True, PROCESSOR: True},
     "outbox_append_variant_event(text,uuid,uuid,text,text)": {WRITER: True, PROCESSOR: True},
-    "outbox_event_applied(xid8,bigint,pg_snapshot,pg_snapshot,xid8,bigint)": {WRITER: False, PROCESSOR: True},
-    "outbox_variant_states_merge(outbox_variant_states[])": {WRITER: False, PROCESSOR: True},
+    "outbox_event_applied_v1(xid8,bigint,pg_snapshot,pg_snapshot,xid8,bigint)": {WRITER: False, PROCESSOR: True},
+    "outbox_variant_states_merge_v1(outbox_variant_states[])": {WRITER: False, PROCESSOR: True},
     "outbox_event_payload(jsonb)": {WRITER: False, PROCESSOR: True},
     "outbox_payload_fits(jsonb)": {WRITER: False, PROCESSOR: True},
     "outbox_state_newer(bigint,bigint,bigint,bigint)": {WRITER: False, PROCESSOR: True},
     "outbox_variant_states_newest(outbox_variant_states[])": {WRITER: False, PROCESSOR: True},
     "outbox_variant_baseline_merge(outbox_variant_states[])": {WRITER: False, PROCESSOR: True},
-    "outbox_event_decode(text,integer,uuid,uuid,bigint,jsonb,bigint)": {WRITER: False, PROCESSOR: True},
-    "outbox_versions_issued()": {WRITER: False, PROCESSOR: True},
-    "outbox_unreadable_problem(bigint,text)": {WRITER: False, PROCESSOR: True},
+    "outbox_event_decode_v1(text,integer,uuid,uuid,bigint,jsonb,bigint)": {WRITER: False, PROCESSOR: True},
+    "outbox_versions_issued_v1()": {WRITER: False, PROCESSOR: True},
+    "outbox_unreadable_problem_v1(bigint,text)": {WRITER: False, PROCESSOR: True},
     "outbox_events_pending(integer)": {WRITER: False, PROCESSOR: True},
     # Capture calls these, with the writer's rights: to refuse a bad status or step, and for a
     # change made inside another trigger.
@@ -154,7 +154,7 @@ FUNCTIONS: dict[str, dict[str, bool]] = {
     "outbox_wakeup_disable()": {WRITER: False, PROCESSOR: False},
     # Transitions (0012): the processor's statements take the lock and publish holds' transitions.
     "outbox_transitions_lock()": {WRITER: False, PROCESSOR: True},
-    "outbox_transitions_publish()": {WRITER: False, PROCESSOR: True},
+    "outbox_transitions_publish_v1()": {WRITER: False, PROCESSOR: True},
 }
 # The subscriber has nothing but what is given it above.
 for _matrix in (TABLES, COLUMNS, SEQUENCES):
@@ -404,12 +404,12 @@ def test_whole_flow_under_the_writer_and_processor_roles(logins: Logins, admin: 
                 )
 
     with connect(logins.processor, application_name="outbox-ops") as ops:
-        assert collect_backlog(ops, 0)["pending_events"] > 0
+        assert collect_backlog(ops, 0).pending_events > 0
         stats = drain(settings)
         assert stats.events > 0
         _assert_matches_reference(admin)
         backlog = collect_backlog(ops, 0)
-        assert (backlog["pending_events"], backlog["dead_letters"], backlog["flagged_jobs"]) == (0, 0, 0)
+        assert (backlog.pending_events, backlog.dead_letters, backlog.flagged_jobs) == (0, 0, 0)
         scanned = metrics_scan(ops)  # what the metrics' elected worker reads, under the same grants
         assert (sum(scanned.pending.values()), sum(scanned.dead_letters.values()), scanned.flagged_jobs) == (0, 0, 0)
 
@@ -431,7 +431,7 @@ def test_whole_flow_under_the_writer_and_processor_roles(logins: Logins, admin: 
                 [drifted],
             )
         report = verify(ops)
-        assert [d["variant_id"] for d in report.variant_drift] == [str(drifted)]
+        assert [d.variant_id for d in report.variant_drift] == [drifted]
         assert repair(ops, report, wait=0).resync_events == 1
         drain(settings)
         _assert_matches_reference(admin)
@@ -450,8 +450,8 @@ def test_whole_flow_under_the_writer_and_processor_roles(logins: Logins, admin: 
             for variant in bad_variants
         ]
         drain(settings)
-        assert sorted(d["event_id"] for d in list_dead_letters(ops)) == sorted(bad_events)
-        assert collect_backlog(ops, 0)["flagged_jobs"] == 2
+        assert sorted(d.event_id for d in list_dead_letters(ops)) == sorted(bad_events)
+        assert collect_backlog(ops, 0).flagged_jobs == 2
         admin.execute(
             "UPDATE outbox_events AS e SET payload = jsonb_build_object('status', v.status, 'step', v.current_step)"
             " FROM jobs_variants AS v WHERE e.event_id = %s AND v.job_variants_id = e.variant_id",
@@ -460,7 +460,7 @@ def test_whole_flow_under_the_writer_and_processor_roles(logins: Logins, admin: 
         assert retry(ops, [bad_events[0]]) == {bad_events[0]: "applied"}
         assert discard(ops, [bad_events[1]]) == {bad_events[1]: "discarded"}
         _assert_matches_reference(admin)
-        assert collect_backlog(ops, 0)["flagged_jobs"] == 0
+        assert collect_backlog(ops, 0).flagged_jobs == 0
 
         # Prune everything applied, then replay: the same state, from the baseline.
         expected = actual_job_states(admin)
@@ -476,7 +476,7 @@ def test_whole_flow_under_the_writer_and_processor_roles(logins: Logins, admin: 
         drain(settings)
         _assert_matches_reference(admin)
         assert not verify(ops).drift
-        assert collect_backlog(ops, 0)["pending_events"] == 0
+        assert collect_backlog(ops, 0).pending_events == 0
 
 
 # (c) What each role is refused --------------------------------------------------------------------
@@ -506,7 +506,7 @@ WRITER_REFUSED = {
     "write throughput": "INSERT INTO outbox_throughput (partition, bucket, events) VALUES (0, now(), 1)",
     "read migrations": "SELECT count(*) FROM outbox_schema_migrations",
     "reset the versions": "SELECT setval('outbox_variant_versions', 1)",
-    "call the processor's function": "SELECT outbox_event_applied('1', 1, '1:1:', NULL, '0', 0)",
+    "call the processor's function": "SELECT outbox_event_applied_v1('1', 1, '1:1:', NULL, '0', 0)",
 }
 
 PROCESSOR_REFUSED = {

@@ -20,7 +20,7 @@ from typing import Any
 
 import psycopg
 
-import outbox
+from processor import workload
 from processor.database import DatabaseUrl, connect
 from processor.fold import Pipeline
 from processor.migrate import migrate
@@ -30,8 +30,7 @@ from tests.helpers import WorkerProcess, consumer_os_pid, pending_work, wait_for
 from tests.reference import actual_job_states, reference_job_states
 from tests.reliability.fix_server import OwnedServer
 
-STEPS = ("ingest", "detect", "segment", "iou_eval")
-STATUSES = ("queued", "running", "done", "failed")
+STEPS, STATUSES = workload.STEPS, workload.STATUSES
 STATES = [(status, step) for status in STATUSES for step in STEPS]
 RESTARTS = 5
 WRITERS = 6
@@ -56,10 +55,6 @@ WRITE_RECORD = (
     "INSERT INTO reliability_writes (tx_id, writer, variant_id, status, step) "
     "VALUES (%(tx_id)s, %(writer)s, %(variant_id)s, %(status)s, %(step)s)"
 )
-PLAIN_SQL = (
-    "UPDATE jobs_variants SET status = %(status)s, current_step = %(step)s, updated_at = now() "
-    "WHERE job_variants_id = %(variant_id)s"
-)
 
 
 @dataclass
@@ -77,64 +72,70 @@ class Writer:
     refused: int = 0  # connection attempts while the server was down
     committed_unacknowledged: int = 0  # of those, COMMITs that took effect although no answer came
     error: BaseException | None = None
+    _conn: psycopg.Connection[Any] | None = None
+    _unknown: dict[str, Any] | None = None  # the transaction whose outcome a crash hid
 
     def run(self) -> None:
         rng = random.Random(self.index)
         self.state = dict.fromkeys(self.variants, ("queued", None))
-        conn: psycopg.Connection[Any] | None = None
-        unknown: dict[str, Any] | None = None  # the transaction whose outcome a crash hid
         try:
             while not self.stop.is_set():
+                if self._conn is None and not self._connect():
+                    continue
                 try:
-                    if conn is None:
-                        try:
-                            conn = connect(self.db, application_name=f"writer-{self.index}", autocommit=False)
-                        except psycopg.OperationalError:
-                            self.refused += 1
-                            self.stop.wait(0.05)  # the server is down: try again shortly
-                            continue
-                    if unknown is not None:
-                        found = conn.execute("SELECT 1 FROM reliability_writes WHERE tx_id = %s", [unknown["tx_id"]])
-                        if found.fetchone():
-                            self._committed(unknown)
-                            self.committed_unacknowledged += 1
-                        conn.rollback()
-                        unknown = None
-                    variant = rng.choice(self.variants)
-                    status, step = rng.choice([s for s in STATES if s != self.state[variant]])
-                    write = {"tx_id": uuid.uuid4(), "writer": self.index, "variant_id": variant}
-                    write.update(status=status, step=step)
-                    unknown = write
-                    if self.plain_sql:
-                        conn.execute(PLAIN_SQL, write)
-                    else:
-                        outbox.update_variant(conn, variant, status=status, step=step)
-                    conn.execute(WRITE_RECORD, write)
-                    conn.commit()
-                    unknown = None
-                    self._committed(write)
+                    self._write_one(rng)
                 except psycopg.OperationalError:
                     self.failed += 1
-                    if conn is not None:
-                        conn.close()
-                    conn = None
+                    self._disconnect()
                     continue
                 self.stop.wait(0.003)  # a steady write rate, not a flood
-            if unknown is not None:  # stopped right after a crash: learn how that transaction ended
-                if conn is not None:
-                    conn.close()
+            if self._unknown is not None:  # stopped right after a crash: learn how that transaction ended
+                self._disconnect()
                 with connect(self.db, application_name=f"writer-{self.index}") as check:
-                    if check.execute(
-                        "SELECT 1 FROM reliability_writes WHERE tx_id = %s", [unknown["tx_id"]]
-                    ).fetchone():
-                        self._committed(unknown)
-                        self.committed_unacknowledged += 1
-                conn = None
+                    self._learn_outcome(check)
         except BaseException as exc:
             self.error = exc
         finally:
-            if conn is not None:
-                conn.close()
+            self._disconnect()
+
+    def _connect(self) -> bool:
+        try:
+            self._conn = connect(self.db, application_name=f"writer-{self.index}", autocommit=False)
+        except psycopg.OperationalError:
+            self.refused += 1
+            self.stop.wait(0.05)  # the server is down: try again shortly
+            return False
+        return True
+
+    def _disconnect(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+        self._conn = None
+
+    def _write_one(self, rng: random.Random) -> None:
+        """One transaction: a variant to another state, and its record; known committed once COMMIT answers."""
+        conn = self._conn
+        assert conn is not None
+        if self._unknown is not None:
+            self._learn_outcome(conn)
+            conn.rollback()
+        variant = rng.choice(self.variants)
+        status, step = rng.choice([s for s in STATES if s != self.state[variant]])
+        write = {"tx_id": uuid.uuid4(), "writer": self.index, "variant_id": variant, "status": status, "step": step}
+        self._unknown = write
+        workload.write_variant(conn, variant, status, step, plain_sql=self.plain_sql)
+        conn.execute(WRITE_RECORD, write)
+        conn.commit()
+        self._unknown = None
+        self._committed(write)
+
+    def _learn_outcome(self, conn: psycopg.Connection[Any]) -> None:
+        """After a crash, look up the transaction whose COMMIT got no answer: did it commit?"""
+        assert self._unknown is not None
+        if conn.execute("SELECT 1 FROM reliability_writes WHERE tx_id = %s", [self._unknown["tx_id"]]).fetchone():
+            self._committed(self._unknown)
+            self.committed_unacknowledged += 1
+        self._unknown = None
 
     def _committed(self, write: dict[str, Any]) -> None:
         self.state[write["variant_id"]] = (write["status"], write["step"])
@@ -153,104 +154,158 @@ def applied_after(db: DatabaseUrl, count: int, *, timeout: float, what: str) -> 
         wait_for(lambda: events_applied(conn) > count, timeout=timeout, what=what)
 
 
-def test_worker_resumes_after_immediate_restarts_and_nothing_is_lost(own_server: OwnedServer, tmp_path):
-    db = own_server.url
+class WriterThreads:
+    """``WRITERS`` writers on disjoint variants (each knows the committed state of its own), half plain SQL."""
+
+    def __init__(self, db: DatabaseUrl, variants: list[uuid.UUID]) -> None:
+        self.stop = threading.Event()
+        self.writers = [Writer(i, db, variants[i::WRITERS], self.stop, plain_sql=i % 2 == 0) for i in range(WRITERS)]
+        self.threads = [threading.Thread(target=w.run, name=f"writer-{w.index}") for w in self.writers]
+
+    def start(self) -> None:
+        for thread in self.threads:
+            thread.start()
+
+    def stop_and_check(self) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(timeout=30)
+            assert not thread.is_alive(), f"{thread.name} did not stop"
+        for writer in self.writers:
+            assert writer.error is None, writer.error
+
+    def ensure_stopped(self) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            if thread.is_alive():
+                thread.join(timeout=30)
+
+    def total(self, counter: str) -> int:
+        return sum(getattr(w, counter) for w in self.writers)
+
+
+@dataclass
+class Outcome:
+    """The database once the worker has drained."""
+
+    expected: dict[uuid.UUID, tuple[str, str | None]]
+    actual: dict[uuid.UUID, tuple[str, str | None]]
+    events: Counter[uuid.UUID]  # variant_changed events per variant
+    recorded: Counter[uuid.UUID]  # writer records per variant
+    rows: dict[uuid.UUID, tuple[str, str | None]]  # each variant's row
+    drift: bool
+    report: Any
+
+
+def create_jobs(db: DatabaseUrl) -> list[uuid.UUID]:
+    """Migrate, add the writers' record table, create the jobs; their variants."""
     with connect(db, application_name="reliability-setup") as conn:
         migrate(conn, pipeline=Pipeline(TEST_STEPS))
         conn.execute(WRITES_DDL)
-        variants: list[uuid.UUID] = []
         with conn.transaction():
-            for _ in range(JOBS):
-                variants.extend(outbox.create_job(conn, variants=VARIANTS_PER_JOB)[1])
+            jobs = workload.create_jobs(conn, JOBS, random.Random(0), variants=(VARIANTS_PER_JOB, VARIANTS_PER_JOB))
+    return [v for variants in jobs.values() for v in variants]
 
-    stop = threading.Event()
-    writers = [
-        Writer(i, db, variants[i::WRITERS], stop, plain_sql=i % 2 == 0) for i in range(WRITERS)
-    ]  # disjoint variants: each writer knows the committed state of its own
-    threads = [threading.Thread(target=w.run, name=f"writer-{w.index}") for w in writers]
-    worker = WorkerProcess(subprocess_env(db, OUTBOX_PIPELINE_STEPS=",".join(STEPS)), tmp_path / "worker.log")
-    started = time.monotonic()
+
+def wait_until_the_worker_applies_the_writers_events(db: DatabaseUrl, worker: WorkerProcess, writers: WriterThreads):
+    with connect(db, application_name="reliability-checker") as conn:
+        wait_for(lambda: consumer_os_pid(conn) == worker.pid, timeout=30, what="the worker to become active")
+        baseline = events_applied(conn)
+    writers.start()
+    applied_after(db, baseline, timeout=30, what="the worker to apply the writers' first events")
+
+
+def restart_the_server_and_time_each_recovery(own_server: OwnedServer, worker: WorkerProcess) -> list[float]:
+    """Restart in immediate mode RESTARTS times; the seconds from each restart to the worker applying an event."""
     recoveries: list[float] = []
-    try:
-        with connect(db, application_name="reliability-checker") as conn:
-            wait_for(lambda: consumer_os_pid(conn) == worker.pid, timeout=30, what="the worker to become active")
-            baseline = events_applied(conn)
-        for thread in threads:
-            thread.start()
-        applied_after(db, baseline, timeout=30, what="the worker to apply the writers' first events")
-
-        for number in range(1, RESTARTS + 1):
-            back = own_server.restart("immediate")
-            with connect(db, application_name="reliability-checker") as conn:
-                at_restart = events_applied(conn)  # read at once: the worker is still backing off
-                wait_for(
-                    lambda conn=conn, at_restart=at_restart: events_applied(conn) > at_restart,
-                    timeout=30,
-                    what=f"the worker to apply an event after restart {number}",
-                )
-            recoveries.append(time.monotonic() - back)
-            assert worker.process.poll() is None, f"the worker exited after restart {number}:\n{worker.output()}"
-
-        stop.set()
-        for thread in threads:
-            thread.join(timeout=30)
-            assert not thread.is_alive(), f"{thread.name} did not stop"
-        for writer in writers:
-            assert writer.error is None, writer.error
-        writing = time.monotonic() - started
-
-        with connect(db, application_name="reliability-checker") as conn:
-            wait_for(lambda: pending_work(conn) == 0, timeout=60, what="the worker to drain")
-            expected = reference_job_states(conn, STEPS)
-            actual = actual_job_states(conn)
-            events = Counter(
-                row[0]
-                for row in conn.execute(
-                    "SELECT variant_id FROM outbox_events WHERE event_type = 'variant_changed'"
-                ).fetchall()
+    for number in range(1, RESTARTS + 1):
+        back = own_server.restart("immediate")
+        with connect(own_server.url, application_name="reliability-checker") as conn:
+            at_restart = events_applied(conn)  # read at once: the worker is still backing off
+            wait_for(
+                lambda conn=conn, at_restart=at_restart: events_applied(conn) > at_restart,
+                timeout=30,
+                what=f"the worker to apply an event after restart {number}",
             )
-            recorded = Counter(row[0] for row in conn.execute("SELECT variant_id FROM reliability_writes").fetchall())
-            rows = {
-                row[0]: (row[1], row[2])
-                for row in conn.execute("SELECT job_variants_id, status, current_step FROM jobs_variants").fetchall()
-            }
-            report = verify(conn)
-        assert worker.process.poll() is None, f"the worker exited:\n{worker.output()}"
-        worker.signal(signal.SIGTERM)
-        assert worker.wait(30) == 0, worker.output()
-    finally:
-        stop.set()
-        for thread in threads:
-            if thread.is_alive():
-                thread.join(timeout=30)
-        worker.kill()
+        recoveries.append(time.monotonic() - back)
+        assert worker.process.poll() is None, f"the worker exited after restart {number}:\n{worker.output()}"
+    return recoveries
 
-    committed = sum((w.committed for w in writers), Counter())
+
+def drain_and_read(db: DatabaseUrl) -> Outcome:
+    with connect(db, application_name="reliability-checker") as conn:
+        wait_for(lambda: pending_work(conn) == 0, timeout=60, what="the worker to drain")
+        expected = reference_job_states(conn, STEPS)
+        actual = actual_job_states(conn)
+        variant_events = "SELECT variant_id FROM outbox_events WHERE event_type = 'variant_changed'"
+        events = Counter(row[0] for row in conn.execute(variant_events).fetchall())
+        recorded = Counter(row[0] for row in conn.execute("SELECT variant_id FROM reliability_writes").fetchall())
+        rows = {
+            row[0]: (row[1], row[2])
+            for row in conn.execute("SELECT job_variants_id, status, current_step FROM jobs_variants").fetchall()
+        }
+        report = verify(conn)
+    return Outcome(expected, actual, events, recorded, rows, report.drift, report)
+
+
+def stop_the_worker_cleanly(worker: WorkerProcess) -> None:
+    assert worker.process.poll() is None, f"the worker exited:\n{worker.output()}"
+    worker.signal(signal.SIGTERM)
+    assert worker.wait(30) == 0, worker.output()
+
+
+def check_every_commit_and_only_commits_took_effect(
+    outcome: Outcome, writers: WriterThreads, variants: list[uuid.UUID]
+) -> Counter[uuid.UUID]:
+    committed = sum((w.committed for w in writers.writers), Counter())
     # What each writer knows it committed is exactly what the database holds: no lost commit, no
     # half-written transaction (a variant change without its record, or the reverse).
-    assert recorded == committed
+    assert outcome.recorded == committed
     # Every committed change has exactly one event (plus the one from create_job), and no event
     # exists for a change that was rolled back by a crash.
-    assert events == {v: committed[v] + 1 for v in variants}
-    state = {v: s for w in writers for v, s in w.state.items()}
-    assert rows == state
-    assert actual == expected
-    assert not report.drift, report.as_dict()
-    log = worker.output()
-    reconnect_attempts = log.count("database unavailable")
+    assert outcome.events == {v: committed[v] + 1 for v in variants}
+    state = {v: s for w in writers.writers for v, s in w.state.items()}
+    assert outcome.rows == state
+    assert outcome.actual == outcome.expected
+    assert not outcome.drift, outcome.report
+    return committed
+
+
+def check_the_worker_came_back_after_each_restart(log: str, recoveries: list[float], writers: WriterThreads) -> int:
+    """Returns the worker's sessions."""
     sessions = log.count("active consumer of partition")
     assert sessions >= RESTARTS + 1, log[-3000:]  # it became the active consumer again after each restart
-    failed = sum(w.failed for w in writers)
-    unacknowledged = sum(w.committed_unacknowledged for w in writers)
-    refused = sum(w.refused for w in writers)
-    assert failed > 0  # the crashes did break writers' transactions in flight
+    assert writers.total("failed") > 0  # the crashes did break writers' transactions in flight
     assert max(recoveries) < RECOVERY_BOUND, recoveries
+    return sessions
+
+
+def test_worker_resumes_after_immediate_restarts_and_nothing_is_lost(own_server: OwnedServer, tmp_path):
+    db = own_server.url
+    variants = create_jobs(db)
+    writers = WriterThreads(db, variants)
+    worker = WorkerProcess(subprocess_env(db, OUTBOX_PIPELINE_STEPS=",".join(STEPS)), tmp_path / "worker.log")
+    started = time.monotonic()
+    try:
+        wait_until_the_worker_applies_the_writers_events(db, worker, writers)
+        recoveries = restart_the_server_and_time_each_recovery(own_server, worker)
+        writers.stop_and_check()
+        writing = time.monotonic() - started
+        outcome = drain_and_read(db)
+        stop_the_worker_cleanly(worker)
+    finally:
+        writers.ensure_stopped()
+        worker.kill()
+
+    committed = check_every_commit_and_only_commits_took_effect(outcome, writers, variants)
+    log = worker.output()
+    sessions = check_the_worker_came_back_after_each_restart(log, recoveries, writers)
     print(
         f"\nrestarts: {RESTARTS} immediate restarts under {WRITERS} writers and `outbox run`; "
         f"worker recovery after each (s): {', '.join(f'{r:.2f}' for r in recoveries)}; "
-        f"{reconnect_attempts} reconnect attempts logged, {sessions} worker sessions; "
-        f"{committed.total()} writer transactions committed, {failed} failed "
-        f"({unacknowledged} of them committed without an answer), {refused} writer connections refused; "
-        f"{sum(events.values())} variant events; "
-        f"{len(expected)} jobs equal to the reference; writing {writing:.1f} s"
+        f"{log.count('database unavailable')} reconnect attempts logged, {sessions} worker sessions; "
+        f"{committed.total()} writer transactions committed, {writers.total('failed')} failed "
+        f"({writers.total('committed_unacknowledged')} of them committed without an answer), "
+        f"{writers.total('refused')} writer connections refused; {sum(outcome.events.values())} variant events; "
+        f"{len(outcome.expected)} jobs equal to the reference; writing {writing:.1f} s"
     )

@@ -26,18 +26,18 @@ from typing import Any
 import pytest
 
 import outbox
-from processor import store
+from processor import store, workload
 from processor.backlog import collect_backlog
 from processor.database import connect
 from processor.metrics import WorkerMetrics
 from processor.repartition import repartition
+from processor.workload import ChurnWriters
 from tests.fix_database import make_settings, subprocess_env
 from tests.helpers import WorkerProcess, drain, make_jobs, pending_work, wait_for, waiting_on_lock
 from tests.reference import actual_job_states, partition_of, reference_job_states
 from tests.reliability.fleet import (
     ROOT,
     STEPS,
-    Writers,
     backend_of,
     check_audit,
     check_final_state,
@@ -74,7 +74,7 @@ def test_workers_killed_one_by_one_under_writers_are_taken_over_and_every_event_
 
     takeovers: list[float] = []
     joins: list[str] = []
-    with Writers(db, engine, jobs, seed=rng.random()) as writers:
+    with ChurnWriters(db, engine, jobs, seed=rng.random()) as writers:
         for kill in range(3):
             mark = events_applied(conn)
             wait_for(lambda m=mark: events_applied(conn) >= m + 300, timeout=60, what="the workers to apply events")
@@ -127,7 +127,7 @@ def test_shares_follow_the_workers_that_join_and_leave(db, conn, fleet, capsys):
     timings = []
 
     def owner_pids() -> list[int | None]:
-        return [p["owner_pid"] for p in collect_backlog(conn)["partitions"]]
+        return [p.owner_pid for p in collect_backlog(conn).partitions]
 
     def expect(label: str, workers: list[WorkerProcess], counts: list[int]) -> float:
         pids = {w.pid for w in workers}
@@ -204,7 +204,7 @@ def test_live_repartition_under_writers(db, conn, engine, fleet, capsys):
             f"{report['writers_held_seconds']:.3f} s, {report['events_moved']} applied events relabelled"
         )
 
-    with Writers(db, engine, jobs, seed=rng.random()) as writers:
+    with ChurnWriters(db, engine, jobs, seed=rng.random()) as writers:
         switch(4, 2)
         # The worker told to expect 2 partitions stops with a clear error; the other follows the count.
         assert pinned_2.wait(timeout=30) == 1, pinned_2.output()[-3000:]
@@ -311,10 +311,11 @@ def _jobs_in_partitions(engine: Any, variants: list[list[tuple[str, str | None]]
 
 
 def _move(engine: Any, variant: uuid.UUID, job_id: uuid.UUID, status: str | None = None) -> None:
+    """Move ``variant`` to ``job_id``, and to (status, segment) in the same transaction if a status is given."""
     with engine.begin() as sa:
-        sa.exec_driver_sql("UPDATE jobs_variants SET job_id = %s WHERE job_variants_id = %s", (job_id, variant))
+        workload.move_variant(sa, variant, job_id)
         if status is not None:
-            outbox.update_variant(sa, variant, status=status, step="segment")
+            workload.write_variant(sa, variant, status, "segment")
 
 
 def test_variants_moving_between_jobs_of_different_partitions(db, conn, engine, fleet):

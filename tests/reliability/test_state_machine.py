@@ -369,7 +369,7 @@ class JobStateMachine(RuleBasedStateMachine):
         """Deliver an applied event again: a copy in a new row (and a new transaction)."""
         applied = self.conn.execute(
             "SELECT e.event_id FROM outbox_events AS e, outbox_checkpoints AS c WHERE c.partition = 0"
-            " AND outbox_event_applied(e.txid, e.event_id, c.done_snapshot, c.target_snapshot,"
+            " AND outbox_event_applied_v1(e.txid, e.event_id, c.done_snapshot, c.target_snapshot,"
             " c.last_txid, c.last_event_id) ORDER BY e.event_id"
         ).fetchall()
         if not applied:

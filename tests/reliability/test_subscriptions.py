@@ -28,7 +28,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
@@ -38,7 +37,7 @@ from standardwebhooks.webhooks import Webhook as ReferenceWebhook
 
 import outbox
 from outbox.subscription import SUBSCRIBER_LOCK_CLASS
-from processor import subscriptions
+from processor import subscriptions, workload
 from processor.database import DatabaseUrl, connect
 from tests.fix_database import subprocess_env
 from tests.helpers import WorkerProcess, make_jobs, pending_work, wait_for
@@ -60,83 +59,6 @@ Conn = psycopg.Connection[Any]
 
 
 # --- shared -------------------------------------------------------------------------------------
-
-
-class PipelineWriters:
-    """Writer threads, each creating jobs and moving their variants through the pipeline steps.
-
-    Each writer keeps 3 jobs in flight (until stopped); a transaction moves up to 3 of its variants
-    one step (running at ingest, detect, segment, iou_eval, then done or failed at iou_eval), through
-    the outbox API (SQLAlchemy) or plain SQL (psycopg) on alternate writers, then waits ``pace``
-    seconds (load shaping, not synchronisation).
-    """
-
-    def __init__(self, db: DatabaseUrl, engine: Any, *, threads: int, seed: int, pace: float) -> None:
-        self.db, self.engine, self.pace = db, engine, pace
-        self.stop_event = threading.Event()
-        self.errors: list[BaseException] = []
-        self.transactions = 0
-        self.jobs = 0
-        self._lock = threading.Lock()
-        seeds = random.Random(seed)
-        self._threads = [
-            threading.Thread(target=self._write, args=(i, seeds.random()), name=f"writer-{i}", daemon=True)
-            for i in range(threads)
-        ]
-
-    def start(self) -> PipelineWriters:
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def stop(self) -> None:
-        self.stop_event.set()
-        self.join()
-
-    def join(self, timeout: float = 60) -> None:
-        for thread in self._threads:
-            thread.join(timeout)
-            assert not thread.is_alive(), f"{thread.name} did not stop"
-        assert not self.errors, repr(self.errors[0])
-
-    def _write(self, index: int, seed: float) -> None:
-        rng = random.Random(seed)
-        plain_sql = index % 2 == 1
-        queues: list[tuple[int, list[tuple[uuid.UUID, str, str]]]] = []  # (job, a variant's moves still to make)
-        created = 0
-        try:
-            with connect(self.db, application_name=f"writer-{index}", autocommit=False) as pg:
-                while not self.stop_event.is_set():
-                    while len({job for job, _ in queues}) < 3:
-                        with self.engine.begin() as conn:
-                            _, variants = outbox.create_job(conn, variants=rng.randint(2, 4))
-                        created += 1
-                        for variant in variants:
-                            end = "done" if rng.random() > 0.1 else "failed"
-                            moves = [(variant, "running", step) for step in STEPS] + [(variant, end, STEPS[-1])]
-                            queues.append((created, moves))
-                    chosen = [queue.pop(0) for _, queue in rng.sample(queues, min(3, len(queues)))]
-                    if plain_sql:
-                        for variant, status, step in chosen:
-                            pg.execute(
-                                "UPDATE jobs_variants SET status = %s, current_step = %s, updated_at = now() "
-                                "WHERE job_variants_id = %s",
-                                [status, step, variant],
-                            )
-                        pg.commit()
-                    else:
-                        with self.engine.begin() as conn:
-                            for variant, status, step in chosen:
-                                outbox.update_variant(conn, variant, status=status, step=step)
-                    with self._lock:
-                        self.transactions += 1
-                    queues = [(job, queue) for job, queue in queues if queue]
-                    self.stop_event.wait(self.pace)
-        except BaseException as exc:
-            self.errors.append(exc)
-        finally:
-            with self._lock:
-                self.jobs += created
 
 
 def subscription(conn: Conn, name: str) -> subscriptions.SubscriptionInfo:
@@ -228,6 +150,34 @@ def calls_by_process(path: Path) -> dict[int, list[int]]:
     return calls
 
 
+def check_each_transition_has_exactly_one_effect(conn: Conn, transitions: dict[int, dict[str, Any]]) -> None:
+    effects = conn.execute("SELECT transition_id, job_id, to_status FROM effects").fetchall()
+    counts = Counter(row[0] for row in effects)
+    twice = {t: n for t, n in counts.items() if n > 1}
+    assert not twice, f"{len(twice)} transitions had more than one effect: {list(twice.items())[:10]}"
+    missing = set(transitions) - set(counts)
+    assert not missing, f"{len(missing)} transitions had no effect: {sorted(missing)[:10]}"
+    assert set(counts) == set(transitions), f"effects of unknown transitions: {sorted(set(counts) - set(transitions))}"
+    for transition_id, job_id, to_status in effects:
+        row = transitions[transition_id]
+        assert (job_id, to_status) == (row["job_id"], row["to_status"]), (transition_id, job_id, to_status, row)
+
+
+def check_handled_in_order_and_again_after_a_kill(
+    calls: dict[int, list[int]], processes: list[Process], gated: list[int]
+) -> int:
+    """The handler was called in order in each process; what a killed process had in hand was
+    handled again by a later one (its effect rolled back with the kill). Returns the transitions
+    handled more than once."""
+    for pid, ids in calls.items():
+        assert ids == sorted(set(ids)), f"subscriber {pid} handled transitions out of order: {ids[:20]}"
+    order = [p.pid for p in processes]
+    for transition_id in gated:
+        handlers = [pid for pid in order if transition_id in calls.get(pid, [])]
+        assert len(handlers) >= 2, f"transition {transition_id}, killed in its handler, was not handled again"
+    return sum(1 for n in Counter(t for ids in calls.values() for t in ids).values() if n > 1)
+
+
 def test_a_subscriber_killed_repeatedly_handles_each_transition_exactly_once(db, engine, conn, tmp_path, capsys):
     seed = 2101
     rng = random.Random(seed)
@@ -285,7 +235,7 @@ def test_a_subscriber_killed_repeatedly_handles_each_transition_exactly_once(db,
         return lag
 
     worker = WorkerProcess(worker_env(db), tmp_path / "worker.log")
-    writers = PipelineWriters(db, engine, threads=4, seed=seed, pace=0.08).start()
+    writers = workload.PipelineWriters(db, engine, threads=4, seed=seed, pace=0.08).start()
     try:
         # Kills at random moments and inside the handler's transaction, in a seeded order.
         for round_ in range(6):
@@ -326,29 +276,10 @@ def test_a_subscriber_killed_repeatedly_handles_each_transition_exactly_once(db,
     info = subscription(conn, "effects")
     assert info.position == max(transitions) == info.head and info.lag == 0
     assert info.retrying == info.parked == 0
-    effects = conn.execute("SELECT transition_id, job_id, to_status FROM effects").fetchall()
-    counts = Counter(row[0] for row in effects)
-    twice = {t: n for t, n in counts.items() if n > 1}
-    assert not twice, f"{len(twice)} transitions had more than one effect: {list(twice.items())[:10]}"
-    missing = set(transitions) - set(counts)
-    assert not missing, f"{len(missing)} transitions had no effect: {sorted(missing)[:10]}"
-    assert set(counts) == set(transitions), f"effects of unknown transitions: {sorted(set(counts) - set(transitions))}"
-    for transition_id, job_id, to_status in effects:
-        row = transitions[transition_id]
-        assert (job_id, to_status) == (row["job_id"], row["to_status"]), (transition_id, job_id, to_status, row)
+    check_each_transition_has_exactly_one_effect(conn, transitions)
     # The transitions themselves are complete: each job state written is one, in order.
     assert chains(conn, "outbox_job_transitions", "transition_id") == chains(conn, "job_state_audit", "audit_id")
-
-    # The handler was called in order in each process; what a killed process had in hand was
-    # handled again by a later one (its effect rolled back with the kill).
-    calls = calls_by_process(calls_log)
-    for pid, ids in calls.items():
-        assert ids == sorted(set(ids)), f"subscriber {pid} handled transitions out of order: {ids[:20]}"
-    order = [p.pid for p in processes]
-    for transition_id in gated:
-        handlers = [pid for pid in order if transition_id in calls.get(pid, [])]
-        assert len(handlers) >= 2, f"transition {transition_id}, killed in its handler, was not handled again"
-    redelivered = sum(1 for n in Counter(t for ids in calls.values() for t in ids).values() if n > 1)
+    redelivered = check_handled_in_order_and_again_after_a_kill(calls_by_process(calls_log), processes, gated)
     with capsys.disabled():
         print(
             f"\nsubscriber kill test (seed {seed}): {len(transitions)} transitions from {writers.transactions} writer "
@@ -436,6 +367,67 @@ class ReceiverHandler(http.server.BaseHTTPRequestHandler):
         pass
 
 
+def check_each_request_signed_and_one_body_per_webhook_id(
+    requests: list[dict[str, Any]], secret: str
+) -> dict[str, set[bytes]]:
+    """Every request verifies (signed with the secret, recent), its webhook-id is its transition; a
+    retry never changes the body. Returns the bodies by webhook id."""
+    reference = ReferenceWebhook(secret)
+    by_id: dict[str, set[bytes]] = defaultdict(set)
+    ids_of_body: dict[bytes, set[str]] = defaultdict(set)
+    for request in requests:
+        headers, body = request["headers"], request["body"]
+        payload = reference.verify(body, headers)  # raises unless signed with the secret (and recent)
+        webhook_id = {k.lower(): v for k, v in headers.items()}["webhook-id"]
+        assert webhook_id == str(payload["transition_id"]), (webhook_id, payload)
+        by_id[webhook_id].add(body)
+        ids_of_body[body].add(webhook_id)
+    assert all(len(bodies) == 1 for bodies in by_id.values()), "a retry changed the body"
+    assert all(len(ids) == 1 for ids in ids_of_body.values()), "one body under two webhook ids"
+    return by_id
+
+
+def check_every_transition_received_acknowledged_and_unchanged(
+    requests: list[dict[str, Any]], by_id: dict[str, set[bytes]], transitions: dict[int, dict[str, Any]]
+) -> None:
+    acknowledged = {int(json.loads(r["body"])["transition_id"]) for r in requests if r["outcome"] in ("200", "204")}
+    received = {int(i) for i in by_id}
+    assert received == set(transitions), (
+        f"not received: {sorted(set(transitions) - received)[:10]}; unknown: {sorted(received - set(transitions))[:10]}"
+    )
+    assert acknowledged == set(transitions), f"never answered 2xx: {sorted(set(transitions) - acknowledged)[:10]}"
+    for transition_id, row in transitions.items():
+        (body,) = by_id[str(transition_id)]
+        got = json.loads(body)
+        expected = {**row, "job_id": str(row["job_id"]), "transitioned_at": None}
+        assert dt.datetime.fromisoformat(got.pop("transitioned_at")) == row["transitioned_at"], (got, row)
+        got["transitioned_at"] = None
+        assert got == expected
+
+
+def check_posted_in_order_never_around_a_transition(
+    requests: list[dict[str, Any]], transitions: dict[int, dict[str, Any]]
+) -> None:
+    """The first request for a transition comes after a 2xx answer to the one before it."""
+    ordered = sorted(transitions)
+    answered: set[int] = set()
+    for request in requests:
+        transition_id = int(json.loads(request["body"])["transition_id"])
+        position = ordered.index(transition_id)
+        assert position == 0 or ordered[position - 1] in answered, (
+            f"transition {transition_id} posted before {ordered[position - 1]} was acknowledged"
+        )
+        if request["outcome"] in ("200", "204"):
+            answered.add(transition_id)
+
+
+def check_requests_in_flight_at_a_kill_came_again(requests: list[dict[str, Any]], held: list[bytes]) -> None:
+    """A request the receiver took when its deliverer was killed came again, the same."""
+    for body in held:
+        assert body, "the held request was not the one the deliverer had in flight"
+        assert sum(1 for r in requests if r["body"] == body) >= 2, "a request in flight at a kill was not retried"
+
+
 def test_webhook_delivery_survives_a_failing_receiver_and_a_killed_deliverer(db, engine, conn, tmp_path, capsys):
     seed = 2202
     rng = random.Random(seed)
@@ -465,7 +457,7 @@ def test_webhook_delivery_survives_a_failing_receiver_and_a_killed_deliverer(db,
     started = time.monotonic()
     worker = WorkerProcess(worker_env(db), tmp_path / "worker.log")
     # Transitions keep coming while the deliverers are killed (a few a second).
-    writers = PipelineWriters(db, engine, threads=2, seed=seed, pace=0.4).start()
+    writers = workload.PipelineWriters(db, engine, threads=2, seed=seed, pace=0.4).start()
     try:
         for kind in ("random", "random", "held", "standby", "random", "held", "random"):
             process = spawn()
@@ -526,50 +518,11 @@ def test_webhook_delivery_survives_a_failing_receiver_and_a_killed_deliverer(db,
     info = subscription(conn, "hooks")
     assert info.lag == 0 and info.position == max(transitions) and info.retrying == info.parked == 0
     assert subscriptions.failures(conn, "hooks") == []
-    reference = ReferenceWebhook(secret)
     requests = list(receiver.requests)
-    by_id: dict[str, set[bytes]] = defaultdict(set)
-    ids_of_body: dict[bytes, set[str]] = defaultdict(set)
-    acknowledged: set[int] = set()
-    for request in requests:
-        headers, body = request["headers"], request["body"]
-        payload = reference.verify(body, headers)  # raises unless signed with the secret (and recent)
-        webhook_id = {k.lower(): v for k, v in headers.items()}["webhook-id"]
-        assert webhook_id == str(payload["transition_id"]), (webhook_id, payload)
-        by_id[webhook_id].add(body)
-        ids_of_body[body].add(webhook_id)
-        if request["outcome"] in ("200", "204"):
-            acknowledged.add(int(webhook_id))
-    assert all(len(bodies) == 1 for bodies in by_id.values()), "a retry changed the body"
-    assert all(len(ids) == 1 for ids in ids_of_body.values()), "one body under two webhook ids"
-    received = {int(i) for i in by_id}
-    assert received == set(transitions), (
-        f"not received: {sorted(set(transitions) - received)[:10]}; unknown: {sorted(received - set(transitions))[:10]}"
-    )
-    assert acknowledged == set(transitions), f"never answered 2xx: {sorted(set(transitions) - acknowledged)[:10]}"
-    for transition_id, row in transitions.items():
-        (body,) = by_id[str(transition_id)]
-        got = json.loads(body)
-        expected = {**row, "job_id": str(row["job_id"]), "transitioned_at": None}
-        assert dt.datetime.fromisoformat(got.pop("transitioned_at")) == row["transitioned_at"], (got, row)
-        got["transitioned_at"] = None
-        assert got == expected
-    # In order, never around a transition: the first request for a transition comes after a 2xx
-    # answer to the one before it.
-    ordered = sorted(transitions)
-    answered: set[int] = set()
-    for request in requests:
-        transition_id = int(json.loads(request["body"])["transition_id"])
-        position = ordered.index(transition_id)
-        assert position == 0 or ordered[position - 1] in answered, (
-            f"transition {transition_id} posted before {ordered[position - 1]} was acknowledged"
-        )
-        if request["outcome"] in ("200", "204"):
-            answered.add(transition_id)
-    # A request the receiver took when its deliverer was killed came again, the same.
-    for body in held:
-        assert body, "the held request was not the one the deliverer had in flight"
-        assert sum(1 for r in requests if r["body"] == body) >= 2, "a request in flight at a kill was not retried"
+    by_id = check_each_request_signed_and_one_body_per_webhook_id(requests, secret)
+    check_every_transition_received_acknowledged_and_unchanged(requests, by_id, transitions)
+    check_posted_in_order_never_around_a_transition(requests, transitions)
+    check_requests_in_flight_at_a_kill_came_again(requests, held)
     outcomes = Counter(r["outcome"] for r in requests if r["failing"])
 
     # A bad secret: one line, exit 1, the secret not echoed, nothing posted.
@@ -595,15 +548,6 @@ def test_webhook_delivery_survives_a_failing_receiver_and_a_killed_deliverer(db,
 
 
 # --- 3. transitions against an audit, 2 partitions, workers killed ------------------------------
-
-
-class PacedWriters(Writers):
-    """tests/reliability/fleet.py's writers, each pausing 10 ms after a transaction: 8 of them leave
-    the 2 cores' share the workers need (load shaping, not synchronisation)."""
-
-    def _plan(self, rng: random.Random, kind: str, own: dict[uuid.UUID, list[uuid.UUID]]) -> list[tuple[Any, ...]]:
-        self._stop.wait(0.01)
-        return super()._plan(rng, kind, own)
 
 
 class WorkerSlot:
@@ -637,104 +581,112 @@ class WorkerSlot:
         return True
 
 
-def test_transitions_match_an_audit_of_job_writes_under_partitions_and_killed_workers(
-    db, engine, conn, tmp_path, capsys
-):
-    seed = 2303
-    rng = random.Random(seed)
-    conn.execute(JOB_STATE_AUDIT)
-    repartition_now(db, 2)
-    jobs = make_jobs(engine, 80, rng)
-    # A reader that follows the transitions by id, as a subscription does: it must see every one
-    # (transitions commit in the order of their ids, whichever partition wrote them).
-    seen: list[int] = []
-    stop_reading = threading.Event()
-    reader_errors: list[BaseException] = []
+class TransitionFollower:
+    """A reader that follows the transitions by id, as a subscription does: it must see every one
+    (transitions commit in the order of their ids, whichever partition wrote them)."""
 
-    def follow() -> None:
+    def __init__(self, db: DatabaseUrl) -> None:
+        self.db = db
+        self.seen: list[int] = []
+        self.stop = threading.Event()
+        self.errors: list[BaseException] = []
+        self.thread = threading.Thread(target=self._follow, name="follower", daemon=True)
+
+    def _follow(self) -> None:
         try:
-            with connect(db, application_name="test-follower") as reader:
+            with connect(self.db, application_name="test-follower") as reader:
                 position = 0
                 while True:
-                    last_round = stop_reading.is_set()
+                    last_round = self.stop.is_set()
                     rows = reader.execute(
                         "SELECT transition_id FROM outbox_job_transitions WHERE transition_id > %s ORDER BY 1",
                         [position],
                     ).fetchall()
-                    seen.extend(row[0] for row in rows)
+                    self.seen.extend(row[0] for row in rows)
                     position = rows[-1][0] if rows else position
                     if last_round:
                         return
                     if not rows:
-                        stop_reading.wait(0.01)
+                        self.stop.wait(0.01)
         except BaseException as exc:
-            reader_errors.append(exc)
+            self.errors.append(exc)
 
-    follower = threading.Thread(target=follow, name="follower", daemon=True)
-    follower.start()
-    slots = [WorkerSlot(db, tmp_path, i) for i in range(2)]
-    for slot in slots:
-        slot.start(crashing=slot.index == 1)
-    kills = Counter()
-    crash_rng = random.Random(seed + 1)
 
-    def serving() -> bool:
+class KilledWorkers:
+    """Two worker slots on 2 partitions, one of them crashing at first; a worker that killed itself
+    is started again (crashing or not, at random)."""
+
+    def __init__(self, db: DatabaseUrl, conn: Conn, tmp_path: Path, seed: int) -> None:
+        self.conn = conn
+        self.slots = [WorkerSlot(db, tmp_path, i) for i in range(2)]
+        self.kills: Counter[str] = Counter()
+        self.crash_rng = random.Random(seed + 1)
+
+    def start(self) -> None:
+        for slot in self.slots:
+            slot.start(crashing=slot.index == 1)
+
+    def serving(self) -> bool:
         """Whether live workers hold both partitions (a worker that killed itself is started again)."""
-        for slot in slots:
+        for slot in self.slots:
             if slot.exited():
-                kills["killed itself before a commit"] += 1
-                slot.start(crashing=crash_rng.random() < 0.5)
+                self.kills["killed itself before a commit"] += 1
+                slot.start(crashing=self.crash_rng.random() < 0.5)
         # Both consume a partition each (a worker just started waits for its share).
-        return shares(conn, {slot.process.pid for slot in slots if slot.process is not None}, 2) == [1, 1]
+        pids = {slot.process.pid for slot in self.slots if slot.process is not None}
+        return shares(self.conn, pids, 2) == [1, 1]
 
-    started = time.monotonic()
-    try:
-        with PacedWriters(db, engine, jobs, threads=8, seed=seed) as writers:
-            while kills["killed by the test"] < 6:
-                wait_for(serving, timeout=60, what="both workers to consume a partition each")
-                time.sleep(rng.uniform(0.1, 1.5))  # the random moment of the next kill
-                slot = rng.choice(slots)
-                assert slot.process is not None
-                if slot.exited():
-                    kills["killed itself before a commit"] += 1
-                else:
-                    slot.process.kill()
-                    kills["killed by the test"] += 1
-                slot.start(crashing=crash_rng.random() < 0.5)
-            writers.stop()
-            writers.check()
-        (during,) = conn.execute("SELECT count(*) FROM outbox_job_transitions").fetchone()
-        # The writers stopped: workers that do not crash fold the rest.
-        for slot in slots:
+    def kill_one_at_random(self, rng: random.Random) -> None:
+        wait_for(self.serving, timeout=60, what="both workers to consume a partition each")
+        time.sleep(rng.uniform(0.1, 1.5))  # the random moment of the next kill
+        slot = rng.choice(self.slots)
+        assert slot.process is not None
+        if slot.exited():
+            self.kills["killed itself before a commit"] += 1
+        else:
+            slot.process.kill()
+            self.kills["killed by the test"] += 1
+        slot.start(crashing=self.crash_rng.random() < 0.5)
+
+    def fold_the_rest_without_crashing(self) -> None:
+        """The writers stopped: workers that do not crash fold the rest, then stop cleanly."""
+        for slot in self.slots:
             assert slot.process is not None
             if not slot.exited():
                 slot.process.kill()
             slot.start(crashing=False)
-        wait_for(lambda: serving() and pending_work(conn) == 0, timeout=120,
+        wait_for(lambda: self.serving() and pending_work(self.conn) == 0, timeout=120,
                  what="the workers to fold every write")  # fmt: skip
-        for slot in slots:
+        for slot in self.slots:
             assert slot.process is not None
             assert slot.process.terminate() == 0, slot.process.output()[-3000:]
-    finally:
-        stop_reading.set()
-        for slot in slots:
+
+    def kill_all(self) -> None:
+        for slot in self.slots:
             if slot.process is not None:
                 slot.process.kill()
-    follower.join(30)
-    assert not reader_errors, repr(reader_errors[0])
-    elapsed = time.monotonic() - started
 
+
+def check_a_follower_by_id_saw_every_transition(conn: Conn, seen: list[int]) -> list[int]:
     ids = [row[0] for row in conn.execute("SELECT transition_id FROM outbox_job_transitions ORDER BY 1")]
     assert len(ids) == len(set(ids)) > 0
     assert seen == ids, (
         f"a reader following by id missed {sorted(set(ids) - set(seen))[:10]} (committed after a higher id)"
     )
+    return ids
+
+
+def check_transitions_equal_the_audit_job_by_job(conn: Conn) -> dict[Any, list[tuple[Any, ...]]]:
     transitions = chains(conn, "outbox_job_transitions", "transition_id")
     audit = chains(conn, "job_state_audit", "audit_id")
     differ = [job for job in set(transitions) | set(audit) if transitions.get(job) != audit.get(job)]
     assert not differ, f"{len(differ)} jobs whose transitions differ from the audit, e.g. {differ[0]}: " + str(
         (transitions.get(differ[0]), audit.get(differ[0]))
     )
+    return transitions
+
+
+def check_each_jobs_chain_is_whole_and_ends_at_its_state(conn: Conn, transitions: dict[Any, Any]) -> None:
     states = {row[0]: (row[1], row[2]) for row in conn.execute("SELECT job_id, status, current_step FROM jobs")}
     assert set(transitions) <= set(states)
     for job_id, (status, step) in states.items():
@@ -745,6 +697,41 @@ def test_transitions_match_an_audit_of_job_writes_under_partitions_and_killed_wo
             assert change[2:] != change[:2], f"job {job_id}: a transition that changes nothing: {change}"
             at = change[2:]
         assert at == (status, step), f"job {job_id} is {(status, step)}, its transitions end at {at}"
+
+
+def test_transitions_match_an_audit_of_job_writes_under_partitions_and_killed_workers(
+    db, engine, conn, tmp_path, capsys
+):
+    seed = 2303
+    rng = random.Random(seed)
+    conn.execute(JOB_STATE_AUDIT)
+    repartition_now(db, 2)
+    jobs = make_jobs(engine, 80, rng)
+    follower = TransitionFollower(db)
+    follower.thread.start()
+    workers = KilledWorkers(db, conn, tmp_path, seed)
+    workers.start()
+    started = time.monotonic()
+    try:
+        # Each writer pauses 10 ms between transactions: 8 of them leave the 2 cores' share the
+        # workers need (load shaping, not synchronisation).
+        with Writers(db, engine, jobs, threads=8, seed=seed, pause=0.01) as writers:
+            while workers.kills["killed by the test"] < 6:
+                workers.kill_one_at_random(rng)
+            writers.stop()
+            writers.check()
+        (during,) = conn.execute("SELECT count(*) FROM outbox_job_transitions").fetchone()
+        workers.fold_the_rest_without_crashing()
+    finally:
+        follower.stop.set()
+        workers.kill_all()
+    follower.thread.join(30)
+    assert not follower.errors, repr(follower.errors[0])
+    elapsed = time.monotonic() - started
+
+    ids = check_a_follower_by_id_saw_every_transition(conn, follower.seen)
+    transitions = check_transitions_equal_the_audit_job_by_job(conn)
+    check_each_jobs_chain_is_whole_and_ends_at_its_state(conn, transitions)
     labels = conn.execute("SELECT job_id, partition, written_by FROM outbox_job_transitions").fetchall()
     assert all(p == partition_of(job, 2) and by == "processor" for job, p, by in labels)
     jobs_total, jobs_done = check_final_state(conn, 2)  # and job state equals the reference
@@ -752,8 +739,8 @@ def test_transitions_match_an_audit_of_job_writes_under_partitions_and_killed_wo
         print(
             f"\ntransitions audit test (seed {seed}): {len(ids)} transitions of {len(transitions)} jobs "
             f"({jobs_total} jobs, {jobs_done} done) on 2 partitions in {elapsed:.1f} s; {writers.summary()}; "
-            f"workers {dict(kills)}, {during} transitions written during the kills; equal to the audit job by job, "
-            "chains whole, a follower by id saw every one"
+            f"workers {dict(workers.kills)}, {during} transitions written during the kills; equal to the audit "
+            "job by job, chains whole, a follower by id saw every one"
         )
 
 

@@ -1,0 +1,100 @@
+"""The schema's bookkeeping: applied migrations, the oldest worker a database serves, and the fold
+configuration that `outbox migrate` sets and `outbox pipeline set` changes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg.rows import class_row
+
+from outbox.sqlfile import load_queries
+from processor.store.partitions import CONSUMER_LOCK_CLASS, MIGRATIONS_LOCK_KEY
+
+QUERIES = load_queries("processor.store", "migrations.sql")
+
+Connection = psycopg.Connection[Any]
+
+
+@dataclass(frozen=True, slots=True)
+class SchemaState:
+    """The database's schema version, and the oldest worker version it still serves."""
+
+    version: int
+    serves_workers_from: int
+
+
+@dataclass(frozen=True, slots=True)
+class FoldConfigRow:
+    pipeline_steps: list[str] | None  # None until `outbox migrate` sets it
+    failure_policy: str
+    version: int
+
+
+@dataclass(frozen=True, slots=True)
+class FoldConfigWritten:
+    version: int | None  # None: nothing changed
+    jobs_queued: int
+
+
+@dataclass(frozen=True, slots=True)
+class StepUse:
+    step: str
+    variants: int
+
+
+def migrations_lock(conn: Connection) -> None:
+    """One migrate at a time (transaction-level, released at commit)."""
+    conn.execute(QUERIES["migrations_lock"], {"lock_class": CONSUMER_LOCK_CLASS, "key": MIGRATIONS_LOCK_KEY})
+
+
+def migrations_table_create(conn: Connection) -> None:
+    conn.execute(QUERIES["migrations_table_create"])
+
+
+def migrations_table_exists(conn: Connection) -> bool:
+    row = conn.execute(QUERIES["migrations_table_exists"]).fetchone()
+    return bool(row and row[0])
+
+
+def migrations_applied(conn: Connection) -> set[int]:
+    return {int(row[0]) for row in conn.execute(QUERIES["migrations_applied"]).fetchall()}
+
+
+def migrations_state(conn: Connection) -> SchemaState:
+    """The schema version (0: none applied) and the oldest worker version it serves."""
+    row = conn.cursor(row_factory=class_row(SchemaState)).execute(QUERIES["migrations_state"]).fetchone()
+    assert row is not None
+    return row
+
+
+def migration_apply(conn: Connection, text: str) -> None:
+    """Run a migration's statements (several at once: no parameters)."""
+    conn.execute(text.encode())
+
+
+def migration_record(conn: Connection, version: int, name: str, serves_workers_from: int | None) -> None:
+    """Record a migration as applied; from 0014 on, with the oldest worker version it serves."""
+    conn.execute(QUERIES["migration_record"], {"version": version, "name": name})
+    if serves_workers_from is not None:
+        conn.execute(
+            QUERIES["migration_serves_record"], {"version": version, "serves_workers_from": serves_workers_from}
+        )
+
+
+def fold_config_get(conn: Connection) -> FoldConfigRow | None:
+    return conn.cursor(row_factory=class_row(FoldConfigRow)).execute(QUERIES["fold_config_get"]).fetchone()
+
+
+def fold_config_set(conn: Connection, steps: list[str], policy: str, *, refold: bool) -> FoldConfigWritten:
+    """Write the configuration (the caller holds every checkpoint's lock); with ``refold``, queue every job."""
+    cursor = conn.cursor(row_factory=class_row(FoldConfigWritten))
+    row = cursor.execute(QUERIES["fold_config_set"], {"steps": steps, "policy": policy, "refold": refold}).fetchone()
+    assert row is not None
+    return row
+
+
+def variant_steps_used(conn: Connection) -> list[StepUse]:
+    """The steps jobs_variants uses, with how many variants each, most used first."""
+    return conn.cursor(row_factory=class_row(StepUse)).execute(QUERIES["variant_steps_used"]).fetchall()
