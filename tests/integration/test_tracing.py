@@ -300,7 +300,7 @@ def test_upgrading_from_0012_keeps_pending_events_and_their_transitions(empty_db
         conn.execute("UPDATE jobs_variants SET status = 'running', current_step = 'detect'")
         monkeypatch.undo()
         report = migrate.migrate(conn)
-        assert [m.version for m in report.applied] == [13]
+        assert [m.version for m in report.applied] == [m.version for m in every[12:]]  # 0013 and later
         assert conn.execute("SELECT count(*), count(trace_parent) FROM outbox_events").fetchone() == (2, 0)
         drain(make_settings(empty_db))
         assert conn.execute("SELECT status, current_step FROM jobs").fetchone() == ("running", "detect")
