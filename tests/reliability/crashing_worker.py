@@ -23,6 +23,9 @@ def main() -> None:
             os.kill(os.getpid(), signal.SIGKILL)  # the batch is applied, not committed
 
     settings = load_settings()
+    # The soak's random kill window starts here, not at spawn: on a busy host the interpreter's
+    # start-up alone can outlast the window, and a worker killed before it reads never crashes itself.
+    print("started", flush=True)
     Worker(settings, settings.database(), before_commit=maybe_crash).run()
 
 

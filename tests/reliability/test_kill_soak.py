@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import select
 import signal
 import subprocess
 import sys
@@ -81,8 +82,13 @@ def kill_the_active_worker_until_enough(
     with open(tmp_path / "workers.log", "wb") as log:
         while sum(kills.values()) < 30 or kills["before commit"] < 10 or writers.written < 20_000:
             worker = subprocess.Popen(
-                [sys.executable, "-m", "tests.reliability.crashing_worker"], env=env, cwd=ROOT, stdout=log, stderr=log
+                [sys.executable, "-m", "tests.reliability.crashing_worker"],
+                env=env,
+                cwd=ROOT,
+                stdout=subprocess.PIPE,
+                stderr=log,
             )
+            wait_until_started(worker)
             try:
                 code = worker.wait(timeout=rng.uniform(0.5, 2.5))
             except subprocess.TimeoutExpired:
@@ -94,6 +100,14 @@ def kill_the_active_worker_until_enough(
             kills["before commit"] += 1
             assert time.monotonic() - started < 600, "soak did not reach its counts in time"
     return kills
+
+
+def wait_until_started(worker: subprocess.Popen[bytes]) -> None:
+    """Wait for the worker's "started" line (its imports and settings done): the kill window starts there."""
+    assert worker.stdout is not None
+    ready, _, _ = select.select([worker.stdout], [], [], 60)
+    assert ready and worker.stdout.readline().strip() == b"started", "the crashing worker did not start"
+    worker.stdout.close()  # it writes nothing else there; its logs go to workers.log
 
 
 def check_the_checkpoint_chain_counts_every_event_once(conn) -> tuple[int, int]:
