@@ -6,12 +6,9 @@ migrations and the catalog. Every other module goes through these functions; non
 Rows come back as frozen dataclasses (psycopg ``class_row``), never as tuples read by position.
 """
 
-from typing import Any
-
-import psycopg
-
 from processor.store import catalog as catalog  # the catalog concern, called as catalog.x (schema_check, app_schema)
 from processor.store import migrations as migrations  # the schema's bookkeeping (migrate, fold_config)
+from processor.store._connection import Connection as Connection
 from processor.store.checkpoint import (
     Checkpoint as Checkpoint,
 )
@@ -396,5 +393,3 @@ from processor.store.variant_states import (
 from processor.store.variant_states import (
     variant_states_upsert as variant_states_upsert,
 )
-
-Connection = psycopg.Connection[Any]

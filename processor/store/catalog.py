@@ -4,17 +4,14 @@ other triggers that might write job state, and the statements that repair them i
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
-import psycopg
 from psycopg import sql
-from psycopg.rows import class_row
+from psycopg.rows import class_row, scalar_row
 
 from outbox.sqlfile import load_queries
+from processor.store._connection import Connection
 
 QUERIES = load_queries("processor.store", "catalog.sql")
-
-Connection = psycopg.Connection[Any]
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,14 +68,14 @@ def app_tables_present(conn: Connection) -> AppTables:
 
 def app_job_id_index(conn: Connection) -> str | None:
     """The application's btree index that leads with jobs_variants.job_id, if any."""
-    row = conn.execute(QUERIES["app_job_id_index"]).fetchone()
-    return None if row is None else str(row[0])
+    index = conn.cursor(row_factory=scalar_row).execute(QUERIES["app_job_id_index"]).fetchone()
+    return None if index is None else str(index)
 
 
 def app_variants_count(conn: Connection) -> int:
     """Variants with a job: the events the adoption backfill appends."""
-    row = conn.execute(QUERIES["app_variants_count"]).fetchone()
-    return int(row[0]) if row else 0
+    count = conn.cursor(row_factory=scalar_row).execute(QUERIES["app_variants_count"]).fetchone()
+    return int(count or 0)
 
 
 def app_column_types(conn: Connection) -> list[ColumnType]:
@@ -149,5 +146,4 @@ def app_functions_get(conn: Connection, parts: list[str]) -> list[AppFunction]:
 
 def relation_is_jobs(conn: Connection, parts: list[str]) -> bool:
     """Whether a (qualified) name is the jobs table, or a view over it."""
-    row = conn.execute(QUERIES["relation_is_jobs"], {"parts": parts}).fetchone()
-    return bool(row and row[0])
+    return bool(conn.cursor(row_factory=scalar_row).execute(QUERIES["relation_is_jobs"], {"parts": parts}).fetchone())

@@ -8,15 +8,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import psycopg
 from psycopg.rows import class_row, scalar_row
 
 from outbox.sqlfile import load_queries
 from processor.decode import DeadLetter, EventRow
+from processor.store._connection import Connection
 
 QUERIES = load_queries("processor.store", "dead_letters.sql")
-
-Connection = psycopg.Connection[Any]
 
 
 @dataclass(frozen=True, slots=True)

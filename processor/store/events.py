@@ -7,16 +7,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import psycopg
 from psycopg.rows import class_row, scalar_row
 
 from outbox.sqlfile import load_queries
 from processor.decode import EventRow
 from processor.snapshot import Cursor, Position, Snapshot
+from processor.store._connection import Connection
 
 QUERIES = load_queries("processor.store", "events.sql")
-
-Connection = psycopg.Connection[Any]
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,16 +8,13 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any
 
-import psycopg
 from psycopg.rows import class_row
 
 from outbox.sqlfile import load_queries
+from processor.store._connection import Connection
 
 QUERIES = load_queries("processor.store", "inspection.sql")
-
-Connection = psycopg.Connection[Any]
 
 
 # `outbox backlog`.

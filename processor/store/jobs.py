@@ -11,19 +11,16 @@ import datetime as dt
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
-import psycopg
 from psycopg.rows import class_row, scalar_row
 
 from outbox.sqlfile import load_queries
 from processor.fold import JobState
 from processor.snapshot import Cursor, Snapshot
+from processor.store._connection import Connection
 from processor.store.checkpoint import checkpoint_lock
 
 QUERIES = load_queries("processor.store", "jobs.sql")
-
-Connection = psycopg.Connection[Any]
 
 
 @dataclass(frozen=True, slots=True)

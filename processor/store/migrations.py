@@ -4,17 +4,14 @@ configuration that `outbox migrate` sets and `outbox pipeline set` changes."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
-import psycopg
-from psycopg.rows import class_row
+from psycopg.rows import class_row, scalar_row
 
 from outbox.sqlfile import load_queries
+from processor.store._connection import Connection
 from processor.store.partitions import CONSUMER_LOCK_CLASS, MIGRATIONS_LOCK_KEY
 
 QUERIES = load_queries("processor.store", "migrations.sql")
-
-Connection = psycopg.Connection[Any]
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,12 +51,11 @@ def migrations_table_create(conn: Connection) -> None:
 
 
 def migrations_table_exists(conn: Connection) -> bool:
-    row = conn.execute(QUERIES["migrations_table_exists"]).fetchone()
-    return bool(row and row[0])
+    return bool(conn.cursor(row_factory=scalar_row).execute(QUERIES["migrations_table_exists"]).fetchone())
 
 
 def migrations_applied(conn: Connection) -> set[int]:
-    return {int(row[0]) for row in conn.execute(QUERIES["migrations_applied"]).fetchall()}
+    return {int(v) for v in conn.cursor(row_factory=scalar_row).execute(QUERIES["migrations_applied"])}
 
 
 def migrations_state(conn: Connection) -> SchemaState:

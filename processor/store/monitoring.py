@@ -4,15 +4,12 @@ table's upkeep (processor/election.py)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
-import psycopg
 from psycopg.rows import class_row, scalar_row
 
 from outbox.sqlfile import load_queries
 from processor.decode import DeadLetterClass
-
-Connection = psycopg.Connection[Any]
+from processor.store._connection import Connection
 
 QUERIES = load_queries("processor.store", "monitoring.sql")
 

@@ -13,14 +13,12 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
 
-import psycopg
 from psycopg.rows import class_row, scalar_row
 
 from outbox.sqlfile import load_queries
 from outbox.subscription import SUBSCRIBER_LOCK_CLASS as SUBSCRIBER_LOCK_CLASS
 from processor.snapshot import Snapshot
-
-Connection = psycopg.Connection[Any]
+from processor.store._connection import Connection
 
 QUERIES = load_queries("processor.store", "partitions.sql")
 

@@ -5,17 +5,14 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
-from typing import Any
 
-import psycopg
 from psycopg.rows import class_row
 
 from outbox.sqlfile import load_queries
 from processor.snapshot import Snapshot
+from processor.store._connection import Connection
 
 QUERIES = load_queries("processor.store", "retention.sql")
-
-Connection = psycopg.Connection[Any]
 
 
 @dataclass(frozen=True, slots=True)

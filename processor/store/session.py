@@ -4,16 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
 
 import psycopg
 from psycopg.rows import scalar_row
 
 from outbox.sqlfile import load_queries
+from processor.store._connection import Connection
 
 QUERIES = load_queries("processor.store", "session.sql")
-
-Connection = psycopg.Connection[Any]
 
 
 def session_configure(conn: Connection, *, statement_timeout: float, session_timeout: float) -> None:

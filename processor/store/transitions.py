@@ -9,15 +9,13 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-import psycopg
 from psycopg.rows import class_row
 
 from outbox.sqlfile import load_queries
 from outbox.subscription import Transition
+from processor.store._connection import Connection
 
 QUERIES = load_queries("processor.store", "transitions.sql")
-
-Connection = psycopg.Connection[Any]
 
 
 @dataclass(frozen=True, slots=True)

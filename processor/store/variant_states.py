@@ -5,18 +5,16 @@ from __future__ import annotations
 import uuid
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from typing import Any
 
-import psycopg
 from psycopg.rows import kwargs_row, scalar_row
 
 from outbox.events import VariantStatus
 from outbox.sqlfile import load_queries
 from processor.fold import VariantState
+from processor.store._connection import Connection
 
 QUERIES = load_queries("processor.store", "variant_states.sql")
 
-Connection = psycopg.Connection[Any]
 
 _STATUSES = {status.value: status for status in VariantStatus}  # a dict lookup: cheaper than VariantStatus(x)
 
