@@ -699,38 +699,30 @@ def prune(
         str, typer.Option("--older-than", help="Age of applied events to remove: 90s, 30m, 12h, 7d, 2w.")
     ],
     database_url: DatabaseOption = None,
-    partition: PartitionOption = None,
     log_level: LogLevelOption = "WARNING",
 ) -> None:
-    """Remove applied events older than a duration; replay stays correct (it starts from a baseline)."""
-    from processor.prune import parse_duration, prune_transitions
-    from processor.prune import prune as run_prune
+    """Remove applied events and acknowledged transitions older than a duration, by whole segments;
+    replay stays correct (it starts from a baseline)."""
+    from processor.retention import parse_duration, retain
 
     try:
         age = parse_duration(older_than)
     except OutboxError as exc:
         raise typer.BadParameter(str(exc), param_hint="--older-than") from None
-    with _operation(database_url, log_level, partition, "prune") as (_, console, conn, partitions):
-        # Transient: the live count goes away at the end; the summary line below stays.
+    # Segments hold every partition's events: prune acts on all partitions, whatever OUTBOX_PARTITION says.
+    with _operation(database_url, log_level, None, "prune") as (_, console, conn, _partitions):
+        # Transient: the live count goes away at the end; the summary below stays.
         progress = Progress(
             TextColumn("pruning"),
-            TextColumn("{task.completed:,} events"),
+            TextColumn("{task.completed:,} events folded"),
             TimeElapsedColumn(),
             console=Console(stderr=True),
             transient=True,
         )
-        deleted = baselines = 0
         with progress:
             task = progress.add_task("pruning", total=None)
-            for p in partitions:
-                result = run_prune(conn, p, age, on_chunk=lambda n: progress.advance(task, n))
-                deleted += result.events_deleted
-                baselines += result.baseline_updates
-            # Transitions belong to no partition: pruned with the whole outbox, not with one partition.
-            transitions = None if partition is not None else prune_transitions(conn, age)
-        if deleted:
-            store.outbox_analyze(conn)  # `backlog` reports the outbox's size from its statistics
-    console.print(render.prune_summary(older_than, deleted, baselines, transitions))
+            report = retain(conn, age, on_events=lambda n: progress.advance(task, n))
+    console.print(render.prune_summary(older_than, report))
 
 
 def main() -> None:

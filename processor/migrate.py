@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
+import psycopg
+
 from processor import app_schema, fold_config, schema_check, store
 from processor.errors import ConfigurationError, SchemaError
 from processor.fold import FailurePolicy, Pipeline
@@ -30,6 +32,11 @@ DEFAULT_PIPELINE = Pipeline(("ingest", "preprocess", "inference", "iou_eval"))
 
 _MIGRATION_FILE = re.compile(r"^(\d{4})_(\w+)\.sql$")
 _SERVES_WORKERS_FROM = re.compile(r"^-- Serves workers from: (\d+)\s*$", re.MULTILINE)
+_PREPARE_STEP = re.compile(r"^-- step:.*$", re.MULTILINE)
+_PREPARE_WHEN = re.compile(r"^-- when:.*$", re.MULTILINE)
+# A prepare step waits this long for a lock before it gives up (and migrate with it): behind a lock
+# request that waits, every writer waits too.
+PREPARE_LOCK_TIMEOUT = "5s"
 
 
 class LegacyTriggerPolicy(StrEnum):
@@ -81,6 +88,17 @@ class Migration:
         none: then only workers of its own version (as every migration before 0014)."""
         match = _SERVES_WORKERS_FROM.search(self.sql())
         return int(match.group(1)) if match else None
+
+    def prepare_steps(self) -> tuple[str | None, list[str]]:
+        """``NNNN_name.prepare.sql``, if the migration has one: the query that says whether its steps
+        are to run (None: always), and the steps, run before its transaction, each in its own, while
+        writers write (see ``prepare``)."""
+        path = self.path.with_suffix(".prepare.sql")
+        if not path.exists():
+            return None, []
+        header, *parts = _PREPARE_STEP.split(path.read_text(encoding="utf-8"))
+        when = _PREPARE_WHEN.split(header)
+        return (when[1].strip() if len(when) > 1 else None), [part.strip() for part in parts if part.strip()]
 
     def creates_triggers(self) -> set[str]:
         return set(re.findall(r"^CREATE TRIGGER (\w+)", self.sql(), re.MULTILINE | re.IGNORECASE))
@@ -140,6 +158,7 @@ def migrate(
     raises SchemaError, changing nothing, where a legacy trigger would be dropped.
     """
     report = MigrateReport()
+    prepare(conn)
     with conn.transaction():
         schema_store.migrations_lock(conn)
         schema_store.migrations_table_create(conn)
@@ -166,6 +185,48 @@ def migrate(
             raise SchemaError(legacy_refusal(report.removed_triggers))  # rolls everything back
         schema_check.drop_legacy(conn, report.removed_triggers)
     return report
+
+
+def prepare(conn: Connection) -> list[Migration]:
+    """Run the prepare steps of the next migration, when it is the only one missing.
+
+    Some migrations would hold the writers back for as long as they read or index a whole table
+    (0015 turns the populated outbox into a partitioned one). Their slow, concurrent-safe part is a
+    separate file of steps (a column with a constant default, a CHECK validated while writers
+    write, CREATE INDEX CONCURRENTLY), each idempotent and run in its own transaction, so that what
+    the migration then does under the writers' lock reads no row. Only on a database one migration
+    behind and on an idle connection: with several migrations missing (a new install, an old
+    database) the migration does the same work itself, in its transaction. Returns the migrations
+    prepared.
+    """
+    if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE or not schema_store.migrations_table_exists(
+        conn
+    ):
+        return []
+    done = schema_store.migrations_applied(conn)
+    missing = [m for m in migrations() if m.version not in done]
+    if len(missing) != 1:
+        return []
+    when, steps = missing[0].prepare_steps()
+    if not steps:
+        return []
+    autocommit = conn.autocommit
+    conn.autocommit = True  # CREATE INDEX CONCURRENTLY runs in no transaction block
+    try:
+        if when is not None and not schema_store.prepare_wanted(conn, when):
+            return []
+        schema_store.lock_timeout_set(conn, PREPARE_LOCK_TIMEOUT)
+        for step in steps:
+            schema_store.migration_apply(conn, step)
+    except psycopg.errors.LockNotAvailable as exc:
+        raise SchemaError(
+            f"migration {missing[0].version:04d} could not prepare: a lock was not granted within "
+            f"{PREPARE_LOCK_TIMEOUT} (a long transaction on the outbox?); run migrate again"
+        ) from exc
+    finally:
+        schema_store.lock_timeout_reset(conn)
+        conn.autocommit = autocommit
+    return missing
 
 
 @dataclass

@@ -25,7 +25,8 @@ from processor.backlog import BacklogReport
 from processor.explain import ExplainedVariant, ExplainReport, StoredState, describe_at, describe_time
 from processor.health import HealthReport
 from processor.replay import JobChange, JobStatus
-from processor.store import DeadLetterRecord, SubscriptionFailure, SubscriptionInfo
+from processor.retention import RetentionReport
+from processor.store import DeadLetterRecord, Segmented, SubscriptionFailure, SubscriptionInfo
 from processor.verify import RepairReport, VerifyReport
 
 
@@ -202,12 +203,19 @@ def replay_text(job_count: int, changes: Sequence[JobChange], *, dry_run: bool, 
 # `outbox prune`.
 
 
-def prune_summary(older_than: str, deleted: int, baselines: int, transitions: int | None) -> str:
-    """``transitions``: None when one partition was pruned (transitions belong to none)."""
-    summary = f"pruned {deleted} events older than {older_than}; {baselines} variant baselines updated"
-    if transitions is not None:
-        summary += f"; {transitions} job transitions removed (none that a subscription still needs)"
-    return summary
+def prune_summary(older_than: str, report: RetentionReport) -> str:
+    """The summary line, then one line per segment kept (and why)."""
+    events, transitions = report.removed(Segmented.EVENTS), report.removed(Segmented.TRANSITIONS)
+    gone = sum(1 for s in report.segments if s.kept_because is None and s.rows)
+    lines = [
+        f"pruned {events} events older than {older_than} ({gone} segments truncated); "
+        f"{report.baseline_updates} variant baselines updated; {transitions} job transitions removed "
+        "(none that a subscription still needs)"
+    ]
+    for kept in report.kept():
+        what = "events" if kept.table is Segmented.EVENTS else "transitions"
+        lines.append(f"kept segment {kept.segment} of the {what} ({kept.rows} rows): {kept.kept_because}")
+    return "\n".join(lines)
 
 
 # `outbox dead-letters`.

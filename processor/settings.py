@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
@@ -63,6 +64,24 @@ class Settings(BaseSettings):
     # refuses connections that do not reach the server directly (docs/design.md: "Connections and faults").
     allow_session_proxy: bool = False
     embedded_data_dir: Path | None = None
+    # How long applied events and acknowledged job transitions are kept (90s, 30m, 12h, 7d, 2w): one
+    # worker of the cluster removes older ones, by whole segments (processor/retention.py; `outbox
+    # prune` does the same once). None ("off", or unset): they stay until `outbox prune`.
+    retention: dt.timedelta | None = None
+
+    @field_validator("retention", mode="before")
+    @classmethod
+    def _parse_retention(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            if value.strip().lower() in ("", "off"):
+                return None
+            from processor.retention import parse_duration
+
+            try:
+                return parse_duration(value)
+            except ConfigurationError as exc:
+                raise ValueError(str(exc)) from None
+        return value
 
     @field_validator("pipeline_steps", mode="before")
     @classmethod

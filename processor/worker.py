@@ -143,13 +143,34 @@ class Worker:
             before_sleep=self._log_retry,
             retry_error_callback=gave_up,
         )
+        retention = self._start_retention(until_idle)
         try:
             for attempt in retrying:
                 with attempt:
                     self._session(until_idle)
         finally:
             self.waiter.close()
+            if retention is not None:
+                self._stopping.set()  # it waits on the same event
+                retention.join()
         return self.stats
+
+    def _start_retention(self, until_idle: bool) -> threading.Thread | None:
+        """OUTBOX_RETENTION: rounds of retention while this worker runs, done by the one worker of the
+        cluster elected for them, in a thread and on a connection of their own (processor/retention.py).
+        A one-off run (until_idle) leaves them to the workers that stay."""
+        if self.settings.retention is None or until_idle:
+            return None
+        from processor.retention import run_retention
+
+        thread = threading.Thread(
+            target=run_retention,
+            args=(self.db, self.settings.retention, self._stopping),
+            name="outbox-retention",
+            daemon=True,
+        )
+        thread.start()
+        return thread
 
     def _backoff(self, _state: tenacity.RetryCallState) -> float:
         """Capped exponential backoff with jitter, counted from the start of the current outage."""

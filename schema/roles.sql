@@ -44,7 +44,7 @@
 --   jobs_variants               SELECT, INSERT, UPDATE, DELETE          SELECT of job_variants_id, job_id,
 --                                                                       status, current_step, updated_at;
 --                                                                       UPDATE of updated_at (*)
---   outbox_events               INSERT of the columns the capture       SELECT, DELETE (prune), INSERT as
+--   outbox_events               INSERT of the columns the capture       SELECT, DELETE (prune of v14), INSERT as
 --                               function writes (not txid, created_at)  the writer (verify --repair),
 --                                                                       UPDATE of txid (rebase after a
 --                                                                       restore; never the payload)
@@ -67,6 +67,15 @@
 --                                                                       (`outbox subscriptions ...`)
 --   outbox_transitions_lock, outbox_transitions_publish_v1
 --                               -                                      EXECUTE
+--   outbox_segments             -                                      SELECT
+--   outbox_events_segment       EXECUTE (the default of a new event's   EXECUTE
+--                               segment column)
+--   outbox_job_transitions_segment, outbox_segments_rotate, outbox_events_segment_truncate,
+--   outbox_job_transitions_segment_truncate
+--                               -                                      EXECUTE (retention: they run
+--                                                                       with the owner's rights, the
+--                                                                       only ones that create, attach
+--                                                                       and truncate segments)
 --
 --   outbox_subscriber (a subscription's consumer): SELECT on outbox_job_transitions; SELECT and
 --   UPDATE (position, acknowledged_at) on outbox_subscriptions; SELECT, INSERT, UPDATE, DELETE on
@@ -129,7 +138,7 @@ REVOKE ALL ON TABLE
     outbox_events, outbox_checkpoints, outbox_dirty_jobs, outbox_job_flags, outbox_variant_states,
     outbox_dead_letters, outbox_throughput, outbox_variant_baseline, outbox_schema_migrations,
     outbox_partitioning, outbox_fold_config, outbox_job_holds, outbox_job_transitions, outbox_subscriptions,
-    outbox_subscription_failures, outbox_job_transitions_staged
+    outbox_subscription_failures, outbox_job_transitions_staged, outbox_segments
     FROM PUBLIC, outbox_writer, outbox_processor, outbox_subscriber;
 REVOKE ALL ON SEQUENCE outbox_variant_versions FROM PUBLIC, outbox_writer, outbox_processor;
 REVOKE ALL ON FUNCTION
@@ -163,7 +172,13 @@ REVOKE ALL ON FUNCTION
     outbox_variant_status(text),
     outbox_variant_step(text),
     outbox_transitions_lock(),
-    outbox_transitions_publish_v1()
+    outbox_transitions_publish_v1(),
+    outbox_events_segment(),
+    outbox_job_transitions_segment(),
+    outbox_segment_create(text, smallint),
+    outbox_segments_rotate(text),
+    outbox_events_segment_truncate(smallint, pg_snapshot),
+    outbox_job_transitions_segment_truncate(smallint, timestamptz)
     FROM PUBLIC, outbox_writer, outbox_processor, outbox_subscriber;
 
 -- Connecting to this database and resolving the names in its schema (PUBLIC usually has both;
@@ -196,7 +211,8 @@ GRANT EXECUTE ON FUNCTION
     outbox_variant_status(text),
     outbox_variant_step(text),
     outbox_hold_job(uuid, text, text, text),
-    outbox_release_job(uuid)
+    outbox_release_job(uuid),
+    outbox_events_segment()
     TO outbox_writer;
 GRANT SELECT ON outbox_fold_config TO outbox_writer;
 
@@ -255,8 +271,14 @@ GRANT EXECUTE ON FUNCTION
     outbox_job_status(text),
     outbox_job_step(text),
     outbox_transitions_lock(),
-    outbox_transitions_publish_v1()
+    outbox_transitions_publish_v1(),
+    outbox_events_segment(),
+    outbox_job_transitions_segment(),
+    outbox_segments_rotate(text),
+    outbox_events_segment_truncate(smallint, pg_snapshot),
+    outbox_job_transitions_segment_truncate(smallint, timestamptz)
     TO outbox_processor;
+GRANT SELECT ON outbox_segments TO outbox_processor;
 
 -- The subscriber: reads transitions, moves its subscription's position, records its failures.
 GRANT SELECT ON outbox_job_transitions TO outbox_subscriber;

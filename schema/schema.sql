@@ -104,8 +104,14 @@ CREATE FUNCTION outbox_variant_step(p text) RETURNS text LANGUAGE sql IMMUTABLE 
 -- skipped. trace_parent is the writer's W3C trace context (outbox.traceparent), NULL for plain SQL.
 -- No CHECK on the payload: a CHECK's expression is compiled again for every INSERT statement
 -- (decision 0004); the payload bound is outbox_payload_fits, below.
+-- Partitioned into segments (see "Segments", below): writers append to the current one, retention
+-- truncates whole ones. segment is the only column a writer never names.
+CREATE FUNCTION outbox_events_segment() RETURNS smallint
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$SELECT 1::smallint$$;
+
 CREATE TABLE outbox_events (
-    event_id        bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    event_id        bigint GENERATED ALWAYS AS IDENTITY,
     txid            xid8 NOT NULL DEFAULT pg_current_xact_id(),
     partition       integer NOT NULL DEFAULT 0,
     event_type      text NOT NULL,
@@ -115,10 +121,13 @@ CREATE TABLE outbox_events (
     variant_version bigint,
     payload         jsonb NOT NULL,
     created_at      timestamptz NOT NULL DEFAULT clock_timestamp(),
-    trace_parent    text
-);
+    trace_parent    text,
+    segment         smallint NOT NULL DEFAULT outbox_events_segment(),
+    PRIMARY KEY (event_id, segment)
+) PARTITION BY LIST (segment);
 
--- The drain's range read: a partition's events in (txid, event_id) order.
+-- The drain's range read: a partition's events in (txid, event_id) order (in each segment; the
+-- planner merges them).
 CREATE INDEX outbox_events_position_idx ON outbox_events (partition, txid, event_id);
 
 -- Replay reads the events of given variants. One index, not two (job and variant): each costs
@@ -619,8 +628,11 @@ LANGUAGE sql
 AS $$
     WITH merged AS (
         INSERT INTO outbox_variant_baseline AS b (variant_id, job_id, version, status, step, removed, problem, event_id)
-        SELECT variant_id, job_id, version, status, step, removed, problem, event_id
-        FROM outbox_variant_states_newest(p_states)
+        SELECT n.variant_id, n.job_id, n.version, n.status, n.step, n.removed, n.problem, n.event_id
+        FROM outbox_variant_states_newest(p_states) AS n
+        WHERE NOT EXISTS (SELECT FROM outbox_variant_baseline AS o
+                          WHERE o.variant_id = n.variant_id
+                            AND NOT outbox_state_newer(n.version, n.event_id, o.version, o.event_id))
         ON CONFLICT (variant_id) DO UPDATE
             SET job_id = excluded.job_id,
                 version = excluded.version,
@@ -788,8 +800,12 @@ $$;
 -- Transactions that append transitions take outbox_transitions_lock first, so they commit in the
 -- order of their ids: a reader that sees a transition sees every lower id, and one number is a
 -- complete position for every partition at once (decision 0007).
+CREATE FUNCTION outbox_job_transitions_segment() RETURNS smallint
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$SELECT 1::smallint$$;
+
 CREATE TABLE outbox_job_transitions (
-    transition_id   bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    transition_id   bigint GENERATED ALWAYS AS IDENTITY,
     job_id          uuid NOT NULL,
     partition       integer NOT NULL,
     from_status     text,  -- NULL only where the row had none (an adopted table's NULL status)
@@ -798,8 +814,10 @@ CREATE TABLE outbox_job_transitions (
     to_step         text,
     written_by      text NOT NULL CHECK (written_by IN ('processor', 'hold')),
     transitioned_at timestamptz NOT NULL DEFAULT clock_timestamp(),
-    trace_parent    text  -- the trace context of the event that caused it
-);
+    trace_parent    text,  -- the trace context of the event that caused it
+    segment         smallint NOT NULL DEFAULT outbox_job_transitions_segment(),  -- see "Segments"
+    PRIMARY KEY (transition_id, segment)
+) PARTITION BY LIST (segment);
 CREATE INDEX outbox_job_transitions_job ON outbox_job_transitions (job_id, transition_id);
 
 -- The lock that orders transitions: the product's advisory lock class
@@ -859,6 +877,159 @@ AS $$
 $$;
 
 
+
+-- ============================================================================================
+-- Segments: retention truncates whole partitions of the outbox and of the transitions
+-- ============================================================================================
+--
+-- outbox_events and outbox_job_transitions are partitioned by segment. Writers append to the
+-- current segment, whose number outbox_events_segment() / outbox_job_transitions_segment() hold
+-- as a constant; `outbox prune` and OUTBOX_RETENTION (processor/retention.py) close it and open the
+-- next (outbox_segments_rotate), and truncate a closed segment once every row in it may go, which
+-- leaves no dead tuple, costs a few kilobytes of WAL, and takes no lock a writer waits for
+-- (decision 0015). A truncated segment is free: the next rotation reuses it.
+
+-- The segments of each segmented table. Free: empty, ready to be the next current one (opened_at
+-- NULL). Current: the one writers append to (closed_at NULL). Closed: writers moved on; retention
+-- truncates it once its every row may go, and it is free again.
+CREATE TABLE outbox_segments (
+    relation  text NOT NULL CHECK (relation IN ('outbox_events', 'outbox_job_transitions')),
+    segment   smallint NOT NULL CHECK (segment >= 0),
+    opened_at timestamptz,
+    closed_at timestamptz CHECK (closed_at IS NULL OR opened_at IS NOT NULL),
+    PRIMARY KEY (relation, segment)
+);
+
+CREATE UNIQUE INDEX outbox_segments_current ON outbox_segments (relation) WHERE opened_at IS NOT NULL AND closed_at IS NULL;
+
+-- A new segment: a table like its parent, attached (SHARE UPDATE EXCLUSIVE on the parent: writers
+-- and readers go on; CREATE TABLE ... PARTITION OF would take ACCESS EXCLUSIVE).
+CREATE FUNCTION outbox_segment_create(p_relation text, p_segment smallint) RETURNS void
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    v_name constant text := format('%s_s%s', p_relation, p_segment);
+BEGIN
+    EXECUTE format('CREATE TABLE %I (LIKE %I INCLUDING DEFAULTS INCLUDING CONSTRAINTS INCLUDING STORAGE '
+                   'INCLUDING COMPRESSION)', v_name, p_relation);
+    EXECUTE format('ALTER TABLE %I ATTACH PARTITION %I FOR VALUES IN (%s)', p_relation, v_name, p_segment);
+    INSERT INTO outbox_segments (relation, segment) VALUES (p_relation, p_segment);
+END
+$$;
+
+-- Writers move to the next segment: a free one, or a new one. With the owner's rights (DDL), so
+-- that the processor's role needs none. Returns the new current segment.
+CREATE FUNCTION outbox_segments_rotate(p_relation text) RETURNS smallint
+LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT
+AS $$
+DECLARE
+    v_next smallint;
+BEGIN
+    -- One rotation or truncation at a time, whoever runs it (workers, `outbox prune`).
+    LOCK TABLE outbox_segments IN SHARE ROW EXCLUSIVE MODE;
+    SELECT segment INTO v_next FROM outbox_segments
+    WHERE relation = p_relation AND opened_at IS NULL ORDER BY segment LIMIT 1;
+    IF NOT FOUND THEN
+        SELECT coalesce(max(segment) + 1, 0) INTO v_next FROM outbox_segments WHERE relation = p_relation;
+        PERFORM outbox_segment_create(p_relation, v_next);
+    END IF;
+    UPDATE outbox_segments SET closed_at = clock_timestamp()
+    WHERE relation = p_relation AND opened_at IS NOT NULL AND closed_at IS NULL;
+    UPDATE outbox_segments SET opened_at = clock_timestamp() WHERE relation = p_relation AND segment = v_next;
+    EXECUTE format('CREATE OR REPLACE FUNCTION %I() RETURNS smallint LANGUAGE sql IMMUTABLE PARALLEL SAFE AS %L',
+                   p_relation || '_segment', format('SELECT %s::smallint', v_next));
+    RETURN v_next;
+END
+$$;
+
+-- A closed segment of events goes, whole, when every event in it is applied and was folded into
+-- the baseline by `outbox prune` (processor/retention.py) from a snapshot that saw it (p_folded).
+-- Checked here under the segment's ACCESS EXCLUSIVE lock, where no row can come or go: the rule
+-- lives in this one place. Every checkpoint is locked first, in partition order (as replay and
+-- the other operations do): a worker's batch or a replay that reads the segment finishes before,
+-- and starts after, with the baseline already holding what the segment held. The caller sets
+-- lock_timeout: a session that has read the outbox and stays in its transaction makes this wait,
+-- and everything queued behind it too. Returns NULL when truncated, else why not.
+CREATE FUNCTION outbox_events_segment_truncate(p_segment smallint, p_folded pg_snapshot) RETURNS text
+LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT
+AS $$
+DECLARE
+    v_name constant text := format('outbox_events_s%s', p_segment);
+BEGIN
+    LOCK TABLE outbox_segments IN SHARE ROW EXCLUSIVE MODE;
+    IF NOT EXISTS (SELECT FROM outbox_segments WHERE relation = 'outbox_events' AND segment = p_segment
+                   AND closed_at IS NOT NULL) THEN
+        RETURN 'not a closed segment';
+    END IF;
+    PERFORM FROM outbox_checkpoints ORDER BY partition FOR UPDATE;
+    EXECUTE format('LOCK TABLE %I IN ACCESS EXCLUSIVE MODE', v_name);
+    -- Each partition's part is one range read of the position index from its done snapshot's xmin.
+    IF EXISTS (SELECT FROM outbox_events AS e
+               WHERE e.segment = p_segment
+                 AND NOT EXISTS (SELECT FROM outbox_checkpoints AS c WHERE c.partition = e.partition)) THEN
+        RETURN 'it holds events of a partition with no checkpoint';
+    END IF;
+    IF EXISTS (SELECT FROM outbox_checkpoints AS c
+               CROSS JOIN LATERAL (
+                   SELECT FROM outbox_events AS e
+                   WHERE e.segment = p_segment AND e.partition = c.partition
+                     AND e.txid >= least(pg_snapshot_xmin(c.done_snapshot), pg_snapshot_xmin(p_folded))
+                     AND (NOT pg_visible_in_snapshot(e.txid, c.done_snapshot)
+                          OR NOT pg_visible_in_snapshot(e.txid, p_folded))
+                   LIMIT 1) AS x) THEN
+        RETURN 'events were written to it since it was folded, or are not applied yet';
+    END IF;
+    IF EXISTS (SELECT FROM outbox_dead_letters AS d
+               JOIN outbox_events AS e ON e.event_id = d.event_id AND e.segment = p_segment
+               WHERE d.discarded_at IS NULL) THEN
+        RETURN 'a dead letter in it waits to be retried or discarded';
+    END IF;
+    EXECUTE format('TRUNCATE %I', v_name);
+    -- Discarded dead letters whose event is gone: nothing reads them without it.
+    DELETE FROM outbox_dead_letters AS d
+    WHERE d.discarded_at IS NOT NULL AND NOT EXISTS (SELECT FROM outbox_events AS e WHERE e.event_id = d.event_id);
+    UPDATE outbox_segments SET opened_at = NULL, closed_at = NULL
+    WHERE relation = 'outbox_events' AND segment = p_segment;
+    RETURN NULL;
+END
+$$;
+
+-- A closed segment of transitions goes, whole, when every transition in it is older than the
+-- cutoff, acknowledged by every subscription (at or below its position) and failed by none. The
+-- transitions' lock first: a worker appending transitions holds it until it commits.
+CREATE FUNCTION outbox_job_transitions_segment_truncate(p_segment smallint, p_cutoff timestamptz) RETURNS text
+LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT
+AS $$
+DECLARE
+    v_name constant text := format('outbox_job_transitions_s%s', p_segment);
+    v_newest bigint;
+BEGIN
+    LOCK TABLE outbox_segments IN SHARE ROW EXCLUSIVE MODE;
+    IF NOT EXISTS (SELECT FROM outbox_segments WHERE relation = 'outbox_job_transitions' AND segment = p_segment
+                   AND closed_at IS NOT NULL) THEN
+        RETURN 'not a closed segment';
+    END IF;
+    PERFORM outbox_transitions_lock();
+    EXECUTE format('LOCK TABLE %I IN ACCESS EXCLUSIVE MODE', v_name);
+    SELECT max(transition_id) INTO v_newest FROM outbox_job_transitions WHERE segment = p_segment;
+    IF v_newest IS NULL THEN
+        NULL;  -- empty: free it
+    ELSIF EXISTS (SELECT FROM outbox_subscriptions WHERE position < v_newest) THEN
+        RETURN 'a subscription has not acknowledged every transition in it';
+    ELSIF EXISTS (SELECT FROM outbox_subscription_failures AS f
+                  JOIN outbox_job_transitions AS t ON t.transition_id = f.transition_id AND t.segment = p_segment) THEN
+        RETURN 'a subscription failed on a transition in it';
+    ELSIF EXISTS (SELECT FROM outbox_job_transitions WHERE segment = p_segment AND transitioned_at >= p_cutoff) THEN
+        RETURN 'it holds transitions younger than the cutoff';
+    END IF;
+    EXECUTE format('TRUNCATE %I', v_name);
+    UPDATE outbox_segments SET opened_at = NULL, closed_at = NULL
+    WHERE relation = 'outbox_job_transitions' AND segment = p_segment;
+    RETURN NULL;
+END
+$$;
+
+
 -- ============================================================================================
 -- Operating it
 -- ============================================================================================
@@ -872,6 +1043,18 @@ CREATE TABLE outbox_throughput (
     events    bigint NOT NULL,
     PRIMARY KEY (partition, bucket)
 );
+
+
+-- ============================================================================================
+-- The first segments: 0 closed (what a migrated database had before 0015), 1 current
+-- ============================================================================================
+
+SELECT outbox_segment_create(relation, segment)
+FROM (VALUES ('outbox_events'), ('outbox_job_transitions')) AS r (relation)
+CROSS JOIN (VALUES (0::smallint), (1::smallint)) AS g (segment)
+ORDER BY relation, segment;
+UPDATE outbox_segments SET opened_at = '-infinity', closed_at = clock_timestamp() WHERE segment = 0;
+UPDATE outbox_segments SET opened_at = clock_timestamp() WHERE segment = 1;
 
 
 -- ============================================================================================
@@ -892,6 +1075,7 @@ INSERT INTO outbox_schema_migrations (version, name) VALUES
     (11, 'guard_after_row'),
     (12, 'job_transitions'),
     (13, 'trace_context'),
-    (14, 'rolling_upgrades');
+    (14, 'rolling_upgrades'),
+    (15, 'segments');
 
-UPDATE outbox_schema_migrations SET serves_workers_from = 14 WHERE version = 14;
+UPDATE outbox_schema_migrations SET serves_workers_from = 14 WHERE version IN (14, 15);

@@ -322,22 +322,46 @@ from processor.store.partitions import (
     wakeup_trigger_set as wakeup_trigger_set,
 )
 from processor.store.retention import (
-    PrunedRound as PrunedRound,
+    FoldedChunk as FoldedChunk,
+)
+from processor.store.retention import (
+    Segmented as Segmented,
+)
+from processor.store.retention import (
+    SegmentSurvey as SegmentSurvey,
 )
 from processor.store.retention import (
     cutoff_get as cutoff_get,
 )
 from processor.store.retention import (
-    events_lock_for_prune as events_lock_for_prune,
+    events_segment_fold as events_segment_fold,
+)
+from processor.store.retention import (
+    events_segment_survey as events_segment_survey,
+)
+from processor.store.retention import (
+    events_segment_truncate as events_segment_truncate,
+)
+from processor.store.retention import (
+    lock_timeout_local as lock_timeout_local,
 )
 from processor.store.retention import (
     outbox_analyze as outbox_analyze,
 )
 from processor.store.retention import (
-    prune_chunk as prune_chunk,
+    segments_closed as segments_closed,
 )
 from processor.store.retention import (
-    transitions_prune as transitions_prune,
+    segments_due as segments_due,
+)
+from processor.store.retention import (
+    segments_rotate as segments_rotate,
+)
+from processor.store.retention import (
+    transitions_segment_count as transitions_segment_count,
+)
+from processor.store.retention import (
+    transitions_segment_truncate as transitions_segment_truncate,
 )
 from processor.store.session import (
     backend_pid as backend_pid,

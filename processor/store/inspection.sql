@@ -8,13 +8,16 @@
 
 -- name: backlog_counts_get
 -- One partition's counts for `outbox backlog`: dead letters and flags (of every partition), its jobs
--- awaiting fold, the outbox's size (from its statistics), its throughput over the last minute and
--- its last applied event.
+-- awaiting fold, the outbox's size (its segments' sizes and statistics: a partitioned table has
+-- none of its own), its throughput over the last minute and its last applied event.
 SELECT (SELECT count(*) FROM outbox_dead_letters WHERE discarded_at IS NULL) AS dead_letters,
        (SELECT count(*) FROM outbox_job_flags) AS flagged_jobs,
        (SELECT count(*) FROM outbox_dirty_jobs WHERE partition = %(partition)s) AS jobs_awaiting_fold,
-       pg_total_relation_size('outbox_events') AS outbox_bytes,
-       (SELECT greatest(reltuples, 0)::bigint FROM pg_class WHERE oid = 'outbox_events'::regclass) AS outbox_rows_estimate,
+       (SELECT coalesce(sum(pg_total_relation_size(t.relid)), 0)::bigint
+        FROM pg_partition_tree('outbox_events') AS t WHERE t.isleaf) AS outbox_bytes,
+       (SELECT coalesce(sum(greatest(c.reltuples, 0)), 0)::bigint
+        FROM pg_partition_tree('outbox_events') AS t JOIN pg_class AS c ON c.oid = t.relid
+        WHERE t.isleaf) AS outbox_rows_estimate,
        (SELECT coalesce(sum(events), 0)
         FROM outbox_throughput
         WHERE partition = %(partition)s AND bucket > clock_timestamp() - interval '70 seconds'

@@ -70,6 +70,21 @@ def migration_apply(conn: Connection, text: str) -> None:
     conn.execute(text.encode())
 
 
+def prepare_wanted(conn: Connection, query: str) -> bool:
+    """A migration's "-- when:" query (no parameters): whether its prepare steps are to run."""
+    with conn.cursor(row_factory=scalar_row) as cur:
+        return bool(cur.execute(query.encode()).fetchone())
+
+
+def lock_timeout_set(conn: Connection, timeout: str) -> None:
+    """For the session: a statement that waits longer than ``timeout`` for a lock fails."""
+    conn.execute(QUERIES["lock_timeout_set"], {"timeout": timeout})
+
+
+def lock_timeout_reset(conn: Connection) -> None:
+    conn.execute(QUERIES["lock_timeout_reset"])
+
+
 def migration_record(conn: Connection, version: int, name: str, serves_workers_from: int | None) -> None:
     """Record a migration as applied; from 0014 on, with the oldest worker version it serves."""
     conn.execute(QUERIES["migration_record"], {"version": version, "name": name})

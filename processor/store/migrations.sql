@@ -29,6 +29,13 @@ SELECT coalesce(max(version), 0) AS version,
            AS serves_workers_from
 FROM outbox_schema_migrations AS m
 
+-- name: lock_timeout_set
+-- For the session, the prepare steps of a migration (processor/migrate.py: prepare).
+SELECT set_config('lock_timeout', %(timeout)s, false)
+
+-- name: lock_timeout_reset
+RESET lock_timeout
+
 -- name: migration_record
 INSERT INTO outbox_schema_migrations (version, name) VALUES (%(version)s, %(name)s)
 

@@ -52,6 +52,7 @@ class ClusterDuty(IntEnum):
 
     METRICS_SCAN = 0  # the gauges that scan pending work (processor/metrics.py), on the refresh connection
     THROUGHPUT_PRUNE = 1  # dropping outbox_throughput's counts older than a day, on a worker's session
+    RETENTION = 2  # OUTBOX_RETENTION's rounds (processor/retention.py), on a connection of their own
 
 
 # ----- Consumers and members

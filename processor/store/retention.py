@@ -1,12 +1,15 @@
-"""What `outbox prune` runs: applied events folded into the baseline and deleted, job transitions no
-subscription still needs, fresh statistics afterwards; SQL in retention.sql."""
+"""What retention runs (processor/retention.py): segments rotated, folded into the baseline and
+truncated, fresh statistics afterwards; SQL in retention.sql, the rules of what may go in the
+schema's truncate functions."""
 
 from __future__ import annotations
 
 import datetime as dt
+import uuid
 from dataclasses import dataclass
+from enum import StrEnum
 
-from psycopg.rows import class_row
+from psycopg.rows import class_row, scalar_row
 
 from outbox.sqlfile import load_queries
 from processor.snapshot import Snapshot
@@ -15,10 +18,28 @@ from processor.store._connection import Connection
 QUERIES = load_queries("processor.store", "retention.sql")
 
 
+class Segmented(StrEnum):
+    """The tables partitioned into segments (outbox_segments.relation)."""
+
+    EVENTS = "outbox_events"
+    TRANSITIONS = "outbox_job_transitions"
+
+
 @dataclass(frozen=True, slots=True)
-class PrunedRound:
-    events_deleted: int
-    baseline_updates: int  # variants whose baseline the round's events changed
+class SegmentSurvey:
+    events: int
+    unapplied: int
+    young: int  # written at or after the cutoff
+    waiting_dead_letters: int
+    seen: str  # the snapshot the survey read the segment in (pg_snapshot text)
+
+
+@dataclass(frozen=True, slots=True)
+class FoldedChunk:
+    events: int
+    variants: int
+    last_variant_id: uuid.UUID | None  # where the next chunk starts (None: no variant left)
+    baseline_updates: int  # variants whose baseline the chunk moved forward
 
 
 def cutoff_get(conn: Connection, older_than: dt.timedelta) -> dt.datetime:
@@ -30,22 +51,71 @@ def cutoff_get(conn: Connection, older_than: dt.timedelta) -> dt.datetime:
     return cutoff
 
 
-def events_lock_for_prune(conn: Connection) -> None:
-    conn.execute(QUERIES["events_lock_for_prune"])
+def segments_due(conn: Connection, every: dt.timedelta) -> list[Segmented]:
+    """The tables whose current segment holds rows and has been open for ``every`` or longer."""
+    with conn.cursor(row_factory=scalar_row) as cur:
+        return [Segmented(r) for r in cur.execute(QUERIES["segments_due"], {"every": every}).fetchall()]
 
 
-def prune_chunk(conn: Connection, partition: int, *, cutoff: dt.datetime, done: Snapshot, limit: int) -> PrunedRound:
-    """Fold up to ``limit`` prunable events into the baseline and delete them."""
-    params = {"partition": partition, "cutoff": cutoff, "done": str(done), "limit": limit}
-    with conn.cursor(row_factory=class_row(PrunedRound)) as cur:
-        pruned = cur.execute(QUERIES["prune_chunk"], params).fetchone()
-    assert pruned is not None
-    return pruned
+def segments_rotate(conn: Connection, table: Segmented) -> int:
+    """Close ``table``'s current segment and open the next; its number."""
+    with conn.cursor(row_factory=scalar_row) as cur:
+        segment = cur.execute(QUERIES["segments_rotate"], {"relation": table.value}).fetchone()
+    assert isinstance(segment, int)
+    return segment
 
 
-def transitions_prune(conn: Connection, *, cutoff: dt.datetime, limit: int) -> int:
-    """Delete up to ``limit`` transitions older than ``cutoff`` that no subscription still needs; how many."""
-    return conn.execute(QUERIES["transitions_prune"], {"cutoff": cutoff, "limit": limit}).rowcount
+def segments_closed(conn: Connection, table: Segmented) -> list[int]:
+    with conn.cursor(row_factory=scalar_row) as cur:
+        return list(cur.execute(QUERIES["segments_closed"], {"relation": table.value}).fetchall())
+
+
+def lock_timeout_local(conn: Connection, timeout: dt.timedelta) -> None:
+    """Inside a transaction: a lock not granted within ``timeout`` fails the statement."""
+    conn.execute(QUERIES["lock_timeout_local"], {"timeout": f"{max(1, round(timeout.total_seconds() * 1000))}ms"})
+
+
+def events_segment_survey(conn: Connection, segment: int, *, cutoff: dt.datetime) -> SegmentSurvey:
+    with conn.cursor(row_factory=class_row(SegmentSurvey)) as cur:
+        survey = cur.execute(QUERIES["events_segment_survey"], {"segment": segment, "cutoff": cutoff}).fetchone()
+    assert survey is not None
+    return survey
+
+
+def events_segment_fold(
+    conn: Connection, segment: int, *, seen: Snapshot | str, after: uuid.UUID | None, limit: int
+) -> FoldedChunk:
+    """Fold the events of the segment's next ``limit`` variants after ``after`` into the baseline."""
+    params = {"segment": segment, "seen": str(seen), "after": after, "limit": limit}
+    with conn.cursor(row_factory=class_row(FoldedChunk)) as cur:
+        folded = cur.execute(QUERIES["events_segment_fold"], params).fetchone()
+    assert folded is not None
+    return folded
+
+
+def events_segment_truncate(conn: Connection, segment: int, *, seen: str) -> str | None:
+    """Truncate a closed segment of events if the schema's rule allows it; None, or why not."""
+    with conn.cursor(row_factory=scalar_row) as cur:
+        refusal = cur.execute(QUERIES["events_segment_truncate"], {"segment": segment, "seen": seen}).fetchone()
+    assert refusal is None or isinstance(refusal, str)
+    return refusal
+
+
+def transitions_segment_count(conn: Connection, segment: int) -> int:
+    with conn.cursor(row_factory=scalar_row) as cur:
+        count = cur.execute(QUERIES["transitions_segment_count"], {"segment": segment}).fetchone()
+    assert isinstance(count, int)
+    return count
+
+
+def transitions_segment_truncate(conn: Connection, segment: int, *, cutoff: dt.datetime) -> str | None:
+    """Truncate a closed segment of transitions if the schema's rule allows it; None, or why not."""
+    with conn.cursor(row_factory=scalar_row) as cur:
+        refusal = cur.execute(
+            QUERIES["transitions_segment_truncate"], {"segment": segment, "cutoff": cutoff}
+        ).fetchone()
+    assert refusal is None or isinstance(refusal, str)
+    return refusal
 
 
 def outbox_analyze(conn: Connection) -> None:

@@ -1,31 +1,75 @@
--- What `outbox prune` runs (processor/store/retention.py): applied events folded into the baseline and
--- deleted, job transitions that no subscription still needs, and fresh statistics afterwards.
+-- What retention runs (processor/retention.py): segments rotated, closed segments of events folded
+-- into the baseline and truncated, closed segments of transitions truncated (the rules of what may
+-- go are in the schema's truncate functions: schema/schema.sql, "Segments"), fresh statistics.
 
 -- name: cutoff_get
 -- The database's clock minus a duration: what `outbox prune --older-than` removes is older than this.
 SELECT clock_timestamp() - %(interval)s::interval
 
--- name: events_lock_for_prune
--- The lock prune's DELETE takes anyway, taken first (see processor/prune.py).
-LOCK TABLE outbox_events IN ROW EXCLUSIVE MODE
+-- name: segments_due
+-- The segmented tables whose current segment should close: it holds a row, and it has been open
+-- for at least %(every)s.
+SELECT s.relation
+FROM outbox_segments AS s
+WHERE s.opened_at IS NOT NULL AND s.closed_at IS NULL
+  AND s.opened_at <= clock_timestamp() - %(every)s::interval
+  AND CASE s.relation
+        WHEN 'outbox_events' THEN EXISTS (SELECT FROM outbox_events WHERE segment = s.segment)
+        ELSE EXISTS (SELECT FROM outbox_job_transitions WHERE segment = s.segment)
+      END
+ORDER BY s.relation
 
--- name: prune_chunk
--- One round of `outbox prune` in partition %(partition)s, under its checkpoint's lock: the events
--- to remove (applied, older than the cutoff, not a dead letter waiting for retry or discard) are
--- folded into outbox_variant_baseline (the newest of each variant wins, as everywhere: replay
--- starts from there), then deleted with their discarded dead letters.
+-- name: segments_rotate
+SELECT outbox_segments_rotate(%(relation)s) AS segment
+
+-- name: segments_closed
+-- A table's closed segments, oldest first.
+SELECT segment FROM outbox_segments
+WHERE relation = %(relation)s AND closed_at IS NOT NULL
+ORDER BY closed_at, segment
+
+-- name: lock_timeout_local
+-- For the rest of the transaction: a lock not granted within this time fails the statement.
+SELECT set_config('lock_timeout', %(timeout)s, true)
+
+-- name: events_segment_survey
+-- Whether a closed segment's events may all go (the truncate function checks again under its
+-- lock): how many, how many are not applied (not visible in their partition's done snapshot, or
+-- of a partition with no checkpoint), how many are younger than the cutoff, how many wait as dead
+-- letters; and the snapshot this statement read them in, which the fold reads them in too.
+SELECT count(*) AS events,
+       count(*) FILTER (WHERE NOT coalesce(pg_visible_in_snapshot(e.txid, c.done_snapshot), false)) AS unapplied,
+       count(*) FILTER (WHERE e.created_at >= %(cutoff)s) AS young,
+       (SELECT count(*)
+        FROM outbox_dead_letters AS d
+        JOIN outbox_events AS x ON x.event_id = d.event_id AND x.segment = %(segment)s
+        WHERE d.discarded_at IS NULL) AS waiting_dead_letters,
+       pg_current_snapshot()::text AS seen
+FROM outbox_events AS e
+LEFT JOIN outbox_checkpoints AS c ON c.partition = e.partition
+WHERE e.segment = %(segment)s
+
+-- name: events_segment_fold
+-- The events of a segment's next %(limit)s variants after variant %(after)s (NULL: from the first),
+-- as the survey saw them, folded into outbox_variant_baseline: the newest of each variant wins, as
+-- everywhere (replay starts there). By variant, not by event, so that each variant's baseline row is
+-- written at most once per segment, and only when the segment moves it forward. A discarded dead
+-- letter is skipped, as replay skips it.
 WITH issued AS MATERIALIZED (
     SELECT outbox_versions_issued_v1() AS versions
-), doomed AS MATERIALIZED (
-    SELECT e.*, dl.event_id IS NOT NULL AS discarded
-    FROM outbox_events AS e
-    LEFT JOIN outbox_dead_letters AS dl USING (event_id)
-    WHERE e.partition = %(partition)s
-      AND e.created_at < %(cutoff)s
-      AND pg_visible_in_snapshot(e.txid, %(done)s::pg_snapshot)
-      AND (dl.event_id IS NULL OR dl.discarded_at IS NOT NULL)
-    ORDER BY e.event_id
+), variants AS MATERIALIZED (
+    SELECT DISTINCT variant_id
+    FROM outbox_events
+    WHERE segment = %(segment)s
+      AND variant_id > coalesce(%(after)s::uuid, '00000000-0000-0000-0000-000000000000'::uuid)
+    ORDER BY variant_id
     LIMIT %(limit)s
+), chunk AS MATERIALIZED (
+    SELECT e.*, dl.event_id IS NOT NULL AS discarded
+    FROM variants AS v
+    JOIN outbox_events AS e ON e.variant_id = v.variant_id AND e.segment = %(segment)s
+    LEFT JOIN outbox_dead_letters AS dl ON dl.event_id = e.event_id
+    WHERE pg_visible_in_snapshot(e.txid, %(seen)s::pg_snapshot)
 ), baseline AS MATERIALIZED (
     SELECT outbox_variant_baseline_merge(ARRAY(
         SELECT (e.variant_id, e.job_id, e.variant_version,
@@ -33,36 +77,27 @@ WITH issued AS MATERIALIZED (
                 d.readable AND d.removed,
                 CASE WHEN NOT d.readable THEN outbox_unreadable_problem_v1(e.event_id, NULL) END,
                 e.event_id, NULL)::outbox_variant_states
-        FROM doomed AS e
+        FROM chunk AS e
         CROSS JOIN issued AS i
         CROSS JOIN LATERAL outbox_event_decode_v1(
             e.event_type, e.schema_version, e.job_id, e.variant_id, e.variant_version, e.payload, i.versions) AS d
-        WHERE NOT e.discarded AND e.variant_id IS NOT NULL AND e.job_id IS NOT NULL
+        WHERE NOT e.discarded AND e.job_id IS NOT NULL
           AND e.variant_version BETWEEN 1 AND i.versions
     )) AS merged
-), letters AS (
-    DELETE FROM outbox_dead_letters WHERE event_id IN (SELECT event_id FROM doomed WHERE discarded)
-), deleted AS (
-    DELETE FROM outbox_events WHERE event_id IN (SELECT event_id FROM doomed) RETURNING 1
 )
-SELECT (SELECT count(*) FROM deleted) AS events_deleted, coalesce((SELECT merged FROM baseline), 0) AS baseline_updates
+SELECT (SELECT count(*) FROM chunk) AS events,
+       (SELECT count(*) FROM variants) AS variants,
+       (SELECT variant_id FROM variants ORDER BY variant_id DESC LIMIT 1) AS last_variant_id,  -- no max(uuid)
+       coalesce((SELECT merged FROM baseline), 0) AS baseline_updates
 
--- name: transitions_prune
--- One round of pruning job transitions: those written before the cutoff that every subscription
--- has acknowledged (at or below its position) and none has parked or is retrying. With no
--- subscription, every transition before the cutoff goes.
-WITH kept_from AS MATERIALIZED (
-    SELECT min(position) AS position FROM outbox_subscriptions
-), doomed AS (
-    SELECT t.transition_id
-    FROM outbox_job_transitions AS t
-    WHERE t.transitioned_at < %(cutoff)s
-      AND t.transition_id <= coalesce((SELECT position FROM kept_from), 9223372036854775807)
-      AND NOT EXISTS (SELECT FROM outbox_subscription_failures AS f WHERE f.transition_id = t.transition_id)
-    ORDER BY t.transition_id
-    LIMIT %(limit)s
-)
-DELETE FROM outbox_job_transitions WHERE transition_id IN (SELECT transition_id FROM doomed)
+-- name: events_segment_truncate
+SELECT outbox_events_segment_truncate(%(segment)s::smallint, %(seen)s::pg_snapshot) AS refusal
+
+-- name: transitions_segment_count
+SELECT count(*) FROM outbox_job_transitions WHERE segment = %(segment)s
+
+-- name: transitions_segment_truncate
+SELECT outbox_job_transitions_segment_truncate(%(segment)s::smallint, %(cutoff)s) AS refusal
 
 -- name: outbox_analyze
 -- After a prune: fresh statistics for the planner and for `outbox backlog`'s size estimate (a

@@ -15,8 +15,8 @@ from processor import store
 from processor.database import connect
 from processor.errors import OutboxError
 from processor.explain import Agreement, EventState, explain, parse_job_id
-from processor.prune import parse_duration, prune
 from processor.render import to_json
+from processor.retention import parse_duration, retain
 from tests.helpers import drain, write_jobs_behind_the_processor
 
 MOVE = "UPDATE jobs_variants SET status = %s, current_step = %s WHERE job_variants_id = %s"
@@ -174,7 +174,7 @@ def test_after_prune_the_baseline_explains_the_state(conn, engine, settings):
     job_id, ids = new_job(engine, 2)
     finish(engine, ids)
     drain(settings)
-    prune(conn, 0, parse_duration("0s"))
+    retain(conn, parse_duration("0s"))
 
     report = explain(conn, job_id)
     assert report.fold.status == "done" and report.fold.job_row_matches
@@ -340,7 +340,7 @@ def test_every_read_uses_an_index_on_a_large_outbox(conn, settings):
     with conn.transaction():
         conn.execute(LARGE)
     drain(settings)
-    prune(conn, 0, parse_duration("0s"))  # a baseline for every variant
+    retain(conn, parse_duration("0s"))  # a baseline for every variant
     conn.execute(MORE)
     drain(settings)
     conn.execute(MORE)

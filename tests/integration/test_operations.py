@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import random
 import threading
 
@@ -10,9 +11,9 @@ from processor import workload
 from processor.backlog import TopJob, collect_backlog
 from processor.database import connect
 from processor.dead_letters import discard, list_dead_letters, retry
-from processor.prune import parse_duration, prune
 from processor.replay import replay
-from processor.store import job_ids_all
+from processor.retention import parse_duration, retain
+from processor.store import Segmented, job_ids_all
 from processor.verify import repair, verify
 from processor.worker import Worker
 from tests.helpers import drain, job_state, make_jobs, write_jobs_behind_the_processor
@@ -205,20 +206,35 @@ def test_prune_then_replay_gives_the_same_state_as_replay_without_prune(conn, en
     expected = actual_job_states(conn)
     states_before = conn.execute("SELECT * FROM outbox_variant_states ORDER BY variant_id").fetchall()
 
-    # An unapplied event (its transaction still open) must survive any prune.
-    with connect(settings.database(), application_name="open", autocommit=False) as open_tx:
-        move(open_tx, jobs[all_jobs[0]][0], "running", "segment")
-        result = prune(conn, 0, parse_duration("0s"), chunk_size=33)
-        open_tx.commit()
-    assert result.events_deleted > 0
-    assert conn.execute("SELECT count(*) FROM outbox_events").fetchone()[0] == 1
+    # Everything applied goes, segment by segment, folded into the baseline in chunks.
+    events = conn.execute("SELECT count(*) FROM outbox_events").fetchone()[0]
+    result = retain(conn, parse_duration("0s"), chunk_size=33)
+    assert result.removed(Segmented.EVENTS) == events and not result.kept()
+    assert conn.execute("SELECT count(*) FROM outbox_events").fetchone()[0] == 0
 
     write_jobs_behind_the_processor(conn, "UPDATE jobs SET status = NULL, current_step = NULL")
     replay(conn, all_jobs, dry_run=False)
     assert actual_job_states(conn) == expected
     assert conn.execute("SELECT * FROM outbox_variant_states ORDER BY variant_id").fetchall() == states_before
+
+    # An unapplied event must survive any prune: its transaction still open (the segment's lock is
+    # not granted), then committed but not applied (the survey finds it), with an applied one beside it.
+    move(conn, jobs[all_jobs[1]][0], "running", "segment")
+    drain(settings)
+    with connect(settings.database(), application_name="open", autocommit=False) as open_tx:
+        move(open_tx, jobs[all_jobs[0]][0], "running", "segment")
+        held = retain(conn, parse_duration("0s"), lock_timeout=dt.timedelta(milliseconds=100))
+        open_tx.commit()
+    assert held.removed(Segmented.EVENTS) == 0
+    assert [k.kept_because for k in held.kept()] == ["a session held it (or a checkpoint) longer than 0.1 s"]
+    unapplied = retain(conn, parse_duration("0s"))
+    assert unapplied.removed(Segmented.EVENTS) == 0
+    assert [k.kept_because for k in unapplied.kept()] == ["1 of its events are not applied yet"]
+    assert conn.execute("SELECT count(*) FROM outbox_events").fetchone()[0] == 2
     drain(settings)  # the surviving event still applies
     assert actual_job_states(conn) == reference_job_states(conn, STEPS)
+    assert not retain(conn, parse_duration("0s")).kept()
+    assert conn.execute("SELECT count(*) FROM outbox_events").fetchone()[0] == 0
 
 
 def test_replay_of_one_job_never_writes_another_job_from_part_of_its_variants(conn, engine, settings):
@@ -228,7 +244,7 @@ def test_replay_of_one_job_never_writes_another_job_from_part_of_its_variants(co
     move(conn, moving, "done", "iou_eval")
     move(conn, b_running, "running", "segment")
     drain(settings)
-    prune(conn, 0, parse_duration("0s"))  # the baseline now says `moving` is in job A
+    retain(conn, parse_duration("0s"))  # the baseline now says `moving` is in job A
     conn.execute("UPDATE jobs_variants SET job_id = %s WHERE job_variants_id = %s", [job_b, moving])
     drain(settings)
     assert job_state(conn, job_b) == ("running", "segment")

@@ -14,9 +14,9 @@ from processor import store, workload
 from processor.backlog import collect_backlog
 from processor.batch import apply_batch
 from processor.database import connect
-from processor.prune import parse_duration, prune
 from processor.repartition import repartition
 from processor.replay import replay
+from processor.retention import parse_duration, retain
 from processor.verify import verify
 from processor.worker import application_name
 from tests.fix_database import make_settings
@@ -117,7 +117,7 @@ def _finish_b_and_check(db, conn, job_b, moving, b_own) -> None:
 def test_prune_of_the_old_partition_then_replay_keeps_a_moved_variant_in_its_new_job(db, conn, engine, settings):
     _, job_b, moving, b_own = _moved_variant_setup(db, conn, engine)
     drain_all(db)
-    prune(conn, 1, parse_duration("0s"))
+    retain(conn, parse_duration("0s"))
     replay_every_partition(conn, settings)
     _finish_b_and_check(db, conn, job_b, moving, b_own)
 
@@ -125,8 +125,7 @@ def test_prune_of_the_old_partition_then_replay_keeps_a_moved_variant_in_its_new
 def test_prune_while_the_new_partition_lags_then_replay_keeps_a_moved_variant(db, conn, engine, settings):
     _, job_b, moving, b_own = _moved_variant_setup(db, conn, engine)
     drain(make_settings(db, partition=1))  # partition 0, where the variant arrives, lags behind
-    for partition in (0, 1):
-        prune(conn, partition, parse_duration("0s"))
+    retain(conn, parse_duration("0s"))  # partition 0's events are not all applied: their segment stays
     drain_all(db)
     replay_every_partition(conn, settings)
     _finish_b_and_check(db, conn, job_b, moving, b_own)
@@ -283,8 +282,6 @@ def test_an_operation_that_waited_for_a_repartition_holds_the_checkpoints_it_cre
 def test_prune_and_repartition_do_not_deadlock(db, conn, engine):
     import threading
 
-    from tests.helpers import waiting_on_lock
-
     repartition_now(db, 2)
     with engine.begin() as sa:
         for partition in (0, 1):
@@ -313,14 +310,18 @@ def test_prune_and_repartition_do_not_deadlock(db, conn, engine):
             ).fetchone()[0],
             what="the repartition to hold the writers back",
         )
-        pruning = threading.Thread(target=run, args=("prune", lambda: prune(pconn, 1, parse_duration("0s"))))
+        # Prune waits for the repartition's locks at most its lock timeout each time, never both ways.
+        pruning = threading.Thread(target=run, args=("prune", lambda: retain(pconn, parse_duration("0s"))))
         pruning.start()
-        wait_for(lambda: waiting_on_lock(conn, pconn.info.backend_pid), what="prune to wait")
-        drain_all(db)  # the workers apply what was pending: the repartition goes on, then prune
-        repartitioning.join(timeout=60)
         pruning.join(timeout=60)
+        assert not pruning.is_alive(), "prune waited for the repartition"
+        drain_all(db)  # the workers apply what was pending: the repartition goes on
+        repartitioning.join(timeout=60)
     assert not isinstance(results["repartition"], Exception), results["repartition"]
     assert not isinstance(results["prune"], Exception), results["prune"]
+    assert results["prune"].kept(), "the repartition held the writers back: nothing could go meanwhile"
+    after = retain(conn, parse_duration("0s"))
+    assert not after.kept(), after
     assert store.partitions_get(conn) == 3
 
 

@@ -126,6 +126,10 @@ _CATALOG: dict[str, str] = {
         UNION ALL
         SELECT 'outbox_fold_config', format('%s %s version=%s', pipeline_steps, failure_policy, version)
         FROM outbox_fold_config
+        UNION ALL
+        SELECT format('outbox_segments %s %s', relation, segment),
+               CASE WHEN opened_at IS NULL THEN 'free' WHEN closed_at IS NULL THEN 'current' ELSE 'closed' END
+        FROM outbox_segments
     """,
 }
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import itertools
 import random
 import threading
@@ -16,8 +17,9 @@ import outbox
 import outbox.aio
 from processor import subscriptions
 from processor.database import connect
-from processor.prune import prune_transitions
 from processor.replay import replay
+from processor.retention import retain
+from processor.store import Segmented
 from tests.fix_database import make_settings
 from tests.helpers import drain, wait_for, write_jobs_behind_the_processor
 
@@ -312,12 +314,18 @@ def test_prune_keeps_what_a_lagging_subscription_still_needs(db, engine, conn):
         slow.active = True
         page(_Session(sc))
     with connect(db, application_name="outbox-tests") as op:
-        assert prune_transitions(op, __import__("datetime").timedelta(0)) == 2
+        kept = retain(op, dt.timedelta(0))
+    # Transitions leave by whole segments: the one slow has not acknowledged whole stays, whole.
+    assert kept.removed(Segmented.TRANSITIONS) == 0
+    assert [s.kept_because for s in kept.kept() if s.table is Segmented.TRANSITIONS] == [
+        "a subscription has not acknowledged every transition in it"
+    ]
     remaining = [row[0] for row in conn.execute("SELECT transition_id FROM outbox_job_transitions ORDER BY 1")]
-    assert len(remaining) == 4
+    assert len(remaining) == 6
     assert outbox.Subscriber("slow", url, lambda c, t: None).run_until_idle() == 4
     with connect(db, application_name="outbox-tests") as op:
-        assert prune_transitions(op, __import__("datetime").timedelta(0)) == 4
+        assert retain(op, dt.timedelta(0)).removed(Segmented.TRANSITIONS) == 6
+    assert conn.execute("SELECT count(*) FROM outbox_job_transitions").fetchone()[0] == 0
 
 
 def test_an_application_transaction_that_blocks_one_partition_never_holds_back_the_others(db, engine, conn):

@@ -24,9 +24,9 @@ import pytest
 from processor import store
 from processor.database import DatabaseUrl, connect
 from processor.errors import OutboxError
-from processor.prune import parse_duration, prune
 from processor.repartition import repartition
 from processor.replay import replay
+from processor.retention import parse_duration, retain
 from processor.verify import repair, verify
 from processor.worker import application_name
 from tests.helpers import AUTO_ADVANCE, WorkerProcess, make_jobs, pending_work, wait_for
@@ -136,10 +136,7 @@ class Operations:
 
     def prune(self, rng: random.Random) -> None:
         with self._conn("prune") as conn:
-            partitions = store.partitions_get(conn)
-            chosen = [rng.randrange(partitions)] if rng.random() < 0.5 else list(range(partitions))
-            for partition in chosen:
-                prune(conn, partition, parse_duration("0s"), chunk_size=rng.choice([20, 500]))
+            retain(conn, parse_duration("0s"), chunk_size=rng.choice([20, 500]))
         self.done["prune"] += 1
 
     def repartition(self, rng: random.Random) -> None:

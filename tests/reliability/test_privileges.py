@@ -29,9 +29,9 @@ from processor.backlog import collect_backlog
 from processor.database import DatabaseUrl, connect
 from processor.dead_letters import discard, list_dead_letters, retry
 from processor.metrics import scan as metrics_scan
-from processor.prune import prune
 from processor.replay import replay
-from processor.store import job_ids_all
+from processor.retention import retain
+from processor.store import Segmented, job_ids_all
 from processor.verify import repair, verify
 from tests.fix_database import make_settings
 from tests.helpers import drain, write_jobs_behind_the_processor
@@ -66,6 +66,8 @@ TABLES: dict[str, dict[str, str]] = {
     # its own subscription's position; a hold stages its transition with the owner's rights.
     "outbox_job_transitions": {WRITER: "", PROCESSOR: "SELECT INSERT DELETE", SUBSCRIBER: "SELECT"},
     "outbox_job_transitions_staged": {WRITER: "", PROCESSOR: "SELECT DELETE"},
+    # Segments (0015): the processor reads them; it rotates and truncates through owner's functions.
+    "outbox_segments": {WRITER: "", PROCESSOR: "SELECT"},
     "outbox_subscriptions": {WRITER: "", PROCESSOR: "SELECT INSERT UPDATE DELETE", SUBSCRIBER: "SELECT"},
     "outbox_subscription_failures": {
         WRITER: "",
@@ -155,6 +157,14 @@ FUNCTIONS: dict[str, dict[str, bool]] = {
     # Transitions (0012): the processor's statements take the lock and publish holds' transitions.
     "outbox_transitions_lock()": {WRITER: False, PROCESSOR: True},
     "outbox_transitions_publish_v1()": {WRITER: False, PROCESSOR: True},
+    # Segments (0015): the current one is the default of each new row's segment column (the writer
+    # appends events, the processor transitions and repaired events); retention runs the others.
+    "outbox_events_segment()": {WRITER: True, PROCESSOR: True},
+    "outbox_job_transitions_segment()": {WRITER: False, PROCESSOR: True},
+    "outbox_segments_rotate(text)": {WRITER: False, PROCESSOR: True},
+    "outbox_events_segment_truncate(smallint,pg_snapshot)": {WRITER: False, PROCESSOR: True},
+    "outbox_job_transitions_segment_truncate(smallint,timestamp with time zone)": {WRITER: False, PROCESSOR: True},
+    "outbox_segment_create(text,smallint)": {WRITER: False, PROCESSOR: False},  # called by the rotation only
 }
 # The subscriber has nothing but what is given it above.
 for _matrix in (TABLES, COLUMNS, SEQUENCES):
@@ -245,10 +255,22 @@ def test_every_object_is_in_the_matrix(logins: Logins, admin: psycopg.Connection
         r[0]
         for r in admin.execute(
             f"SELECT relname FROM pg_class WHERE relnamespace = {schema} AND relkind IN ('r', 'p', 'v', 'm')"
-            " AND (relname LIKE 'outbox\\_%' OR relname IN ('jobs', 'jobs_variants'))"
+            " AND (relname LIKE 'outbox\\_%' OR relname IN ('jobs', 'jobs_variants')) AND NOT relispartition"
         )
     }
     assert tables == set(TABLES)
+    # The segments of the partitioned tables grant nothing: rows are read and written through the parent.
+    segments = [
+        r[0]
+        for r in admin.execute(
+            f"SELECT relname FROM pg_class WHERE relnamespace = {schema} AND relispartition"
+            " AND relname LIKE 'outbox\\_%'"
+        )
+    ]
+    assert segments
+    for segment in segments:
+        for group in GROUPS:
+            assert not [p for p in TABLE_PRIVILEGES if _has(admin, "has_table_privilege", group, segment, p)], segment
     sequences = {
         r[0] for r in admin.execute(f"SELECT relname FROM pg_class WHERE relnamespace = {schema} AND relkind = 'S'")
     }
@@ -464,8 +486,8 @@ def test_whole_flow_under_the_writer_and_processor_roles(logins: Logins, admin: 
 
         # Prune everything applied, then replay: the same state, from the baseline.
         expected = actual_job_states(admin)
-        result = prune(ops, 0, dt.timedelta(0), chunk_size=50)
-        assert result.events_deleted > 0
+        result = retain(ops, dt.timedelta(0), chunk_size=50)
+        assert result.removed(Segmented.EVENTS) > 0 and not result.kept(), result
         assert admin.execute("SELECT count(*) FROM outbox_events").fetchone()[0] == 0  # type: ignore[index]
         write_jobs_behind_the_processor(admin, "UPDATE jobs SET status = NULL, current_step = NULL")
         replay(ops, job_ids_all(ops, 0), dry_run=False)
