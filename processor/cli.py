@@ -700,10 +700,19 @@ def prune(
     ],
     database_url: DatabaseOption = None,
     log_level: LogLevelOption = "WARNING",
+    partition: Annotated[
+        int | None, typer.Option("--partition", hidden=True, help="Ignored: segments hold every partition's events.")
+    ] = None,
 ) -> None:
     """Remove applied events and acknowledged transitions older than a duration, by whole segments;
     replay stays correct (it starts from a baseline)."""
     from processor.retention import parse_duration, retain
+
+    if partition is not None:  # accepted so that a scheduled `prune --partition N` of an older version goes on
+        Console(stderr=True).print(
+            "prune acts on every partition (the outbox's segments hold every partition's events): "
+            "--partition is ignored"
+        )
 
     try:
         age = parse_duration(older_than)

@@ -11,6 +11,7 @@ stopped serving.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import re
 from dataclasses import dataclass, field
@@ -158,7 +159,34 @@ def migrate(
     raises SchemaError, changing nothing, where a legacy trigger would be dropped.
     """
     report = MigrateReport()
-    prepare(conn)
+    # An idle connection runs in autocommit meanwhile, so that the prepare steps can run and the
+    # session lock below opens no transaction of its own (conn.transaction() then makes one).
+    switch = conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE and not conn.autocommit
+    if switch:
+        conn.autocommit = True
+    try:
+        # The lock for the session, around the prepare steps and the transaction: a second migrate
+        # waits for the first's commit, then finds nothing left to do.
+        schema_store.migrations_session_lock(conn)
+        try:
+            prepare(conn)
+            _migrate_in_one_transaction(conn, report, pipeline, policy, legacy_policy)
+        finally:
+            with contextlib.suppress(psycopg.Error):  # a lost session has lost its lock too
+                schema_store.migrations_session_unlock(conn)
+    finally:
+        if switch:
+            conn.autocommit = False
+    return report
+
+
+def _migrate_in_one_transaction(
+    conn: Connection,
+    report: MigrateReport,
+    pipeline: Pipeline | None,
+    policy: FailurePolicy | None,
+    legacy_policy: LegacyTriggerPolicy,
+) -> None:
     with conn.transaction():
         schema_store.migrations_lock(conn)
         schema_store.migrations_table_create(conn)
@@ -184,7 +212,6 @@ def migrate(
         if report.removed_triggers and legacy_policy is LegacyTriggerPolicy.REFUSE:
             raise SchemaError(legacy_refusal(report.removed_triggers))  # rolls everything back
         schema_check.drop_legacy(conn, report.removed_triggers)
-    return report
 
 
 def prepare(conn: Connection) -> list[Migration]:
@@ -196,36 +223,45 @@ def prepare(conn: Connection) -> list[Migration]:
     write, CREATE INDEX CONCURRENTLY), each idempotent and run in its own transaction, so that what
     the migration then does under the writers' lock reads no row. Only on a database one migration
     behind and on an idle connection: with several migrations missing (a new install, an old
-    database) the migration does the same work itself, in its transaction. Returns the migrations
-    prepared.
+    database) the migration does the same work itself, in its transaction. Two migrates take turns
+    (the migrations lock, held for the session). Returns the migrations prepared.
     """
-    if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE or not schema_store.migrations_table_exists(
-        conn
-    ):
+    if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+        return []
+    autocommit = conn.autocommit
+    conn.autocommit = True  # CREATE INDEX CONCURRENTLY runs in no transaction block (switched while idle)
+    try:
+        schema_store.migrations_session_lock(conn)
+        try:
+            return _prepare_steps_run(conn)
+        finally:
+            schema_store.migrations_session_unlock(conn)
+    finally:
+        conn.autocommit = autocommit
+
+
+def _prepare_steps_run(conn: Connection) -> list[Migration]:
+    if not schema_store.migrations_table_exists(conn):
         return []
     done = schema_store.migrations_applied(conn)
     missing = [m for m in migrations() if m.version not in done]
     if len(missing) != 1:
         return []
     when, steps = missing[0].prepare_steps()
-    if not steps:
+    if not steps or (when is not None and not schema_store.prepare_wanted(conn, when)):
         return []
-    autocommit = conn.autocommit
-    conn.autocommit = True  # CREATE INDEX CONCURRENTLY runs in no transaction block
+    schema_store.lock_timeout_set(conn, PREPARE_LOCK_TIMEOUT)
     try:
-        if when is not None and not schema_store.prepare_wanted(conn, when):
-            return []
-        schema_store.lock_timeout_set(conn, PREPARE_LOCK_TIMEOUT)
         for step in steps:
             schema_store.migration_apply(conn, step)
     except psycopg.errors.LockNotAvailable as exc:
         raise SchemaError(
-            f"migration {missing[0].version:04d} could not prepare: a lock was not granted within "
-            f"{PREPARE_LOCK_TIMEOUT} (a long transaction on the outbox?); run migrate again"
+            f"migration {missing[0].version:04d} could not prepare: it waited more than {PREPARE_LOCK_TIMEOUT} for a "
+            "lock, or for the transactions open in the database to end (CREATE INDEX CONCURRENTLY waits for every "
+            "snapshot older than itself); end the long transaction and run migrate again"
         ) from exc
     finally:
         schema_store.lock_timeout_reset(conn)
-        conn.autocommit = autocommit
     return missing
 
 

@@ -21,9 +21,10 @@ one. One round of retention (``retain``: `outbox prune`, or OUTBOX_RETENTION in 
 A segment that cannot go yet stays, whole, with the reason in the report; the next round tries it
 again. Nothing is deleted row by row: the truncate leaves no dead tuple and writes a few kilobytes of
 WAL whatever the segment held (the fold writes at most one baseline row per variant), and no writer
-waits for it (writers only ever lock the current segment). The locks retention takes are
-bounded by ``lock_timeout``: a session that read the outbox and stays in its transaction (or a
-worker in a long batch) makes it give up for this round, not stall everyone queued behind it.
+waits for it (writers only ever lock the current segment). Its waits are bounded: a segment that a
+session has held for over a second in an open transaction (it read the outbox and stays idle) is
+left alone, unfolded; the checkpoints are waited for at most ``lock_timeout`` (a worker finishing
+its batch), the segment's own lock at most 50 ms once they are held (the workers wait meanwhile).
 """
 
 from __future__ import annotations
@@ -54,6 +55,9 @@ _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 LOCK_TIMEOUT = dt.timedelta(milliseconds=500)
 # Variants whose events are folded into the baseline per transaction.
 FOLD_CHUNK = 5_000
+# A segment that a session has held in a transaction open for longer than this is left to the next
+# round without being folded (a session idle in its transaction after reading the outbox).
+HELD_FOR = dt.timedelta(seconds=1)
 
 
 def parse_duration(text: str) -> dt.timedelta:
@@ -95,13 +99,6 @@ class RetentionReport:
         return [s for s in self.segments if s.kept_because]
 
 
-@dataclass
-class _Round:
-    rotated: list[Segmented] = field(default_factory=list)
-    segments: list[SegmentOutcome] = field(default_factory=list)
-    baseline_updates: int = 0
-
-
 def retain(
     conn: Connection,
     older_than: dt.timedelta,
@@ -109,85 +106,114 @@ def retain(
     chunk_size: int = FOLD_CHUNK,
     lock_timeout: dt.timedelta = LOCK_TIMEOUT,
     on_events: Callable[[int], None] | None = None,
+    stop: threading.Event | None = None,
 ) -> RetentionReport:
-    """One round of retention (the module's docstring); ``chunk_size``: variants folded per transaction;
-    ``on_events`` sees how many events each of those folded."""
-    result = _Round()
-    cutoff = store.cutoff_get(conn, older_than)
-    for table in store.segments_due(conn, older_than / 4):
-        if _rotate(conn, table, lock_timeout):
-            result.rotated.append(table)
-    for segment in store.segments_closed(conn, Segmented.EVENTS):
-        result.segments.append(_events_segment(conn, segment, cutoff, chunk_size, lock_timeout, on_events, result))
-    for segment in store.segments_closed(conn, Segmented.TRANSITIONS):
-        result.segments.append(_transitions_segment(conn, segment, cutoff, lock_timeout))
-    store.throughput_prune(conn)
-    report = RetentionReport(older_than, tuple(result.rotated), tuple(result.segments), result.baseline_updates)
-    if report.removed(Segmented.EVENTS):
-        store.outbox_analyze(conn)  # `backlog` reports the outbox's size from its statistics
-    return report
+    """One round of retention (the module's docstring). ``chunk_size``: variants folded per
+    transaction; ``on_events`` sees how many events each of those folded; ``stop`` ends the round
+    between two transactions (a worker that stops)."""
+    return _Round(conn, older_than, chunk_size, lock_timeout, on_events, stop).run()
 
 
-def _rotate(conn: Connection, table: Segmented, lock_timeout: dt.timedelta) -> bool:
-    try:
-        with conn.transaction():
-            store.lock_timeout_local(conn, lock_timeout)
-            segment = store.segments_rotate(conn, table)
-    except psycopg.errors.LockNotAvailable:
-        log.info("%s: the next segment waits for a lock; the next round opens it", table.value)
-        return False
-    log.info("%s: writers now append to segment %d", table.value, segment)
-    return True
+@dataclass
+class _Round:
+    conn: Connection
+    older_than: dt.timedelta
+    chunk_size: int
+    lock_timeout: dt.timedelta
+    on_events: Callable[[int], None] | None
+    stop: threading.Event | None
+    rotated: list[Segmented] = field(default_factory=list)
+    segments: list[SegmentOutcome] = field(default_factory=list)
+    baseline_updates: int = 0
+
+    def run(self) -> RetentionReport:
+        conn = self.conn
+        cutoff = store.cutoff_get(conn, self.older_than)
+        for table in store.segments_due(conn, self.older_than / 4):
+            if self._rotate(table):
+                self.rotated.append(table)
+        for segment in store.segments_closed(conn, Segmented.EVENTS):
+            if not self._stopped():
+                self.segments.append(self._events_segment(segment, cutoff))
+        for segment in store.segments_closed(conn, Segmented.TRANSITIONS):
+            if not self._stopped():
+                self.segments.append(self._transitions_segment(segment, cutoff))
+        store.throughput_prune(conn)
+        report = RetentionReport(self.older_than, tuple(self.rotated), tuple(self.segments), self.baseline_updates)
+        if report.removed(Segmented.EVENTS):
+            store.outbox_analyze(conn)  # `backlog` reports the outbox's size from its statistics
+        return report
+
+    def _stopped(self) -> bool:
+        return self.stop is not None and self.stop.is_set()
+
+    def _rotate(self, table: Segmented) -> bool:
+        try:
+            with self.conn.transaction():
+                store.lock_timeout_local(self.conn, self.lock_timeout)
+                segment = store.segments_rotate(self.conn, table)
+        except psycopg.errors.LockNotAvailable:
+            log.info("%s: the next segment waits for a lock; the next round opens it", table.value)
+            return False
+        log.info("%s: writers now append to segment %d", table.value, segment)
+        return True
+
+    def _events_segment(self, segment: int, cutoff: dt.datetime) -> SegmentOutcome:
+        def kept(rows: int, why: str) -> SegmentOutcome:
+            return SegmentOutcome(Segmented.EVENTS, segment, rows, why)
+
+        holder = store.segment_holder(self.conn, Segmented.EVENTS, segment, HELD_FOR)
+        survey = store.events_segment_survey(self.conn, segment, cutoff=cutoff)
+        if holder is not None:  # not folded for nothing, nor waited for with every checkpoint held
+            return kept(survey.events, f"a session holds it: {holder.describe()}")
+        if survey.unapplied:
+            return kept(survey.events, f"{survey.unapplied} of its events are not applied yet")
+        if survey.without_checkpoint:
+            orphans = survey.without_checkpoint
+            return kept(survey.events, f"{orphans} of its events are of a partition with no checkpoint (see backlog)")
+        if survey.young:
+            return kept(survey.events, f"{survey.young} of its events are younger than the cutoff")
+        if survey.waiting_dead_letters:
+            return kept(
+                survey.events, f"{survey.waiting_dead_letters} dead letters in it wait for a retry or a discard"
+            )
+        start: uuid.UUID | None = uuid.UUID(int=0)  # an inclusive bound: the nil UUID is a variant id too
+        while start is not None:
+            if self._stopped():
+                return kept(survey.events, "the round was stopped")
+            with self.conn.transaction():
+                chunk = store.events_segment_fold(
+                    self.conn, segment, seen=survey.seen, start=start, limit=self.chunk_size
+                )
+            if chunk.last_variant_id is None:
+                break
+            start = _successor(chunk.last_variant_id)
+            self.baseline_updates += chunk.baseline_updates
+            if self.on_events is not None:
+                self.on_events(chunk.events)
+        refusal = self._truncate(lambda: store.events_segment_truncate(self.conn, segment, seen=survey.seen))
+        return SegmentOutcome(Segmented.EVENTS, segment, survey.events, refusal)
+
+    def _transitions_segment(self, segment: int, cutoff: dt.datetime) -> SegmentOutcome:
+        rows = store.transitions_segment_count(self.conn, segment)
+        holder = store.segment_holder(self.conn, Segmented.TRANSITIONS, segment, HELD_FOR)
+        if holder is not None:
+            return SegmentOutcome(Segmented.TRANSITIONS, segment, rows, f"a session holds it: {holder.describe()}")
+        refusal = self._truncate(lambda: store.transitions_segment_truncate(self.conn, segment, cutoff=cutoff))
+        return SegmentOutcome(Segmented.TRANSITIONS, segment, rows, refusal)
+
+    def _truncate(self, truncate: Callable[[], str | None]) -> str | None:
+        try:
+            with self.conn.transaction():
+                store.lock_timeout_local(self.conn, self.lock_timeout)
+                return truncate()
+        except psycopg.errors.LockNotAvailable:
+            return "a session held it, or a checkpoint, past the lock timeout; the next round tries again"
 
 
-def _events_segment(
-    conn: Connection,
-    segment: int,
-    cutoff: dt.datetime,
-    chunk_size: int,
-    lock_timeout: dt.timedelta,
-    on_events: Callable[[int], None] | None,
-    result: _Round,
-) -> SegmentOutcome:
-    def kept(rows: int, why: str) -> SegmentOutcome:
-        return SegmentOutcome(Segmented.EVENTS, segment, rows, why)
-
-    survey = store.events_segment_survey(conn, segment, cutoff=cutoff)
-    if survey.unapplied:
-        return kept(survey.events, f"{survey.unapplied} of its events are not applied yet")
-    if survey.young:
-        return kept(survey.events, f"{survey.young} of its events are younger than the cutoff")
-    if survey.waiting_dead_letters:
-        return kept(survey.events, f"{survey.waiting_dead_letters} dead letters in it wait for a retry or a discard")
-    after: uuid.UUID | None = None
-    while True:
-        with conn.transaction():
-            chunk = store.events_segment_fold(conn, segment, seen=survey.seen, after=after, limit=chunk_size)
-        if not chunk.variants:
-            break
-        after = chunk.last_variant_id
-        result.baseline_updates += chunk.baseline_updates
-        if on_events is not None:
-            on_events(chunk.events)
-    refusal = _truncate(conn, lock_timeout, lambda: store.events_segment_truncate(conn, segment, seen=survey.seen))
-    return SegmentOutcome(Segmented.EVENTS, segment, survey.events, refusal)
-
-
-def _transitions_segment(
-    conn: Connection, segment: int, cutoff: dt.datetime, lock_timeout: dt.timedelta
-) -> SegmentOutcome:
-    rows = store.transitions_segment_count(conn, segment)
-    refusal = _truncate(conn, lock_timeout, lambda: store.transitions_segment_truncate(conn, segment, cutoff=cutoff))
-    return SegmentOutcome(Segmented.TRANSITIONS, segment, rows, refusal)
-
-
-def _truncate(conn: Connection, lock_timeout: dt.timedelta, truncate: Callable[[], str | None]) -> str | None:
-    try:
-        with conn.transaction():
-            store.lock_timeout_local(conn, lock_timeout)
-            return truncate()
-    except psycopg.errors.LockNotAvailable:
-        return f"a session held it (or a checkpoint) longer than {lock_timeout.total_seconds():g} s"
+def _successor(variant_id: uuid.UUID) -> uuid.UUID | None:
+    """The next UUID in PostgreSQL's order (its bytes', which is UUID.int's), None after the last."""
+    return uuid.UUID(int=variant_id.int + 1) if variant_id.int < (1 << 128) - 1 else None
 
 
 # ----- OUTBOX_RETENTION: one worker of the cluster runs it
@@ -210,7 +236,7 @@ def run_retention(db: DatabaseUrl, older_than: dt.timedelta, stop: threading.Eve
             if conn is None or conn.closed:
                 conn = connect(db, application_name="outbox-retention")
             if election.holds(conn):
-                report = retain(conn, older_than)
+                report = retain(conn, older_than, stop=stop)
                 _log_round(report)
         except Exception as exc:  # the database may be away; the worker reports that itself
             log.warning("retention round failed: %s", redact(str(exc).strip().split("\n")[0] or type(exc).__name__, db))

@@ -962,6 +962,10 @@ BEGIN
         RETURN 'not a closed segment';
     END IF;
     PERFORM FROM outbox_checkpoints ORDER BY partition FOR UPDATE;
+    -- With every checkpoint held, no worker reads the segment: what still holds it is a statement
+    -- (explain, backlog: a moment) or a transaction left open (then the next round tries again).
+    -- The workers wait for this transaction: it must not wait long.
+    PERFORM set_config('lock_timeout', '50ms', true);
     EXECUTE format('LOCK TABLE %I IN ACCESS EXCLUSIVE MODE', v_name);
     -- Each partition's part is one range read of the position index from its done snapshot's xmin.
     IF EXISTS (SELECT FROM outbox_events AS e
@@ -1010,6 +1014,8 @@ BEGIN
         RETURN 'not a closed segment';
     END IF;
     PERFORM outbox_transitions_lock();
+    -- Workers appending transitions wait for this transaction: it must not wait long.
+    PERFORM set_config('lock_timeout', '50ms', true);
     EXECUTE format('LOCK TABLE %I IN ACCESS EXCLUSIVE MODE', v_name);
     SELECT max(transition_id) INTO v_newest FROM outbox_job_transitions WHERE segment = p_segment;
     IF v_newest IS NULL THEN
@@ -1029,6 +1035,14 @@ BEGIN
 END
 $$;
 
+-- Retention's functions run with the owner's rights: nobody but the owner and the roles
+-- schema/roles.sql names (outbox_processor) may call them (PUBLIC may call a new function).
+REVOKE EXECUTE ON FUNCTION
+    outbox_segment_create(text, smallint),
+    outbox_segments_rotate(text),
+    outbox_events_segment_truncate(smallint, pg_snapshot),
+    outbox_job_transitions_segment_truncate(smallint, timestamptz)
+    FROM PUBLIC;
 
 -- ============================================================================================
 -- Operating it
@@ -1053,7 +1067,7 @@ SELECT outbox_segment_create(relation, segment)
 FROM (VALUES ('outbox_events'), ('outbox_job_transitions')) AS r (relation)
 CROSS JOIN (VALUES (0::smallint), (1::smallint)) AS g (segment)
 ORDER BY relation, segment;
-UPDATE outbox_segments SET opened_at = '-infinity', closed_at = clock_timestamp() WHERE segment = 0;
+UPDATE outbox_segments SET opened_at = clock_timestamp(), closed_at = clock_timestamp() WHERE segment = 0;
 UPDATE outbox_segments SET opened_at = clock_timestamp() WHERE segment = 1;
 
 

@@ -328,6 +328,9 @@ from processor.store.retention import (
     Segmented as Segmented,
 )
 from processor.store.retention import (
+    SegmentHolder as SegmentHolder,
+)
+from processor.store.retention import (
     SegmentSurvey as SegmentSurvey,
 )
 from processor.store.retention import (
@@ -347,6 +350,9 @@ from processor.store.retention import (
 )
 from processor.store.retention import (
     outbox_analyze as outbox_analyze,
+)
+from processor.store.retention import (
+    segment_holder as segment_holder,
 )
 from processor.store.retention import (
     segments_closed as segments_closed,

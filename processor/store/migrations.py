@@ -3,6 +3,7 @@ configuration that `outbox migrate` sets and `outbox pipeline set` changes."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from psycopg.rows import class_row, scalar_row
@@ -44,6 +45,23 @@ class StepUse:
 def migrations_lock(conn: Connection) -> None:
     """One migrate at a time (transaction-level, released at commit)."""
     conn.execute(QUERIES["migrations_lock"], {"lock_class": CONSUMER_LOCK_CLASS, "key": MIGRATIONS_LOCK_KEY})
+
+
+def migrations_session_lock(conn: Connection, *, poll: float = 0.2) -> None:
+    """The same lock as migrations_lock, for the session: a migration's prepare steps run in several
+    transactions, and two migrates must not interleave them.
+
+    Tried every ``poll`` seconds rather than waited for: a statement waiting for it would keep its
+    snapshot, and the other migrate's CREATE INDEX CONCURRENTLY waits for every older snapshot to
+    go (a deadlock)."""
+    params = {"lock_class": CONSUMER_LOCK_CLASS, "key": MIGRATIONS_LOCK_KEY}
+    with conn.cursor(row_factory=scalar_row) as cur:
+        while not cur.execute(QUERIES["migrations_session_lock_try"], params).fetchone():
+            time.sleep(poll)
+
+
+def migrations_session_unlock(conn: Connection) -> None:
+    conn.execute(QUERIES["migrations_session_unlock"], {"lock_class": CONSUMER_LOCK_CLASS, "key": MIGRATIONS_LOCK_KEY})
 
 
 def migrations_table_create(conn: Connection) -> None:

@@ -12,6 +12,13 @@ CREATE TABLE IF NOT EXISTS outbox_schema_migrations (
 -- One migrate at a time; released at commit.
 SELECT pg_advisory_xact_lock(%(lock_class)s, %(key)s)
 
+-- name: migrations_session_lock_try
+-- The same key, for a session: a migration's prepare steps (several transactions) one migrate at a time.
+SELECT pg_try_advisory_lock(%(lock_class)s, %(key)s)
+
+-- name: migrations_session_unlock
+SELECT pg_advisory_unlock(%(lock_class)s, %(key)s)
+
 -- name: migrations_applied
 SELECT version FROM outbox_schema_migrations ORDER BY version
 

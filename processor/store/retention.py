@@ -29,6 +29,7 @@ class Segmented(StrEnum):
 class SegmentSurvey:
     events: int
     unapplied: int
+    without_checkpoint: int  # of a partition that has no checkpoint (no worker will apply them)
     young: int  # written at or after the cutoff
     waiting_dead_letters: int
     seen: str  # the snapshot the survey read the segment in (pg_snapshot text)
@@ -40,6 +41,22 @@ class FoldedChunk:
     variants: int
     last_variant_id: uuid.UUID | None  # where the next chunk starts (None: no variant left)
     baseline_updates: int  # variants whose baseline the chunk moved forward
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentHolder:
+    """A session that holds a segment in a long transaction."""
+
+    pid: int
+    application_name: str
+    state: str | None
+    in_transaction_for: dt.timedelta
+
+    def describe(self) -> str:
+        return (
+            f"pid {self.pid} ({self.application_name or 'no application_name'}, {self.state}) in a transaction "
+            f"for {self.in_transaction_for.total_seconds():.0f} s; the next round tries again"
+        )
 
 
 def cutoff_get(conn: Connection, older_than: dt.timedelta) -> dt.datetime:
@@ -70,6 +87,13 @@ def segments_closed(conn: Connection, table: Segmented) -> list[int]:
         return list(cur.execute(QUERIES["segments_closed"], {"relation": table.value}).fetchall())
 
 
+def segment_holder(conn: Connection, table: Segmented, segment: int, held_for: dt.timedelta) -> SegmentHolder | None:
+    """Another session holding ``segment`` in a transaction open for ``held_for`` or more, if any."""
+    params = {"relation": table.value, "segment": segment, "held_for": held_for}
+    with conn.cursor(row_factory=class_row(SegmentHolder)) as cur:
+        return cur.execute(QUERIES["segment_holder"], params).fetchone()
+
+
 def lock_timeout_local(conn: Connection, timeout: dt.timedelta) -> None:
     """Inside a transaction: a lock not granted within ``timeout`` fails the statement."""
     conn.execute(QUERIES["lock_timeout_local"], {"timeout": f"{max(1, round(timeout.total_seconds() * 1000))}ms"})
@@ -83,10 +107,10 @@ def events_segment_survey(conn: Connection, segment: int, *, cutoff: dt.datetime
 
 
 def events_segment_fold(
-    conn: Connection, segment: int, *, seen: Snapshot | str, after: uuid.UUID | None, limit: int
+    conn: Connection, segment: int, *, seen: Snapshot | str, start: uuid.UUID, limit: int
 ) -> FoldedChunk:
-    """Fold the events of the segment's next ``limit`` variants after ``after`` into the baseline."""
-    params = {"segment": segment, "seen": str(seen), "after": after, "limit": limit}
+    """Fold the events of the segment's next ``limit`` variants from ``start`` on into the baseline."""
+    params = {"segment": segment, "seen": str(seen), "from": start, "limit": limit}
     with conn.cursor(row_factory=class_row(FoldedChunk)) as cur:
         folded = cur.execute(QUERIES["events_segment_fold"], params).fetchone()
     assert folded is not None

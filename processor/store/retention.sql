@@ -28,17 +28,34 @@ SELECT segment FROM outbox_segments
 WHERE relation = %(relation)s AND closed_at IS NOT NULL
 ORDER BY closed_at, segment
 
+-- name: segment_holder
+-- Another session that holds a lock on a segment in a transaction open for %(held_for)s or more
+-- (one that read the outbox and stays idle in its transaction): retention leaves the segment to
+-- its next round rather than fold it for nothing and wait for it with every checkpoint held.
+SELECT a.pid, a.application_name, a.state, clock_timestamp() - a.xact_start AS in_transaction_for
+FROM pg_locks AS l
+JOIN pg_stat_activity AS a ON a.pid = l.pid
+WHERE l.locktype = 'relation' AND l.granted
+  AND l.relation = to_regclass(format('%%s_s%%s', %(relation)s::text, %(segment)s::int))
+  AND l.pid <> pg_backend_pid()
+  AND a.xact_start <= clock_timestamp() - %(held_for)s::interval
+ORDER BY a.xact_start
+LIMIT 1
+
 -- name: lock_timeout_local
 -- For the rest of the transaction: a lock not granted within this time fails the statement.
 SELECT set_config('lock_timeout', %(timeout)s, true)
 
 -- name: events_segment_survey
 -- Whether a closed segment's events may all go (the truncate function checks again under its
--- lock): how many, how many are not applied (not visible in their partition's done snapshot, or
--- of a partition with no checkpoint), how many are younger than the cutoff, how many wait as dead
--- letters; and the snapshot this statement read them in, which the fold reads them in too.
+-- lock): how many, how many are not applied (not visible in their partition's done snapshot), how
+-- many are of a partition with no checkpoint (never applied: an event with no job that kept the
+-- partition it had before `outbox repartition` lowered the count), how many are younger than the
+-- cutoff, how many wait as dead letters; and the snapshot this statement read them in, which the fold reads them in too.
 SELECT count(*) AS events,
-       count(*) FILTER (WHERE NOT coalesce(pg_visible_in_snapshot(e.txid, c.done_snapshot), false)) AS unapplied,
+       count(*) FILTER (WHERE c.partition IS NOT NULL AND NOT pg_visible_in_snapshot(e.txid, c.done_snapshot))
+           AS unapplied,
+       count(*) FILTER (WHERE c.partition IS NULL) AS without_checkpoint,
        count(*) FILTER (WHERE e.created_at >= %(cutoff)s) AS young,
        (SELECT count(*)
         FROM outbox_dead_letters AS d
@@ -50,7 +67,7 @@ LEFT JOIN outbox_checkpoints AS c ON c.partition = e.partition
 WHERE e.segment = %(segment)s
 
 -- name: events_segment_fold
--- The events of a segment's next %(limit)s variants after variant %(after)s (NULL: from the first),
+-- The events of a segment's next %(limit)s variants from variant %(from)s on (the nil UUID: all),
 -- as the survey saw them, folded into outbox_variant_baseline: the newest of each variant wins, as
 -- everywhere (replay starts there). By variant, not by event, so that each variant's baseline row is
 -- written at most once per segment, and only when the segment moves it forward. A discarded dead
@@ -61,7 +78,7 @@ WITH issued AS MATERIALIZED (
     SELECT DISTINCT variant_id
     FROM outbox_events
     WHERE segment = %(segment)s
-      AND variant_id > coalesce(%(after)s::uuid, '00000000-0000-0000-0000-000000000000'::uuid)
+      AND variant_id >= %(from)s::uuid
     ORDER BY variant_id
     LIMIT %(limit)s
 ), chunk AS MATERIALIZED (

@@ -103,6 +103,10 @@ BEGIN
         RETURN 'not a closed segment';
     END IF;
     PERFORM FROM outbox_checkpoints ORDER BY partition FOR UPDATE;
+    -- With every checkpoint held, no worker reads the segment: what still holds it is a statement
+    -- (explain, backlog: a moment) or a transaction left open (then the next round tries again).
+    -- The workers wait for this transaction: it must not wait long.
+    PERFORM set_config('lock_timeout', '50ms', true);
     EXECUTE format('LOCK TABLE %I IN ACCESS EXCLUSIVE MODE', v_name);
     -- Each partition's part is one range read of the position index from its done snapshot's xmin.
     IF EXISTS (SELECT FROM outbox_events AS e
@@ -151,6 +155,8 @@ BEGIN
         RETURN 'not a closed segment';
     END IF;
     PERFORM outbox_transitions_lock();
+    -- Workers appending transitions wait for this transaction: it must not wait long.
+    PERFORM set_config('lock_timeout', '50ms', true);
     EXECUTE format('LOCK TABLE %I IN ACCESS EXCLUSIVE MODE', v_name);
     SELECT max(transition_id) INTO v_newest FROM outbox_job_transitions WHERE segment = p_segment;
     IF v_newest IS NULL THEN
@@ -244,6 +250,9 @@ BEGIN
                    AND conname = 'outbox_events_s0_segment') THEN
         ALTER TABLE outbox_events ADD CONSTRAINT outbox_events_s0_segment CHECK (segment = 0);
     END IF;
+    IF EXISTS (SELECT FROM pg_index WHERE indexrelid = to_regclass('outbox_events_s0_pkey_new') AND NOT indisvalid) THEN
+        DROP INDEX outbox_events_s0_pkey_new;  -- a prepare step's build that did not finish
+    END IF;
     IF to_regclass('outbox_events_s0_pkey_new') IS NULL THEN
         CREATE UNIQUE INDEX outbox_events_s0_pkey_new ON outbox_events (event_id, segment);
     END IF;
@@ -279,7 +288,7 @@ BEGIN
     ALTER TABLE outbox_events ATTACH PARTITION outbox_events_s0 FOR VALUES IN (0);
     ALTER TABLE outbox_events_s0 DROP CONSTRAINT outbox_events_s0_segment;
     INSERT INTO outbox_segments (relation, segment, opened_at, closed_at)
-    VALUES ('outbox_events', 0, '-infinity', clock_timestamp());
+    VALUES ('outbox_events', 0, clock_timestamp(), clock_timestamp());
     PERFORM outbox_segment_create('outbox_events', 1::smallint);
     UPDATE outbox_segments SET opened_at = clock_timestamp() WHERE relation = 'outbox_events' AND segment = 1;
 END
@@ -299,6 +308,9 @@ BEGIN
     IF NOT EXISTS (SELECT FROM pg_constraint WHERE conrelid = 'outbox_job_transitions'::regclass
                    AND conname = 'outbox_job_transitions_s0_segment') THEN
         ALTER TABLE outbox_job_transitions ADD CONSTRAINT outbox_job_transitions_s0_segment CHECK (segment = 0);
+    END IF;
+    IF EXISTS (SELECT FROM pg_index WHERE indexrelid = to_regclass('outbox_job_transitions_s0_pkey_new') AND NOT indisvalid) THEN
+        DROP INDEX outbox_job_transitions_s0_pkey_new;  -- a prepare step's build that did not finish
     END IF;
     IF to_regclass('outbox_job_transitions_s0_pkey_new') IS NULL THEN
         CREATE UNIQUE INDEX outbox_job_transitions_s0_pkey_new ON outbox_job_transitions (transition_id, segment);
@@ -334,13 +346,22 @@ BEGIN
     ALTER TABLE outbox_job_transitions ATTACH PARTITION outbox_job_transitions_s0 FOR VALUES IN (0);
     ALTER TABLE outbox_job_transitions_s0 DROP CONSTRAINT outbox_job_transitions_s0_segment;
     INSERT INTO outbox_segments (relation, segment, opened_at, closed_at)
-    VALUES ('outbox_job_transitions', 0, '-infinity', clock_timestamp());
+    VALUES ('outbox_job_transitions', 0, clock_timestamp(), clock_timestamp());
     PERFORM outbox_segment_create('outbox_job_transitions', 1::smallint);
     UPDATE outbox_segments SET opened_at = clock_timestamp() WHERE relation = 'outbox_job_transitions' AND segment = 1;
 END
 $$;
 
 DROP FUNCTION outbox_grants_copy(regclass, regclass);
+
+-- Retention's functions run with the owner's rights: nobody but the owner and the roles
+-- schema/roles.sql names (outbox_processor) may call them (PUBLIC may call a new function).
+REVOKE EXECUTE ON FUNCTION
+    outbox_segment_create(text, smallint),
+    outbox_segments_rotate(text),
+    outbox_events_segment_truncate(smallint, pg_snapshot),
+    outbox_job_transitions_segment_truncate(smallint, timestamptz)
+    FROM PUBLIC;
 
 -- outbox_events_pending returned rows of the table that is now segment 0: the same function, over
 -- the partitioned table, with the same grants.

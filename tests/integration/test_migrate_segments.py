@@ -16,13 +16,14 @@ import threading
 import time
 import uuid
 
+import psycopg
 import pytest
 
 from processor import migrate
 from processor.database import connect
 from processor.workload import write_variant
 from tests.fix_database import TEST_STEPS, make_settings
-from tests.helpers import drain, make_jobs
+from tests.helpers import drain, make_jobs, wait_for
 from tests.reference import actual_job_states, reference_job_states
 
 STEPS = TEST_STEPS
@@ -144,3 +145,107 @@ def test_the_prepare_steps_are_safe_to_run_again(empty_db, monkeypatch, table):
         assert valid == (True,)
         migrate.migrate(conn)
         assert conn.execute("SELECT relkind FROM pg_class WHERE oid = %s::regclass", [table]).fetchone() == ("p",)
+
+
+def _at_0014(db, monkeypatch) -> None:
+    """Migrate ``db`` to the version before 0015 and add a thousand events."""
+    every = migrate.migrations()
+    segments = next(m for m in every if m.name == "segments")
+    with connect(db, application_name="outbox-tests") as conn:
+        monkeypatch.setattr(migrate, "migrations", lambda: every[: segments.version - 1])
+        migrate.migrate(conn, pipeline=make_settings(db).pipeline)
+        monkeypatch.undo()
+        conn.execute(
+            "INSERT INTO outbox_events (event_type, schema_version, payload)"
+            " SELECT 'x', 1, '{}' FROM generate_series(1, 1000)"
+        )
+
+
+def test_two_migrates_at_once_take_turns(empty_db, monkeypatch):
+    """The second waits for the first's commit, then has nothing to do. An open snapshot makes the
+    first's CREATE INDEX CONCURRENTLY wait meanwhile: the second must not hold a snapshot while it
+    waits (that would deadlock them)."""
+    _at_0014(empty_db, monkeypatch)
+    results: dict[str, object] = {}
+
+    def run(name: str) -> None:
+        with connect(empty_db, application_name=f"outbox-tests-{name}") as conn:
+            try:
+                results[name] = [m.version for m in migrate.migrate(conn).applied]
+            except Exception as exc:
+                results[name] = exc
+
+    with connect(empty_db, application_name="outbox-tests-held", autocommit=False) as held:
+        held.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        held.execute("SELECT 1").fetchone()
+        first = threading.Thread(target=run, args=("first",))
+        first.start()
+        wait_for(lambda: _session_doing(empty_db, "first", "Lock"), what="the first's index build to wait")
+        second = threading.Thread(target=run, args=("second",))
+        second.start()
+        wait_for(lambda: _session_doing(empty_db, "second", "pg_try_advisory_lock"), what="the second to poll")
+        held.rollback()
+    first.join(timeout=60)
+    second.join(timeout=60)
+    assert sorted(map(str, results.values())) == ["[15]", "[]"], results
+
+
+def _session_doing(db, name: str, what: str) -> bool:
+    """Whether migrate ``name``'s session waits for a lock (``what`` "Lock") or last ran a statement
+    naming ``what``."""
+    with connect(db, application_name="outbox-tests") as conn:
+        row = conn.execute(
+            "SELECT EXISTS (SELECT FROM pg_stat_activity WHERE application_name = %s"
+            " AND (wait_event_type = %s OR query LIKE '%%' || %s || '%%'))",
+            [f"outbox-tests-{name}", what, what],
+        ).fetchone()
+    return bool(row and row[0])
+
+
+def test_migrate_on_a_connection_that_is_not_autocommit(empty_db, monkeypatch):
+    _at_0014(empty_db, monkeypatch)
+    with psycopg.connect(empty_db.url.render_as_string(hide_password=False).replace("+psycopg", "")) as conn:
+        assert not conn.autocommit
+        assert [m.version for m in migrate.migrate(conn).applied] == [15]
+        assert conn.execute("SELECT relkind FROM pg_class WHERE oid = 'outbox_events'::regclass").fetchone() == ("p",)
+
+
+def test_an_index_a_failed_prepare_left_invalid_is_built_again(empty_db, monkeypatch):
+    """A prepare step gives up behind an open snapshot (after its lock timeout), leaving an invalid
+    index; the migration, run inside a transaction (so without its prepare steps), builds it again."""
+    _at_0014(empty_db, monkeypatch)
+    monkeypatch.setattr(migrate, "PREPARE_LOCK_TIMEOUT", "200ms")
+    with connect(empty_db, application_name="outbox-tests") as conn:
+        with connect(empty_db, application_name="outbox-tests-held", autocommit=False) as held:
+            held.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            held.execute("SELECT 1").fetchone()
+            with pytest.raises(migrate.SchemaError, match="could not prepare"):
+                migrate.prepare(conn)
+            held.rollback()
+        valid = conn.execute(
+            "SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass('outbox_events_s0_pkey_new')"
+        ).fetchone()
+        assert valid == (False,)
+        with conn.transaction():
+            assert [m.version for m in migrate.migrate(conn).applied] == [15]
+        assert conn.execute("SELECT count(*) FROM outbox_events").fetchone() == (1000,)
+
+
+def test_nobody_but_the_owner_and_the_processor_may_run_retention(empty_db):
+    """Retention's functions run with the owner's rights: PUBLIC may not call them, even before
+    schema/roles.sql runs."""
+    with connect(empty_db, application_name="outbox-tests") as conn:
+        migrate.migrate(conn, pipeline=make_settings(empty_db).pipeline)
+        role = f"outbox_nobody_{uuid.uuid4().hex[:8]}"
+        conn.execute(f"CREATE ROLE {role}")
+        try:
+            for function in (
+                "outbox_segments_rotate(text)",
+                "outbox_events_segment_truncate(smallint, pg_snapshot)",
+                "outbox_job_transitions_segment_truncate(smallint, timestamptz)",
+                "outbox_segment_create(text, smallint)",
+            ):
+                allowed = conn.execute("SELECT has_function_privilege(%s, %s, 'EXECUTE')", [role, function]).fetchone()
+                assert allowed == (False,), function
+        finally:
+            conn.execute(f"DROP ROLE {role}")

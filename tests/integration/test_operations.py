@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import random
 import threading
+import uuid
 
 import outbox
 from processor import workload
@@ -226,7 +227,9 @@ def test_prune_then_replay_gives_the_same_state_as_replay_without_prune(conn, en
         held = retain(conn, parse_duration("0s"), lock_timeout=dt.timedelta(milliseconds=100))
         open_tx.commit()
     assert held.removed(Segmented.EVENTS) == 0
-    assert [k.kept_because for k in held.kept()] == ["a session held it (or a checkpoint) longer than 0.1 s"]
+    assert [k.kept_because for k in held.kept()] == [
+        "a session held it, or a checkpoint, past the lock timeout; the next round tries again"
+    ]
     unapplied = retain(conn, parse_duration("0s"))
     assert unapplied.removed(Segmented.EVENTS) == 0
     assert [k.kept_because for k in unapplied.kept()] == ["1 of its events are not applied yet"]
@@ -292,3 +295,25 @@ def test_repair_of_a_variant_detached_behind_the_outbox_removes_it_from_its_job(
     assert job_state(conn, job) == ("done", "iou_eval")
     assert conn.execute("SELECT count(*) FROM outbox_dead_letters").fetchone()[0] == 0
     assert not verify(conn).drift
+
+
+def test_retention_folds_a_variant_whose_id_is_the_nil_uuid(conn, settings):
+    """The fold walks the segment's variants from the lowest id, the nil UUID included."""
+    job = uuid.uuid4()
+    nil, other = uuid.UUID(int=0), uuid.UUID(int=2)
+    conn.execute("INSERT INTO jobs (job_id, status) VALUES (%s, 'queued')", [job])
+    for variant in (nil, other):
+        conn.execute(
+            "INSERT INTO jobs_variants (job_variants_id, job_id, status) VALUES (%s, %s, 'queued')", [variant, job]
+        )
+    move(conn, nil, "running", "detect")
+    move(conn, other, "done", "iou_eval")
+    drain(settings)
+    live = job_state(conn, job)
+    retain(conn, parse_duration("0s"), chunk_size=1)
+    assert conn.execute("SELECT count(*) FROM outbox_events").fetchone()[0] == 0
+    baseline = conn.execute("SELECT variant_id FROM outbox_variant_baseline ORDER BY variant_id").fetchall()
+    assert [row[0] for row in baseline] == [nil, other]
+    write_jobs_behind_the_processor(conn, "UPDATE jobs SET status = NULL, current_step = NULL")
+    replay(conn, [job], dry_run=False)
+    assert job_state(conn, job) == live
