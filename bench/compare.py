@@ -93,31 +93,19 @@ DROP_LEGACY_TRIGGER_SQL = "DROP TRIGGER check_all_variants_done_trigger ON jobs_
 # Concurrent changes of one job's variants then take turns, and since every statement of a volatile
 # PL/pgSQL function takes a new snapshot under READ COMMITTED, the count that follows the lock sees
 # the variants the previous holder committed: no lost update, at the price of waits and deadlocks.
-LOCKED_FUNCTION_SQL = """
-CREATE OR REPLACE FUNCTION check_all_variants_done() RETURNS trigger
-LANGUAGE plpgsql
-AS $$
-DECLARE
-    total integer;
-    finished integer;
-BEGIN
-    PERFORM 1 FROM jobs WHERE job_id = NEW.job_id FOR UPDATE;
-    SELECT count(*), count(*) FILTER (WHERE status = 'done')
-    INTO total, finished
-    FROM jobs_variants
-    WHERE job_id = NEW.job_id;
+LEGACY_SCHEMA = Path(__file__).resolve().parents[1] / "tests" / "sql" / "legacy_schema.sql"
+LOCK_JOB_ROW = "    PERFORM 1 FROM jobs WHERE job_id = NEW.job_id FOR UPDATE;\n"
 
-    IF total = finished THEN
-        UPDATE jobs SET status = 'done', current_step = NEW.current_step, updated_at = now()
-        WHERE job_id = NEW.job_id;
-    ELSE
-        UPDATE jobs SET status = 'running', current_step = NEW.current_step, updated_at = now()
-        WHERE job_id = NEW.job_id;
-    END IF;
-    RETURN NEW;
-END
-$$;
-"""
+
+def locked_function_sql() -> str:
+    """The legacy function, its body starting with LOCK_JOB_ROW (written once, in legacy_schema.sql)."""
+    text = LEGACY_SCHEMA.read_text(encoding="utf-8")
+    start = text.index("CREATE FUNCTION check_all_variants_done()")
+    function = text[start : text.index("$$;", start) + len("$$;")]
+    assert function.count("\nBEGIN\n") == 1, "the legacy function changed shape"
+    replaced = function.replace("CREATE FUNCTION", "CREATE OR REPLACE FUNCTION", 1)
+    return replaced.replace("\nBEGIN\n", "\nBEGIN\n" + LOCK_JOB_ROW)
+
 
 # PgQ's C trigger: each update becomes an event row of the queue (urlencoded row, table, type).
 PGQ_QUEUE = "variants"
@@ -293,7 +281,7 @@ def create_database(admin_url: DatabaseUrl, config: str) -> DatabaseUrl:
         if config in ("no-trigger", "pgq"):
             conn.execute(DROP_LEGACY_TRIGGER_SQL)
         if config == "legacy-locked":
-            conn.execute(LOCKED_FUNCTION_SQL.encode())
+            conn.execute(locked_function_sql().encode())
         if config == "pgq":
             conn.execute(PGQ_SQL.encode())
     return db

@@ -79,7 +79,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"Python {machine['python']}, psycopg {machine['psycopg']}, load average {machine['load_average_at_start']}"
     )
     for name, path in trees:
-        migrations = len(list((path / "schema" / "migrations").glob("[0-9][0-9][0-9][0-9]_*.sql")))
+        # The migrations themselves, not a migration's companion files (0015_segments.prepare.sql).
+        migrations = len(
+            [p for p in (path / "schema" / "migrations").glob("[0-9][0-9][0-9][0-9]_*.sql") if p.suffixes == [".sql"]]
+        )
         print(f"tree {name}: {path} (migrations up to {migrations:04d})")
     print("command: " + shlex.join(["python", "bench/writer_trees.py", *(sys.argv[1:] if argv is None else argv)]))
     rounds: dict[str, list[dict[str, dict[str, Any]]]] = {name: [] for name, _ in trees}

@@ -9,9 +9,10 @@ one. One round of retention (``retain``: `outbox prune`, or OUTBOX_RETENTION in 
 2. **Fold, then truncate, each closed segment of events.** A survey reads the segment: are all its
    events applied, older than the cutoff, and free of dead letters waiting for a retry? If so, its
    events are folded into outbox_variant_baseline (where replay starts: the newest state of each
-   variant wins, so a fold that is never followed by the truncate changes nothing), a few thousand
-   variants per short transaction, from the survey's snapshot: each variant's baseline row is
-   written at most once per segment, and only when the segment moves it forward. Then one short
+   variant wins, so a fold that is never followed by the truncate changes nothing), one range of
+   variant ids per short transaction (about 50,000 events), from the survey's snapshot: each
+   variant's baseline row is written at most once per segment, and only when the segment moves it
+   forward. Then one short
    transaction truncates it, under every checkpoint's lock and the segment's ACCESS EXCLUSIVE lock,
    if outbox_events_segment_truncate (the schema's one rule of what may go) finds that no event
    came into it since the survey.
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import math
 import re
 import threading
 import uuid
@@ -53,8 +55,9 @@ _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 # How long a round waits for a segment's lock (or the lock to attach a new segment) before it
 # leaves that segment to the next round. Everything queued behind the request waits as long.
 LOCK_TIMEOUT = dt.timedelta(milliseconds=500)
-# Variants whose events are folded into the baseline per transaction.
-FOLD_CHUNK = 5_000
+# Events folded into the baseline per transaction (about: the segment is cut into ranges of
+# variant ids, each variant in one of them).
+FOLD_CHUNK = 50_000
 # A segment that a session has held in a transaction open for longer than this is left to the next
 # round without being folded (a session idle in its transaction after reading the outbox).
 HELD_FOR = dt.timedelta(seconds=1)
@@ -108,8 +111,8 @@ def retain(
     on_events: Callable[[int], None] | None = None,
     stop: threading.Event | None = None,
 ) -> RetentionReport:
-    """One round of retention (the module's docstring). ``chunk_size``: variants folded per
-    transaction; ``on_events`` sees how many events each of those folded; ``stop`` ends the round
+    """One round of retention (the module's docstring). ``chunk_size``: events folded per
+    transaction (about); ``on_events`` sees how many events each of those folded; ``stop`` ends the round
     between two transactions (a worker that stops)."""
     return _Round(conn, older_than, chunk_size, lock_timeout, on_events, stop).run()
 
@@ -177,17 +180,11 @@ class _Round:
             return kept(
                 survey.events, f"{survey.waiting_dead_letters} dead letters in it wait for a retry or a discard"
             )
-        start: uuid.UUID | None = uuid.UUID(int=0)  # an inclusive bound: the nil UUID is a variant id too
-        while start is not None:
+        for low, high in variant_ranges(math.ceil(survey.events / self.chunk_size)):
             if self._stopped():
                 return kept(survey.events, "the round was stopped")
             with self.conn.transaction():
-                chunk = store.events_segment_fold(
-                    self.conn, segment, seen=survey.seen, start=start, limit=self.chunk_size
-                )
-            if chunk.last_variant_id is None:
-                break
-            start = _successor(chunk.last_variant_id)
+                chunk = store.events_segment_fold(self.conn, segment, seen=survey.seen, low=low, high=high)
             self.baseline_updates += chunk.baseline_updates
             if self.on_events is not None:
                 self.on_events(chunk.events)
@@ -211,9 +208,13 @@ class _Round:
             return "a session held it, or a checkpoint, past the lock timeout; the next round tries again"
 
 
-def _successor(variant_id: uuid.UUID) -> uuid.UUID | None:
-    """The next UUID in PostgreSQL's order (its bytes', which is UUID.int's), None after the last."""
-    return uuid.UUID(int=variant_id.int + 1) if variant_id.int < (1 << 128) - 1 else None
+def variant_ranges(count: int) -> list[tuple[uuid.UUID, uuid.UUID]]:
+    """``count`` (at least one) inclusive ranges of variant ids that cover every UUID, in order:
+    random UUIDs spread evenly over them, and a range of UUIDs of another kind (sequential ones) is
+    only larger, never wrong (PostgreSQL orders UUIDs as UUID.int does: by their bytes)."""
+    count = max(1, count)
+    bounds = [(i << 128) // count for i in range(count + 1)]
+    return [(uuid.UUID(int=bounds[i]), uuid.UUID(int=bounds[i + 1] - 1)) for i in range(count)]
 
 
 # ----- OUTBOX_RETENTION: one worker of the cluster runs it

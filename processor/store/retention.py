@@ -38,8 +38,6 @@ class SegmentSurvey:
 @dataclass(frozen=True, slots=True)
 class FoldedChunk:
     events: int
-    variants: int
-    last_variant_id: uuid.UUID | None  # where the next chunk starts (None: no variant left)
     baseline_updates: int  # variants whose baseline the chunk moved forward
 
 
@@ -107,10 +105,10 @@ def events_segment_survey(conn: Connection, segment: int, *, cutoff: dt.datetime
 
 
 def events_segment_fold(
-    conn: Connection, segment: int, *, seen: Snapshot | str, start: uuid.UUID, limit: int
+    conn: Connection, segment: int, *, seen: Snapshot | str, low: uuid.UUID, high: uuid.UUID
 ) -> FoldedChunk:
-    """Fold the events of the segment's next ``limit`` variants from ``start`` on into the baseline."""
-    params = {"segment": segment, "seen": str(seen), "from": start, "limit": limit}
+    """Fold the segment's events of the variants from ``low`` to ``high`` (inclusive) into the baseline."""
+    params = {"segment": segment, "seen": str(seen), "low": low, "high": high}
     with conn.cursor(row_factory=class_row(FoldedChunk)) as cur:
         folded = cur.execute(QUERIES["events_segment_fold"], params).fetchone()
     assert folded is not None

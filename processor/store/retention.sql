@@ -51,7 +51,8 @@ SELECT set_config('lock_timeout', %(timeout)s, true)
 -- lock): how many, how many are not applied (not visible in their partition's done snapshot), how
 -- many are of a partition with no checkpoint (never applied: an event with no job that kept the
 -- partition it had before `outbox repartition` lowered the count), how many are younger than the
--- cutoff, how many wait as dead letters; and the snapshot this statement read them in, which the fold reads them in too.
+-- cutoff, how many wait as dead letters; and the snapshot this statement read them in, which the
+-- fold reads them in too.
 SELECT count(*) AS events,
        count(*) FILTER (WHERE c.partition IS NOT NULL AND NOT pg_visible_in_snapshot(e.txid, c.done_snapshot))
            AS unapplied,
@@ -67,26 +68,20 @@ LEFT JOIN outbox_checkpoints AS c ON c.partition = e.partition
 WHERE e.segment = %(segment)s
 
 -- name: events_segment_fold
--- The events of a segment's next %(limit)s variants from variant %(from)s on (the nil UUID: all),
--- as the survey saw them, folded into outbox_variant_baseline: the newest of each variant wins, as
--- everywhere (replay starts there). By variant, not by event, so that each variant's baseline row is
--- written at most once per segment, and only when the segment moves it forward. A discarded dead
--- letter is skipped, as replay skips it.
+-- The events of a segment whose variant id is in [%(low)s, %(high)s], as the survey saw them,
+-- folded into outbox_variant_baseline: the newest of each variant wins, as everywhere (replay starts
+-- there). By ranges of variant ids, not of events, so that each variant's baseline row is written
+-- at most once per segment, and only when the segment moves it forward; one range read of the
+-- segment's variant_id index each. A discarded dead letter is skipped, as replay skips it.
 WITH issued AS MATERIALIZED (
     SELECT outbox_versions_issued_v1() AS versions
-), variants AS MATERIALIZED (
-    SELECT DISTINCT variant_id
-    FROM outbox_events
-    WHERE segment = %(segment)s
-      AND variant_id >= %(from)s::uuid
-    ORDER BY variant_id
-    LIMIT %(limit)s
 ), chunk AS MATERIALIZED (
     SELECT e.*, dl.event_id IS NOT NULL AS discarded
-    FROM variants AS v
-    JOIN outbox_events AS e ON e.variant_id = v.variant_id AND e.segment = %(segment)s
+    FROM outbox_events AS e
     LEFT JOIN outbox_dead_letters AS dl ON dl.event_id = e.event_id
-    WHERE pg_visible_in_snapshot(e.txid, %(seen)s::pg_snapshot)
+    WHERE e.segment = %(segment)s
+      AND e.variant_id BETWEEN %(low)s::uuid AND %(high)s::uuid
+      AND pg_visible_in_snapshot(e.txid, %(seen)s::pg_snapshot)
 ), baseline AS MATERIALIZED (
     SELECT outbox_variant_baseline_merge(ARRAY(
         SELECT (e.variant_id, e.job_id, e.variant_version,
@@ -102,10 +97,7 @@ WITH issued AS MATERIALIZED (
           AND e.variant_version BETWEEN 1 AND i.versions
     )) AS merged
 )
-SELECT (SELECT count(*) FROM chunk) AS events,
-       (SELECT count(*) FROM variants) AS variants,
-       (SELECT variant_id FROM variants ORDER BY variant_id DESC LIMIT 1) AS last_variant_id,  -- no max(uuid)
-       coalesce((SELECT merged FROM baseline), 0) AS baseline_updates
+SELECT (SELECT count(*) FROM chunk) AS events, coalesce((SELECT merged FROM baseline), 0) AS baseline_updates
 
 -- name: events_segment_truncate
 SELECT outbox_events_segment_truncate(%(segment)s::smallint, %(seen)s::pg_snapshot) AS refusal
