@@ -491,8 +491,18 @@ def write_csv(path: Path, samples: Sequence[Sample]) -> None:
         writer.writerows(dataclasses.asdict(s) for s in samples)
 
 
+def read_csv(path: Path) -> list[Sample]:
+    """The samples of an earlier run (write_csv's file), to draw its plot again (--replot)."""
+    kinds = {f.name: f.type for f in dataclasses.fields(Sample)}
+    with path.open(newline="") as file:
+        rows = list(csv.DictReader(file))
+    if not rows or set(rows[0]) != set(kinds):
+        raise SystemExit(f"{path}: not a soak CSV (expected the columns {', '.join(kinds)})")
+    return [Sample(**{k: (float(v) if kinds[k] == "float" else int(v)) for k, v in row.items()}) for row in rows]
+
+
 def plot(path: Path, samples: Sequence[Sample], title: str) -> str:
-    """Three panels on one time axis; what was done (a missing matplotlib is a note, not a failure)."""
+    """Four panels on one time axis; what was done (a missing matplotlib is a note, not a failure)."""
     try:
         import matplotlib
 
@@ -501,7 +511,9 @@ def plot(path: Path, samples: Sequence[Sample], title: str) -> str:
     except ImportError:
         return "no plot: matplotlib is not installed (pip install matplotlib, or the project's dev extra)"
     t = [s.elapsed_s for s in samples]
-    fig, (sizes, dead, lag) = plt.subplots(3, 1, sharex=True, figsize=(10, 9))
+    fig, (sizes, dead, lag, writers) = plt.subplots(
+        4, 1, sharex=True, figsize=(10, 11), gridspec_kw={"height_ratios": [3, 2, 3, 2]}
+    )
     sizes.plot(t, [s.outbox_bytes / MB for s in samples], label="outbox MB")
     sizes.plot(t, [s.baseline_bytes / MB for s in samples], label="baseline MB")
     sizes.set_ylabel("MB")
@@ -529,7 +541,13 @@ def plot(path: Path, samples: Sequence[Sample], title: str) -> str:
     handles, labels = lag.get_legend_handles_labels()
     more, more_labels = age.get_legend_handles_labels()
     lag.legend(handles + more, labels + more_labels, loc="upper left")
-    lag.set_xlabel("elapsed, s")
+    # The writers' rate over each interval: a host that cannot keep the schedule shows here (and the
+    # outbox then holds more events per minute of retention while the writers catch up).
+    writers.plot(t, [s.writer_tx_per_s for s in samples], color="tab:green", label="writers, tx/s")
+    writers.set_ylabel("writers, tx/s")
+    writers.set_ylim(bottom=0)
+    writers.legend(loc="upper left")
+    writers.set_xlabel("elapsed, s")
     fig.suptitle(title)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -550,7 +568,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="0.5 minute, 200/s, retention 5s: a smoke run")
     parser.add_argument("--output", type=Path, default=None, help="folder of the CSV, markdown and log (bench/runs)")
     parser.add_argument("--plot", type=Path, default=None, help="the PNG (docs/images/soak.png; none with --quick)")
+    parser.add_argument("--replot", type=Path, default=None, help="draw the plot of an earlier run's CSV, and exit")
+    parser.add_argument("--title", default=None, help="the plot's title with --replot (default: the CSV's name)")
     args = parser.parse_args(argv)
+    if args.replot is not None:
+        samples = read_csv(args.replot)
+        target = args.plot or ROOT / "docs" / "images" / "soak.png"
+        print(plot(target, samples, args.title or f"soak: {args.replot.name}"))
+        return 0
     quick = args.quick
     plan = Plan(
         minutes=args.minutes if args.minutes is not None else (0.5 if quick else 10.0),

@@ -77,9 +77,11 @@ def events_probe(conn: Connection, partition: int, cursor: Cursor) -> bool:
 def events_apply(conn: Connection, partition: int, cursor: Cursor, limit: int) -> AppliedEvents:
     """Read up to ``limit`` events after ``cursor`` and apply the readable ones to variant states."""
     with conn.cursor(row_factory=class_row(_AppliedRow), binary=True) as cur:
+        conn.execute(QUERIES["events_apply_in_order"])  # inside the batch's transaction: SET LOCAL
         row = cur.execute(
             QUERIES["events_apply"], {"partition": partition, "limit": limit, **cursor.params()}
         ).fetchone()
+        conn.execute(QUERIES["events_apply_done"])
     assert row is not None
     return row.applied()
 

@@ -46,6 +46,23 @@ SELECT EXISTS (
            JOIN outbox_events AS o ON o.partition = %(partition)s AND o.txid = xip.txid
        )
 
+-- name: events_apply_in_order
+-- Set for events_apply only (events_apply_done sets it back): its range read must come in
+-- (txid, event_id) order from each segment's position index, merged (Merge Append), never by
+-- sorting every event after the cursor (Append, then a top-N Sort). The planner picks the sort when
+-- it believes few events follow the cursor: its estimate of a row comparison uses the first column
+-- only, so a cursor inside one large transaction, or statistics older than the backlog, look like
+-- almost nothing left. Read that way, each batch of a catch-up sorted what remained: a 1M-event
+-- drain ran at 0.75 of its rate, and each batch cost more the longer the backlog (bench/README.md,
+-- "Where a drain's time goes"). Unsorted, merging the segments' index scans is the only plan left.
+-- JIT off with it: a disabled sort still costs its penalty where no other plan exists (the
+-- DISTINCT ONs), which puts the estimate past jit_above_cost, and compiling the statement took
+-- about 0.9 s a batch.
+SET LOCAL enable_sort = off; SET LOCAL jit = off
+
+-- name: events_apply_done
+SET LOCAL enable_sort TO DEFAULT; SET LOCAL jit TO DEFAULT
+
 -- name: events_apply
 -- Reads the next events after the cursor and applies the readable ones to the variant states, in
 -- one statement (one round trip, and no per-event work in Python): the heart of the drain.

@@ -120,3 +120,18 @@ def test_quick_soak_run_writes_samples_and_the_worker_exits_cleanly(server_url: 
     assert "- worker exit code: 0" in report.read_text().splitlines(), report.read_text()[-2000:]
     assert "| outbox MB |" in report.read_text()
     assert not list(tmp_path.glob("*.png"))  # --quick draws no plot unless --plot
+    # --replot draws that run's plot from its CSV alone; a file that is not a soak CSV is refused in one line.
+    picture = tmp_path / "replotted.png"
+    redrawn = subprocess.run(
+        [sys.executable, "bench/soak.py", "--replot", str(samples), "--plot", str(picture)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert redrawn.returncode == 0, redrawn.stdout + redrawn.stderr
+    assert picture.read_bytes().startswith(b"\x89PNG"), redrawn.stdout
+    refused = subprocess.run(
+        [sys.executable, "bench/soak.py", "--replot", str(report)], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert refused.returncode != 0 and "not a soak CSV" in refused.stderr, refused.stderr
