@@ -7,7 +7,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from psycopg.rows import class_row, scalar_row
+import psycopg
+from psycopg.rows import class_row, scalar_row, tuple_row
 
 from outbox.sqlfile import load_queries
 from processor.decode import EventRow
@@ -75,13 +76,21 @@ def events_probe(conn: Connection, partition: int, cursor: Cursor) -> bool:
 
 
 def events_apply(conn: Connection, partition: int, cursor: Cursor, limit: int) -> AppliedEvents:
-    """Read up to ``limit`` events after ``cursor`` and apply the readable ones to variant states."""
+    """Read up to ``limit`` events after ``cursor`` and apply the readable ones to variant states.
+
+    Only inside the batch's transaction: the planner settings it needs (events_apply_in_order) are
+    transaction-local, and outside a transaction block they would silently not apply.
+    """
+    if conn.info.transaction_status != psycopg.pq.TransactionStatus.INTRANS:
+        raise RuntimeError("events_apply runs inside the batch's transaction (its planner settings are SET LOCAL)")
+    with conn.cursor(row_factory=tuple_row) as cur:
+        before = cur.execute(QUERIES["events_apply_in_order"]).fetchone()
+    assert before is not None
     with conn.cursor(row_factory=class_row(_AppliedRow), binary=True) as cur:
-        conn.execute(QUERIES["events_apply_in_order"])  # inside the batch's transaction: SET LOCAL
         row = cur.execute(
             QUERIES["events_apply"], {"partition": partition, "limit": limit, **cursor.params()}
         ).fetchone()
-        conn.execute(QUERIES["events_apply_done"])
+    conn.execute(QUERIES["events_apply_done"], {"enable_sort": before[0], "jit": before[1]})
     assert row is not None
     return row.applied()
 

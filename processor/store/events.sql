@@ -47,21 +47,31 @@ SELECT EXISTS (
        )
 
 -- name: events_apply_in_order
--- Set for events_apply only (events_apply_done sets it back): its range read must come in
--- (txid, event_id) order from each segment's position index, merged (Merge Append), never by
--- sorting every event after the cursor (Append, then a top-N Sort). The planner picks the sort when
--- it believes few events follow the cursor: its estimate of a row comparison uses the first column
--- only, so a cursor inside one large transaction, or statistics older than the backlog, look like
--- almost nothing left. Read that way, each batch of a catch-up sorted what remained: a 1M-event
--- drain ran at 0.75 of its rate, and each batch cost more the longer the backlog (bench/README.md,
--- "Where a drain's time goes"). Unsorted, merging the segments' index scans is the only plan left.
--- JIT off with it: a disabled sort still costs its penalty where no other plan exists (the
--- DISTINCT ONs), which puts the estimate past jit_above_cost, and compiling the statement took
--- about 0.9 s a batch.
-SET LOCAL enable_sort = off; SET LOCAL jit = off
+-- Set for events_apply only (events_apply_done restores what was there before): its range read
+-- must come in (txid, event_id) order from each segment's position index, merged (Merge Append),
+-- never by sorting every event after the cursor (Append, then a top-N Sort). The planner picks the
+-- sort when it believes few events follow the cursor: its estimate of a row comparison uses the
+-- first column only, so a cursor inside one large transaction, or statistics older than the backlog,
+-- look like almost nothing left; the half that reads a transaction of the done snapshot's xip list
+-- is always estimated at the average transaction's size. Read that way, each batch of a catch-up
+-- sorted what remained: a 1M-event drain ran at 0.75 of its rate, and each batch cost more the
+-- longer the backlog (bench/README.md, "Where a drain's time goes"). Unsorted, merging the
+-- segments' index scans is the only plan left. JIT off with it: a disabled sort still costs its
+-- penalty where no other plan exists (the DISTINCT ONs), which puts the estimate past
+-- jit_above_cost, and compiling the statement took about 0.9 s a batch.
+-- Returns the values in force before (a MATERIALIZED CTE is read before the row's set_config
+-- calls run), for events_apply_done; set_config(..., true) is SET LOCAL: the end of the
+-- transaction, or its rollback, restores them too.
+WITH before AS MATERIALIZED (
+    SELECT current_setting('enable_sort') AS enable_sort, current_setting('jit') AS jit
+)
+SELECT b.enable_sort, b.jit, set_config('enable_sort', 'off', true), set_config('jit', 'off', true)
+FROM before AS b
 
 -- name: events_apply_done
-SET LOCAL enable_sort TO DEFAULT; SET LOCAL jit TO DEFAULT
+-- Back to the values events_apply_in_order found (a session's own SET included, which
+-- SET LOCAL ... TO DEFAULT would not give back), for the rest of the batch's transaction.
+SELECT set_config('enable_sort', %(enable_sort)s, true), set_config('jit', %(jit)s, true)
 
 -- name: events_apply
 -- Reads the next events after the cursor and applies the readable ones to the variant states, in
