@@ -48,14 +48,21 @@ async def wait_for_async(condition: Callable[[], Any], *, timeout: float = 30.0,
         await asyncio.sleep(0.01)
 
 
-# A backlog of about 54,000 events in 2,000 jobs (a drain takes a few batches of 20,000).
-BACKLOG = """
+# 2,000 jobs of 10 variants created through capture: 20,000 events (in one transaction if run in one).
+JOBS_OF_TEN_VARIANTS = """
 INSERT INTO jobs (job_id, status) SELECT gen_random_uuid(), 'queued' FROM generate_series(1, 2000);
 INSERT INTO jobs_variants (job_variants_id, job_id, status)
     SELECT gen_random_uuid(), job_id, 'queued' FROM jobs, generate_series(1, 10);
+"""
+
+# A backlog of about 54,000 events in 2,000 jobs (a drain takes a few batches of 20,000).
+BACKLOG = (
+    JOBS_OF_TEN_VARIANTS
+    + """
 UPDATE jobs_variants SET status = 'running', current_step = 'segment';
 UPDATE jobs_variants SET status = 'done', current_step = 'iou_eval' WHERE random() < 0.7;
 """
+)
 
 
 def job_state(conn: psycopg.Connection[Any], job_id: Any) -> tuple[str, str]:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
-from psycopg.rows import class_row, scalar_row, tuple_row
+from psycopg.rows import class_row, dict_row, scalar_row
 
 from outbox.sqlfile import load_queries
 from processor.decode import EventRow
@@ -83,14 +83,14 @@ def events_apply(conn: Connection, partition: int, cursor: Cursor, limit: int) -
     """
     if conn.info.transaction_status != psycopg.pq.TransactionStatus.INTRANS:
         raise RuntimeError("events_apply runs inside the batch's transaction (its planner settings are SET LOCAL)")
-    with conn.cursor(row_factory=tuple_row) as cur:
-        before = cur.execute(QUERIES["events_apply_in_order"]).fetchone()
-    assert before is not None
+    with conn.cursor(row_factory=dict_row) as cur:
+        settings_before = cur.execute(QUERIES["events_apply_in_order"]).fetchone()
+    assert settings_before is not None
     with conn.cursor(row_factory=class_row(_AppliedRow), binary=True) as cur:
         row = cur.execute(
             QUERIES["events_apply"], {"partition": partition, "limit": limit, **cursor.params()}
         ).fetchone()
-    conn.execute(QUERIES["events_apply_done"], {"enable_sort": before[0], "jit": before[1]})
+    conn.execute(QUERIES["events_apply_done"], settings_before)  # by name: the columns are its parameters
     assert row is not None
     return row.applied()
 

@@ -60,12 +60,13 @@ SELECT EXISTS (
 -- penalty where no other plan exists (the DISTINCT ONs), which puts the estimate past
 -- jit_above_cost, and compiling the statement took about 0.9 s a batch.
 -- Returns the values in force before (a MATERIALIZED CTE is read before the row's set_config
--- calls run), for events_apply_done; set_config(..., true) is SET LOCAL: the end of the
--- transaction, or its rollback, restores them too.
+-- calls run), named as events_apply_done's parameters; set_config(..., true) is SET LOCAL: the end
+-- of the transaction, or its rollback, restores them too.
 WITH before AS MATERIALIZED (
     SELECT current_setting('enable_sort') AS enable_sort, current_setting('jit') AS jit
 )
-SELECT b.enable_sort, b.jit, set_config('enable_sort', 'off', true), set_config('jit', 'off', true)
+SELECT b.enable_sort, b.jit,
+       set_config('enable_sort', 'off', true) AS sort_off, set_config('jit', 'off', true) AS jit_off
 FROM before AS b
 
 -- name: events_apply_done

@@ -20,10 +20,9 @@ from processor import store
 from processor.batch import apply_batch
 from processor.database import connect
 from processor.snapshot import Cursor, Snapshot
-from tests.helpers import fold_context
+from tests.helpers import JOBS_OF_TEN_VARIANTS, fold_context
 
-JOBS = 2_000  # 10 variants each: 20,000 events in one transaction
-LIMIT = 100
+LIMIT = 100  # of the 20,000 events of JOBS_OF_TEN_VARIANTS, in one transaction
 
 
 def _outbox_rows_read(conn) -> int:
@@ -40,17 +39,6 @@ def _outbox_rows_read(conn) -> int:
     return int(row[0])
 
 
-def _one_large_transaction(conn) -> None:
-    """20,000 events in the transaction open on ``conn`` (committed by the caller)."""
-    conn.execute(
-        "INSERT INTO jobs (job_id, status) SELECT gen_random_uuid(), 'queued' FROM generate_series(1, %s)", [JOBS]
-    )
-    conn.execute(
-        "INSERT INTO jobs_variants (job_variants_id, job_id, status)"
-        " SELECT gen_random_uuid(), job_id, 'queued' FROM jobs, generate_series(1, 10)"
-    )
-
-
 def _read_by_the_next_batch(wconn, cursor: Cursor) -> tuple[store.AppliedEvents, int]:
     """The batch after ``cursor``, and the outbox rows it read; rolled back (only what it read matters)."""
     with wconn.transaction():
@@ -65,7 +53,7 @@ def test_a_batch_inside_a_large_transaction_reads_only_its_own_events(db, conn, 
     # One transaction appends 20,000 events; the statistics then know it (as after autovacuum's
     # ANALYZE): its txid is the highest there is.
     with conn.transaction():
-        _one_large_transaction(conn)
+        conn.execute(JOBS_OF_TEN_VARIANTS)
     conn.execute("ANALYZE outbox_events")
     ctx = fold_context(settings)
     with connect(db, application_name="outbox-tests") as wconn:
@@ -86,7 +74,7 @@ def test_a_batch_inside_a_transaction_of_the_done_snapshots_xip_list_reads_only_
     # statement's other half, one index read per such transaction, after the last one applied.
     with conn.transaction():
         txid = int(conn.execute("SELECT pg_current_xact_id()::text").fetchone()[0])
-        _one_large_transaction(conn)
+        conn.execute(JOBS_OF_TEN_VARIANTS)
     conn.execute("ANALYZE outbox_events")
     done = Snapshot.parse(f"{txid}:{txid + 1}:{txid}")
     with connect(db, application_name="outbox-tests") as wconn:
@@ -104,7 +92,7 @@ def test_the_batch_statement_is_not_compiled_and_its_settings_are_given_back(db,
     if not conn.execute("SELECT pg_jit_available()").fetchone()[0]:
         pytest.skip("this server has no JIT provider (llvmjit): nothing to check")
     with conn.transaction():
-        _one_large_transaction(conn)
+        conn.execute(JOBS_OF_TEN_VARIANTS)
     with connect(db, application_name="outbox-tests") as wconn:
         try:
             wconn.execute("LOAD 'auto_explain'")

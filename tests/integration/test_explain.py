@@ -17,7 +17,7 @@ from processor.errors import OutboxError
 from processor.explain import Agreement, EventState, explain, parse_job_id
 from processor.render import to_json
 from processor.retention import parse_duration, retain
-from tests.helpers import drain, write_jobs_behind_the_processor
+from tests.helpers import JOBS_OF_TEN_VARIANTS, drain, write_jobs_behind_the_processor
 
 MOVE = "UPDATE jobs_variants SET status = %s, current_step = %s WHERE job_variants_id = %s"
 
@@ -302,11 +302,7 @@ def test_json_shape_of_the_optional_parts(conn, engine, settings, db):
 
 
 # The plans: every statement of explain reads by a key or an index, on an outbox of 120,000 events.
-LARGE = """
-INSERT INTO jobs (job_id, status) SELECT gen_random_uuid(), 'queued' FROM generate_series(1, 2000);
-INSERT INTO jobs_variants (job_variants_id, job_id, status)
-    SELECT gen_random_uuid(), job_id, 'queued' FROM jobs, generate_series(1, 10);
-"""
+LARGE = JOBS_OF_TEN_VARIANTS  # 20,000 events through capture
 # Three events per variant, appended as capture appends them but set-based (capture's trigger would
 # take most of the test's time; the plans only need the rows).
 MORE = """
